@@ -1,0 +1,50 @@
+# The verbs users type. Every target installs what it needs first (make setup), so a fresh
+# clone needs no manual step.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/synthetic.yaml
+RUN ?= runs/demo
+ARGS ?=
+
+.PHONY: setup data train eval demo test lint format clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(PY) -m train.data.synthetic --out data/synthetic
+
+# make train CONFIG=configs/cityscapes.yaml ARGS="iterations=1000 data.root=/data/cityscapes"
+train: setup $(if $(findstring synthetic,$(CONFIG)),data)
+	$(PY) -m train --config $(CONFIG) $(ARGS)
+
+eval: setup
+	$(PY) -m train.evaluate --run $(RUN)
+
+# The whole pipeline on the embedded dataset; a second `make demo` resumes (or just re-reports) runs/demo.
+demo: data
+	@if [ -f runs/demo/checkpoint/last.safetensors ]; then \
+		$(PY) -m train --resume runs/demo $(ARGS); \
+	else \
+		$(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); \
+	fi
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs data/synthetic

@@ -1,0 +1,1 @@
+"""Benchmarks: latency, throughput and accuracy of every engine, and training speed (not built yet)."""

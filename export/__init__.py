@@ -1,0 +1,1 @@
+"""Export stage: run dir -> ONNX and TensorRT engines with a parity gate and manifest (not built yet)."""

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from train.config import Config, ConfigError, load_config, save_config
+
+REPO_CONFIGS = ["synthetic", "cityscapes", "camvid", "voc"]
+
+
+@pytest.mark.parametrize("name", REPO_CONFIGS)
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.cnn.arch == "deeplabv3plus" and cfg.vit.arch == "segformer"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("configs/synthetic.yaml", ["iterations=7", "data.crop_size=[32, 48]", "vit.optimizer.lr=1e-3"])
+    assert cfg.iterations == 7 and cfg.data.crop_size == [32, 48] and cfg.vit.optimizer.lr == 0.001
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.crop_sise=[1,2]", "unknown field 'data.crop_sise'"),
+        ("iterations=many", "iterations: expected int"),
+        ("amp=fp8", "amp: 'fp8' is not one of"),
+        ("cnn.optimizer.name=lamb", "cnn.optimizer.name"),
+        ("data.crop_size=[1,x]", r"data.crop_size\[1\]: expected int"),
+        ("noequals", "not of the form key.sub=value"),
+    ],
+)
+def test_bad_fields_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/synthetic.yaml", [override])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/synthetic.yaml", ["data.num_classes=7", "data.class_names=[a,b]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert Config().vit.optimizer.head_lr_mult == 10.0  # METHOD.md §7 defaults

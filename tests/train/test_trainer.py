@@ -1,0 +1,172 @@
+"""The trainer through its real CLI: a complete run dir, exact resume after SIGKILL, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.conftest import REPO, run_module, tiny_run_args
+from train.checkpoint import load_state, load_weights
+from train.config import OptimizerConfig
+from train.trainer import ResumableSampler, lr_factor
+
+
+def test_sampler_resumes_mid_stream_and_crosses_epochs():
+    full = list(islice(iter(ResumableSampler(10, 4, seed=3)), 40))  # 5 iterations of 2 per epoch... 10 its
+    resumed = list(islice(iter(ResumableSampler(10, 4, seed=3, start_iter=3)), 40 - 12))
+    assert resumed == full[12:]
+    epoch0 = [i for i, _ in full[:8]]
+    assert len(set(epoch0)) == 8  # no repeats inside an epoch (last 2 of 10 dropped)
+    assert [i for i, _ in full[8:16]] != epoch0  # reshuffled every epoch
+    assert len({seed for _, seed in full}) == len(full)  # one augmentation seed per sample
+
+
+def test_sampler_shards_global_batches_across_ranks():
+    single = list(islice(iter(ResumableSampler(12, 4, seed=0)), 24))
+    ranks = [list(islice(iter(ResumableSampler(12, 2, seed=0, rank=r, world=2)), 12)) for r in (0, 1)]
+    for batch in range(6):
+        merged = ranks[0][2 * batch : 2 * batch + 2] + ranks[1][2 * batch : 2 * batch + 2]
+        assert merged == single[4 * batch : 4 * batch + 4]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = OptimizerConfig(warmup_iters=10, poly_power=1.0)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == pytest.approx(0.91)
+    assert lr_factor(50, 100, cfg) == pytest.approx(0.5)
+    assert lr_factor(99, 100, cfg) == pytest.approx(0.01)
+    assert lr_factor(0, 100, OptimizerConfig(poly_power=0.9)) == 1.0
+
+
+def train_cli(run_dir: Path, data_root: Path, *extra: str, iterations: int = 6) -> subprocess.CompletedProcess:
+    return run_module(
+        "train",
+        "--config",
+        "configs/synthetic.yaml",
+        "--run-dir",
+        str(run_dir),
+        *tiny_run_args(data_root, iterations),
+        *extra,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_root, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = train_cli(run_dir, synthetic_root)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_training_writes_a_complete_run_dir(finished_run):
+    files = {p.relative_to(finished_run).as_posix() for p in finished_run.rglob("*") if p.is_file()}
+    assert {"config.yaml", "cnn.safetensors", "vit.safetensors", "metrics.json", "checkpoint/last.safetensors"} <= files
+    assert any(f.startswith("tensorboard/events.out.tfevents") for f in files)
+    assert not any(f.endswith((".pt", ".pth", ".pkl", ".tmp")) for f in files)
+
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["iteration"] == 6
+    for model in ("cnn", "vit", "ensemble"):
+        assert 0.0 <= metrics[model]["miou"] <= 1.0 and len(metrics[model]["iou"]) == 7
+        assert 0.0 <= metrics[model]["acc"] <= 1.0
+
+    config = (finished_run / "config.yaml").read_text()
+    assert "num_classes: 7" in config and "- checker" in config  # resolved from the dataset
+
+    state, info = load_weights(finished_run / "cnn.safetensors")
+    assert info["student"] == "cnn" and info["iteration"] in (3, 6)
+    assert metrics["cnn"]["iteration"] == info["iteration"]
+    assert any(k.startswith("encoder.") for k in state) and not any("proj" in k and "hfd" in k for k in state)
+
+
+def test_evaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_module("train.evaluate", "--run", str(finished_run), "--json", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| cnn |" in result.stdout and "| ensemble |" in result.stdout
+    again, saved = json.loads(out.read_text()), json.loads((finished_run / "metrics.json").read_text())
+    for model in ("cnn", "vit", "ensemble"):
+        assert again[model]["miou"] == pytest.approx(saved[model]["miou"], abs=1e-9)
+
+
+def test_existing_run_is_not_overwritten(finished_run, synthetic_root):
+    before = (finished_run / "cnn.safetensors").read_bytes()
+    result = train_cli(finished_run, synthetic_root)
+    assert result.returncode != 0 and "--resume" in result.stderr
+    assert (finished_run / "cnn.safetensors").read_bytes() == before
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["state"])["iteration"]
+    except Exception:
+        return -1
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(synthetic_root, tmp_path):
+    iterations = 24
+    straight = tmp_path / "straight"
+    assert train_cli(straight, synthetic_root, iterations=iterations).returncode == 0
+
+    killed = tmp_path / "killed"
+    args = ["--config", "configs/synthetic.yaml", "--run-dir", str(killed), *tiny_run_args(synthetic_root, iterations)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while _checkpoint_iteration(killed / "checkpoint" / "last.safetensors") < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    stopped_at = _checkpoint_iteration(killed / "checkpoint" / "last.safetensors")
+    assert 2 <= stopped_at < iterations
+
+    result = run_module("train", "--resume", str(killed), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed {killed} at iteration {stopped_at}" in result.stderr
+
+    a = load_state(straight / "checkpoint" / "last.safetensors")
+    b = load_state(killed / "checkpoint" / "last.safetensors")
+    assert a["iteration"] == b["iteration"] == iterations
+    for student in ("cnn", "vit"):
+        for key, value in a["students"][student].items():
+            torch.testing.assert_close(b["students"][student][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert json.loads((killed / "metrics.json").read_text())["cnn"]["miou"] == pytest.approx(
+        json.loads((straight / "metrics.json").read_text())["cnn"]["miou"], abs=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.root=/no/such/dataset"], "dataset root not found: /no/such/dataset"),
+        (["data.batch_size=lots"], "data.batch_size: expected int"),
+        (["data.batch_size=64"], "fewer than one batch of 64"),
+    ],
+)
+def test_bad_input_exits_with_a_clear_message(synthetic_root, tmp_path, args, message):
+    result = train_cli(tmp_path / "run", synthetic_root, *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_without_checkpoint_is_explained(tmp_path):
+    result = run_module("train", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "not a run dir" in result.stderr

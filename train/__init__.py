@@ -1,0 +1,1 @@
+"""Train stage: datasets, the two students, the collaborative trainer and evaluation."""

@@ -1,0 +1,55 @@
+"""Train both students together.
+
+python -m train --config configs/synthetic.yaml [key.sub=value ...] [--run-dir runs/x]
+python -m train --resume runs/x [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from train.config import ConfigError, load_config
+from train.data import DatasetError
+from train.run_dir import CHECKPOINT_FILE, load_run_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, help="YAML config, e.g. configs/synthetic.yaml")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    parser.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<name>)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. iterations=1000 data.batch_size=4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    try:
+        if args.resume:
+            run_dir = args.resume
+            cfg = load_run_config(run_dir, args.overrides)
+        elif args.config:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = args.run_dir or Path("runs") / cfg.name
+            if (run_dir / CHECKPOINT_FILE).exists():
+                parser.error(
+                    f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                    "or choose another name= / --run-dir"
+                )
+        else:
+            parser.error("give --config FILE (a new run) or --resume RUN_DIR")
+
+        from train.trainer import Trainer  # imports torch; keep --help and config errors fast
+
+        Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

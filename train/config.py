@@ -1,0 +1,178 @@
+"""Typed experiment config: YAML file + dotted command-line overrides -> dataclasses.
+
+The resolved config (with the dataset's classes filled in) is written to the run dir as
+`config.yaml`, and is all that `export/` needs to rebuild both students.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    format: Literal["folder", "cityscapes", "camvid", "voc"] = "folder"
+    root: str = "data/synthetic"
+    train_split: str = "train"
+    eval_split: str = "val"
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # H, W
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    batch_size: int = 8
+    eval_batch_size: int = 1
+    num_workers: int = 2
+    eval_max_images: int | None = None  # evaluate on the first N eval images only (quick checks)
+    verify: bool = True  # read every mask once before training, so bad labels fail at start
+    # Filled from the dataset when a run starts; written to the run dir's config.yaml.
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    palette: list[list[int]] | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 5e-4
+    head_lr_mult: float = 1.0  # decoder/classifier lr = lr * head_lr_mult
+    warmup_iters: int = 0  # linear warm-up, then poly decay
+    poly_power: float = 0.9
+
+
+@dataclass
+class StudentConfig:
+    arch: Literal["deeplabv3plus", "segformer"] = "deeplabv3plus"
+    backbone: str = "resnet18"
+    output_stride: int | None = 8  # CNN encoders only; pvt_v2 has a fixed stride of 32
+    pretrained: bool = False  # ImageNet weights through timm's hub (needs network)
+    weights: str | None = None  # local encoder weights (.safetensors/.pth), used instead of the hub
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+def _default_vit() -> StudentConfig:
+    return StudentConfig(
+        arch="segformer",
+        backbone="pvt_v2_b0",
+        output_stride=None,
+        optimizer=OptimizerConfig(
+            name="adamw", lr=6e-5, weight_decay=0.01, head_lr_mult=10.0, warmup_iters=1500, poly_power=1.0
+        ),
+    )
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: list[int] | None = None  # slide window size (H, W); defaults to the train crop
+    stride: list[int] | None = None  # slide step; defaults to 2/3 of the window
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    iterations: int = 80_000
+    eval_interval: int = 4_000
+    checkpoint_interval: int = 1_000
+    log_interval: int = 50
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA only; CPU always runs fp32
+    channels_last: bool = True  # CUDA only
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cnn: StudentConfig = field(default_factory=StudentConfig)
+    vit: StudentConfig = field(default_factory=_default_vit)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """Validate `value` against a type hint of the schema; returns the (possibly converted) value."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _from_dict(cls: type, values: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown field '{where}{key}' (known: {', '.join(sorted(known))})")
+    kwargs = {k: _check_value(v, hints[k], f"{where}{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return _from_dict(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

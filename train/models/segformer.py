@@ -1,0 +1,50 @@
+"""SegFormer (Xie et al., 2021): a MiT encoder with the All-MLP decoder.
+
+timm's `pvt_v2_b0` with `mlp_ratios=(4, 4, 4, 4)` is MiT-B0 (same depths, widths, heads,
+reduction ratios, overlapping patch embeddings, conv FFN) and loads MiT-B0 weights through
+timm's PVTv2 checkpoint filter; likewise pvt_v2_b1/b2 for MiT-B1/B2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.models.common import ConvBNReLU, StudentOutput, create_encoder, upsample_like
+
+
+class AllMLPHead(nn.Module):
+    """Each stage linearly projected to `dim`, upsampled to stride 4, concatenated, fused by a 1x1 conv."""
+
+    def __init__(self, in_channels: list[int], num_classes: int, dim: int = 256) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in in_channels])
+        self.fuse = ConvBNReLU(dim * len(in_channels), dim, 1)
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(dim, num_classes, 1))
+
+    def forward(self, stages: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        first = stages[0]
+        projected = [
+            upsample_like(p(s), first) if i else p(s) for i, (p, s) in enumerate(zip(self.proj, stages, strict=True))
+        ]
+        feat = self.fuse(torch.cat(projected, dim=1))
+        return feat, self.classifier(feat)
+
+
+class SegFormer(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "pvt_v2_b0",
+        pretrained: bool = False,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        extra = {"mlp_ratios": (4, 4, 4, 4)} if backbone.startswith("pvt_v2") else {}
+        self.encoder = create_encoder(backbone, pretrained, weights, **extra)
+        self.decoder = AllMLPHead(self.encoder.feature_info.channels(), num_classes)
+
+    def forward(self, x: torch.Tensor) -> StudentOutput:
+        stages = self.encoder(x)
+        feat, logits = self.decoder(stages)
+        return StudentOutput(stages, feat, logits)

@@ -1,0 +1,57 @@
+"""The run dir contract (ARCHITECTURE.md): what `train/` writes and what later stages read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train.checkpoint import load_weights
+from train.config import Config, ConfigError, load_config
+from train.models import build_student
+
+STUDENTS = ("cnn", "vit")
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = Path("checkpoint") / "last.safetensors"
+
+
+def weights_file(run_dir: Path, student: str) -> Path:
+    return Path(run_dir) / f"{student}.safetensors"
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"not a run dir (no {CONFIG_FILE}): {run_dir}")
+    cfg = load_config(path, overrides)
+    if cfg.data.num_classes is None:
+        raise ConfigError(f"{path}: data.num_classes is not set (was this written by `python -m train`?)")
+    return cfg
+
+
+def load_student(run_dir: str | Path, student: str, cfg: Config | None = None) -> nn.Module:
+    """Rebuild one student from the run's config and load its best weights (eval mode, CPU)."""
+    if student not in STUDENTS:
+        raise ValueError(f"unknown student '{student}' (expected one of {', '.join(STUDENTS)})")
+    cfg = cfg or load_run_config(run_dir)
+    model = build_student(getattr(cfg, student), cfg.data.num_classes)
+    path = weights_file(Path(run_dir), student)
+    state, _ = load_weights(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match the student in {Path(run_dir) / CONFIG_FILE}: {e}") from None
+    return model.eval()
+
+
+def load_students(run_dir: str | Path, cfg: Config | None = None) -> dict[str, nn.Module]:
+    cfg = cfg or load_run_config(run_dir)
+    return {name: load_student(run_dir, name, cfg) for name in STUDENTS}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
