@@ -90,7 +90,12 @@ def eval_loader(dataset, batch_size: int, num_workers: int, max_images: int | No
     if max_images is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=pad_collate, sampler=sampler
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=pad_collate,
+        sampler=sampler,
+        generator=torch.Generator(),  # leaves the global RNG (training's dropout) untouched
     )
 
 

@@ -177,6 +177,9 @@ class Trainer:
             pin_memory=self.cuda,
             drop_last=True,
             persistent_workers=d.num_workers > 0,
+            # Its own generator: a loader draws a base seed when iterated, which must not move the
+            # global RNG (dropout) differently in a resumed run.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def fit(self) -> dict:

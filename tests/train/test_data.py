@@ -216,14 +216,15 @@ def test_train_transform_crops_pads_with_ignore_and_is_seeded():
 
 def test_train_transform_scales_and_flips_image_and_mask_together():
     rng = np.random.default_rng(3)
-    mask = (rng.random((32, 40)) > 0.5).astype(np.uint8)
+    mask = np.kron(rng.random((4, 5)) > 0.5, np.ones((8, 8))).astype(np.uint8)  # 8x8 blocks
     image = np.repeat(mask[..., None] * 200, 3, axis=2).astype(np.uint8)
     t = TrainTransform((16, 16), (0.5, 2.0))
-    for seed in range(10):
+    for seed in range(20):
         x, y = t(image, mask, np.random.default_rng(seed))
-        bright = x[0] > 0
-        assert torch.equal(bright[y == 1], torch.ones_like(bright[y == 1]))
-        assert not bright[y == 0].any()
+        bright = x[0] > 0  # normalised 100/255 is about 0
+        valid = y != 255
+        agreement = (bright[valid] == (y[valid] == 1)).float().mean().item()
+        assert agreement > 0.9  # only bilinear edge pixels may differ
 
 
 def test_pad_collate_pads_masks_with_ignore():

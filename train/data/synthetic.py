@@ -1,11 +1,16 @@
 """The embedded default dataset: procedurally generated scenes written in the generic folder format.
 
-Shapes (disc, rectangle, triangle, ring) and textured regions (stripes, checker) with random
-colours, so that colour alone never tells the class; random scale and rotation; later
-objects occlude earlier ones; backgrounds are smooth random colour fields with noise.
+Each object is one of four texture classes (solid, stripes, checker, speckle) drawn as a
+random shape (disc, rectangle, triangle, ring or irregular blob) in random colours, so that
+neither colour nor shape tells the class; random scale and rotation; later objects partly
+occlude earlier ones; backgrounds are smooth random colour fields with a fine grain.
 Every image is a pure function of (seed, split, index).
 
-    python -m train.data.synthetic --out data/synthetic [--train 800 --val 100 --height 96 --width 128]
+Why texture classes: with random initialisation and a few CPU minutes, classes that only
+shape tells apart stayed below 0.1 IoU (ResNet-18 DeepLabV3+, 600 iterations), while
+texture is learnt from local evidence, as real classes such as road, vegetation and sky are.
+
+    python -m train.data.synthetic --out data/synthetic [--train 800 --val 100 --height 64 --width 64]
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASS_NAMES = ["background", "disc", "rectangle", "triangle", "ring", "stripes", "checker"]
+CLASS_NAMES = ["background", "solid", "stripes", "checker", "speckle"]
+SHAPES = ["disc", "rectangle", "triangle", "ring", "blob"]
 PALETTE = [
     [0, 0, 0],
     [230, 25, 75],
@@ -26,8 +32,9 @@ PALETTE = [
     [0, 130, 200],
     [245, 130, 48],
     [145, 30, 180],
-]
+][: len(CLASS_NAMES)]
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+MAX_OVERLAP = 0.3  # share of a new object that may cover earlier ones
 
 
 def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
@@ -44,61 +51,67 @@ def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth field between two random colours, with a grain of about 4 px that objects lack."""
     a, b = _random_colour(rng), _random_colour(rng)
     t = _smooth_field(rng, h, w, int(rng.integers(2, 5)))[..., None]
-    return a * t + b * (1 - t)
+    grain = _smooth_field(rng, h, w, max(h, w) // 4)[..., None] - 0.5
+    return a * t + b * (1 - t) + grain * rng.uniform(50, 90)
 
 
 def _polygon(cx: float, cy: float, radii: np.ndarray, angles: np.ndarray) -> list[tuple[float, float]]:
     return list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles), strict=True))
 
 
-def _shape_mask(cls: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Boolean HxW mask of one object of class `cls` at a random place, size and angle."""
+def _shape_mask(shape: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Boolean HxW mask of one `shape` at a random place, size and angle."""
     r = rng.uniform(0.15, 0.4) * min(h, w)
     cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
     turn = rng.uniform(0, 2 * np.pi)
     canvas = Image.new("L", (w, h))
     draw = ImageDraw.Draw(canvas)
-    if cls == "disc":
+    if shape == "disc":
         rx, ry = r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2)
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
-    elif cls == "ring":
+    elif shape == "ring":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
         inner = r * rng.uniform(0.45, 0.6)
         draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
-    elif cls == "rectangle":
+    elif shape == "rectangle":
         aspect = rng.uniform(0.5, 1.0)
         half = np.arctan(aspect)
         angles = turn + np.array([half, np.pi - half, np.pi + half, -half])
         draw.polygon(_polygon(cx, cy, np.full(4, r), angles), fill=1)
-    elif cls == "triangle":
+    elif shape == "triangle":
         angles = turn + np.array([0, 2, 4]) * np.pi / 3 + rng.uniform(-0.25, 0.25, 3)
         draw.polygon(_polygon(cx, cy, np.full(3, r * 1.2), angles), fill=1)
-    else:  # textured regions: an irregular blob
+    else:  # an irregular blob
         n = int(rng.integers(6, 10))
         angles = turn + np.sort(rng.uniform(0, 2 * np.pi, n))
         draw.polygon(_polygon(cx, cy, r * rng.uniform(0.6, 1.1, n), angles), fill=1)
     return np.asarray(canvas, dtype=bool)
 
 
-def _fill(cls: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """HxWx3 float colours for an object: shaded solid colour, or a two-colour texture."""
+def _fill(texture: str, rng: np.random.Generator, h: int, w: int, under: np.ndarray) -> np.ndarray:
+    """HxWx3 float colours of a texture class at a random angle and period. Its colour differs from
+    `under` (the mean colour it covers), so its outline is visible."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, np.pi)
     u = xx * np.cos(angle) + yy * np.sin(angle)
     v = -xx * np.sin(angle) + yy * np.cos(angle)
-    a = _random_colour(rng)
-    if cls in ("stripes", "checker"):
-        b = _random_colour(rng, avoid=a)
-        period = rng.uniform(5, 10)
-        if cls == "stripes":
-            on = (u // (period / 2)) % 2 == 0
-        else:
-            on = ((u // period) + (v // period)) % 2 == 0
-        return np.where(on[..., None], a, b)
-    shade = (u - u.mean()) / max(h, w) * rng.uniform(-60, 60)
-    return a + shade[..., None]
+    a = _random_colour(rng, avoid=under)
+    if texture == "solid":
+        shade = (u - u.mean()) / max(h, w) * rng.uniform(-40, 40)
+        return a + shade[..., None]
+    b = _random_colour(rng, avoid=a)
+    period = rng.uniform(6, 12)
+    if texture == "stripes":  # periodic in one direction
+        on = (u // (period / 2)) % 2 == 0
+    elif texture == "checker":  # periodic in two
+        on = (u // period + v // period) % 2 == 0
+    else:  # speckle: aperiodic random cells of 2-3 px
+        cell = int(rng.integers(2, 4))
+        on = np.kron(rng.random((h // cell + 1, w // cell + 1)) < 0.5, np.ones((cell, cell), bool))[:h, :w]
+    return np.where(on[..., None], a, b)
 
 
 def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,15 +120,20 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     mask = np.zeros((height, width), dtype=np.uint8)
     for _ in range(int(rng.integers(1, 5))):
         cls = int(rng.integers(1, len(CLASS_NAMES)))
-        region = _shape_mask(CLASS_NAMES[cls], rng, height, width)
-        image[region] = _fill(CLASS_NAMES[cls], rng, height, width)[region]
+        for _attempt in range(10):  # occlusion, but partial: an object is mostly visible
+            region = _shape_mask(SHAPES[rng.integers(len(SHAPES))], rng, height, width)
+            if region.any() and (mask[region] > 0).mean() < MAX_OVERLAP:
+                break
+        else:
+            continue
+        image[region] = _fill(CLASS_NAMES[cls], rng, height, width, image[region].mean(0))[region]
         mask[region] = cls
-    image += rng.normal(0, 6, image.shape)
+    image += rng.normal(0, 4, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
 def generate(
-    out: str | Path, num_train: int = 800, num_val: int = 100, height: int = 96, width: int = 128, seed: int = 0
+    out: str | Path, num_train: int = 800, num_val: int = 100, height: int = 64, width: int = 64, seed: int = 0
 ) -> Path:
     """Write the dataset; a second call with the same parameters does nothing."""
     out = Path(out)
@@ -142,8 +160,8 @@ def main() -> None:
     parser.add_argument("--out", default="data/synthetic")
     parser.add_argument("--train", type=int, default=800)
     parser.add_argument("--val", type=int, default=100)
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = generate(args.out, args.train, args.val, args.height, args.width, args.seed)

@@ -40,10 +40,14 @@ def voc_dataset(root: Path, split: str):
         root = root / "VOC2012"
     images_dir = require_dir(root / "JPEGImages", "VOC images")
     aug = split == "train_aug"
-    masks_dir = require_dir(root / ("SegmentationClassAug" if aug else "SegmentationClass"), "VOC masks")
     split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if aug and not split_file.is_file():
-        raise DatasetError(f"split file not found: {split_file} (train_aug needs SBD; or use split 'train')")
+    masks_dir = root / ("SegmentationClassAug" if aug else "SegmentationClass")
+    if aug and not (split_file.is_file() and masks_dir.is_dir()):
+        raise DatasetError(
+            f"{split_file} or {masks_dir} not found: train_aug needs SBD "
+            "(SegmentationClassAug/ + train_aug.txt); or use data.train_split=train"
+        )
+    require_dir(masks_dir, "VOC masks")
     ids = read_split_file(split_file)
     if missing := [i for i in ids if not (images_dir / f"{i}.jpg").is_file()]:
         raise DatasetError(f"image not found: {images_dir / (missing[0] + '.jpg')} (listed in {split_file})")

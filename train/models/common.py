@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,18 +30,34 @@ class ConvBNReLU(nn.Sequential):
 
 
 def create_encoder(name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
-    """A timm `features_only` encoder. `weights` is a local file (.safetensors or .pth, loaded through
-    timm's own key filter, weights_only), used instead of the model hub."""
+    """A timm `features_only` encoder. `weights` is a local classification checkpoint (.safetensors, or
+    .pth read with weights_only) loaded through timm's own key filter, instead of the model hub."""
     if weights is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"encoder weights not found: {weights}")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-    try:
-        return timm.create_model(name, features_only=True, pretrained=pretrained or weights is not None, **kwargs)
-    except RuntimeError as e:
-        if weights is not None:
-            raise ValueError(f"encoder weights {weights} do not fit timm model '{name}': {e}") from None
-        raise
+    encoder = timm.create_model(name, features_only=True, pretrained=pretrained or weights is not None, **kwargs)
+    if weights is not None:
+        _check_loaded(encoder, name, Path(weights))
+    return encoder
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), hashlib.sha1(t.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _check_loaded(encoder: nn.Module, name: str, path: Path) -> None:
+    """timm loads into a features_only encoder non-strictly (the classifier is dropped), so a file for
+    another model would silently leave random weights. Every encoder parameter must come from the file
+    (compared by value: the feature wrapper renames modules)."""
+    in_file = {_fingerprint(t) for t in timm.models.load_state_dict(str(path)).values()}
+    params = dict(encoder.named_parameters())
+    missing = [k for k, v in params.items() if _fingerprint(v) not in in_file]
+    if missing:
+        raise ValueError(
+            f"encoder weights {path} do not fit timm model '{name}': {len(missing)} of {len(params)} tensors "
+            f"missing, e.g. {', '.join(missing[:3])}"
+        )
 
 
 def upsample_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
