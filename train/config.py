@@ -79,6 +79,25 @@ class EvalConfig:
 
 
 @dataclass
+class MethodConfig:
+    """The collaborative objective (METHOD.md §3-6): a preset, or an explicit list of terms."""
+
+    preset: Literal["independent", "dml", "hfd", "bsd", "full"] = "full"
+    terms: list[Literal["hfd", "region_bsd", "pixel_bsd", "dml"]] | None = None  # overrides the preset
+    warmup: float = 0.05  # share of iterations over which every distillation weight ramps up from 0
+    hfd_weight: float = 1.0
+    hfd_stages: list[int] = field(default_factory=lambda: [1])  # encoder stages, 1 = stride 4
+    hfd_distance: Literal["mse", "cosine"] = "mse"
+    region_weight: float = 1.0
+    region_size: int = 8  # k x k cells of the stride-4 grid
+    region_criterion: Literal["ce", "entropy"] = "ce"
+    pixel_weight: float = 1.0
+    pixel_criterion: Literal["correct_then_ce", "ce"] = "correct_then_ce"
+    temperature: float = 1.0
+    dml_weight: float = 1.0
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -89,6 +108,7 @@ class Config:
     log_interval: int = 50
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA only; CPU always runs fp32
     channels_last: bool = True  # CUDA only
+    method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cnn: StudentConfig = field(default_factory=StudentConfig)

@@ -37,6 +37,13 @@ from train.run_dir import (
 )
 
 log = logging.getLogger(__name__)
+# Progress-bar names of the direction shares: region (r) and pixel (p) BSD, ViT->CNN and CNN->ViT.
+_SHORT = {
+    "region_vit_to_cnn": "r_v2c",
+    "region_cnn_to_vit": "r_c2v",
+    "pixel_vit_to_cnn": "p_v2c",
+    "pixel_cnn_to_vit": "p_c2v",
+}
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -74,11 +81,17 @@ def lr_factor(iteration: int, total: int, cfg: OptimizerConfig) -> float:
     return warm * (1.0 - iteration / total) ** cfg.poly_power
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """Encoder and decoder groups (decoder lr x head_lr_mult); AdamW skips decay on norms and biases."""
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Encoder and decoder groups (decoder lr x head_lr_mult); AdamW skips decay on norms and biases.
+    `extra` (training-only projectors fed by this student) is trained like a decoder."""
     groups = []
-    for part, mult in (("encoder", 1.0), ("decoder", cfg.head_lr_mult)):
-        params = [p for p in getattr(model, part).parameters() if p.requires_grad]
+    parts = [(model.encoder, 1.0), (model.decoder, cfg.head_lr_mult)]
+    if extra is not None:
+        parts.append((extra, cfg.head_lr_mult))
+    for module, mult in parts:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            continue
         if cfg.name == "adamw":
             decay = [p for p in params if p.ndim > 1]
             no_decay = [p for p in params if p.ndim <= 1]
@@ -113,10 +126,13 @@ class Trainer:
         self.students.to(self.device)
         if self.cuda and cfg.channels_last:
             self.students.to(memory_format=torch.channels_last)
+        channels = {name: m.encoder.feature_info.channels() for name, m in self.students.items()}
+        self.objective = Objective(cfg.method, channels["cnn"], channels["vit"]).to(self.device)
+        projectors = {"cnn": self.objective.cnn_to_vit, "vit": self.objective.vit_to_cnn}
         self.optimizers = {
-            name: build_optimizer(self.students[name], getattr(cfg, name).optimizer) for name in STUDENTS
+            name: build_optimizer(self.students[name], getattr(cfg, name).optimizer, projectors[name])
+            for name in STUDENTS
         }
-        self.objective = Objective()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if self.cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -152,7 +168,7 @@ class Trainer:
 
         with self.autocast():
             cnn, vit = self.students["cnn"](images), self.students["vit"](images)
-            losses = self.objective(cnn, vit, labels, progress=self.iteration / self.cfg.iterations)
+            losses, stats = self.objective(cnn, vit, labels, progress=self.iteration / self.cfg.iterations)
         total = sum(losses.values())
 
         self.scaler.scale(total).backward()
@@ -162,7 +178,7 @@ class Trainer:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+        return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}, **stats}
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -190,6 +206,7 @@ class Trainer:
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not show_bar, dynamic_ncols=True)
         started, start_iter = time.perf_counter(), self.iteration
         self.students.train()
+        self.objective.train()
         while self.iteration < cfg.iterations:
             images, labels = next(batches)
             images = images.to(self.device, non_blocking=True)
@@ -198,7 +215,12 @@ class Trainer:
             logs = self.step(images, labels.to(self.device, non_blocking=True))
             lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}", lr_cnn=f"{lrs['cnn']:.2e}", lr_vit=f"{lrs['vit']:.2e}")
+            bar.set_postfix(
+                loss=f"{logs['loss']:.3f}",
+                lr_cnn=f"{lrs['cnn']:.1e}",
+                lr_vit=f"{lrs['vit']:.1e}",
+                **{_SHORT[k]: f"{v:.2f}" for k, v in logs.items() if k in _SHORT},  # who teaches whom
+            )
             it = self.iteration
             if it % cfg.log_interval == 0 or it == cfg.iterations:
                 for key, value in logs.items():
@@ -255,6 +277,7 @@ class Trainer:
             "iteration": self.iteration,
             "best": self.best,
             "students": {name: m.state_dict() for name, m in self.students.items()},
+            "objective": self.objective.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
@@ -268,6 +291,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: no checkpoint at {path}")
         state = load_state(path)
+        self.objective.load_state_dict(state["objective"])
         for name in STUDENTS:
             self.students[name].load_state_dict(state["students"][name])
             self.optimizers[name].load_state_dict(state["optimizers"][name])

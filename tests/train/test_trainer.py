@@ -88,7 +88,10 @@ def test_training_writes_a_complete_run_dir(finished_run):
     state, info = load_weights(finished_run / "cnn.safetensors")
     assert info["student"] == "cnn" and info["iteration"] in (3, 6)
     assert metrics["cnn"]["iteration"] == info["iteration"]
-    assert any(k.startswith("encoder.") for k in state) and not any("proj" in k and "hfd" in k for k in state)
+    assert any(k.startswith("encoder.") for k in state)
+    assert not any(k.startswith(("cnn_to_vit", "vit_to_cnn")) for k in state)  # projectors are training-only
+    checkpoint = load_state(finished_run / "checkpoint" / "last.safetensors")
+    assert set(checkpoint["objective"]) >= {"cnn_to_vit.1.0.weight", "vit_to_cnn.1.0.weight"}
 
 
 def test_evaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path):
