@@ -31,6 +31,7 @@ def tiny_run_args(data_root: Path, iterations: int = 6) -> list[str]:
         "data.eval_batch_size=2",
         "data.num_workers=0",
         "cnn.optimizer.lr=0.01",
+        "method.preset=full",  # exercise every term, projectors included, end to end
     ]
 
 
