@@ -206,10 +206,12 @@ class Objective(nn.Module):
             losses["hfd"] = ramp * c.hfd_weight * hfd
         if "region_bsd" in self.terms:
             loss, s = region_bsd_loss(cnn, vit, labels, c.region_size, c.region_criterion)
-            losses["region_bsd"], stats = ramp * c.region_weight * loss, {**stats, **s}
+            losses["region_bsd"] = ramp * c.region_weight * loss
+            stats.update(s)
         if "pixel_bsd" in self.terms:
             loss, s = pixel_bsd_loss(cnn.logits, vit.logits, labels, c.temperature, c.pixel_criterion)
-            losses["pixel_bsd"], stats = ramp * c.pixel_weight * loss, {**stats, **s}
+            losses["pixel_bsd"] = ramp * c.pixel_weight * loss
+            stats.update(s)
         if "dml" in self.terms:
             losses["dml"] = ramp * c.dml_weight * dml_loss(cnn.logits, vit.logits, labels, c.temperature)
         return losses, stats

@@ -123,11 +123,12 @@ class Trainer:
 
         k = cfg.data.num_classes
         self.students = nn.ModuleDict({name: build_student(getattr(cfg, name), k) for name in STUDENTS})
-        self.students.to(self.device)
-        if self.cuda and cfg.channels_last:
-            self.students.to(memory_format=torch.channels_last)
         channels = {name: m.encoder.feature_info.channels() for name, m in self.students.items()}
-        self.objective = Objective(cfg.method, channels["cnn"], channels["vit"]).to(self.device)
+        self.objective = Objective(cfg.method, channels["cnn"], channels["vit"])
+        for module in (self.students, self.objective):  # the projectors run on the students' features
+            module.to(self.device)
+            if self.cuda and cfg.channels_last:
+                module.to(memory_format=torch.channels_last)
         projectors = {"cnn": self.objective.cnn_to_vit, "vit": self.objective.vit_to_cnn}
         self.optimizers = {
             name: build_optimizer(self.students[name], getattr(cfg, name).optimizer, projectors[name])
