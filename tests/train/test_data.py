@@ -271,3 +271,14 @@ def test_synthetic_written_in_folder_format(synthetic_root):
     before = (synthetic_root / "images" / "val_00000.png").stat().st_mtime_ns
     generate(synthetic_root, num_train=16, num_val=4, height=40, width=56, seed=1)  # same params: no rewrite
     assert (synthetic_root / "images" / "val_00000.png").stat().st_mtime_ns == before
+
+
+def test_synthetic_rewrites_a_dataset_from_an_older_generator(tmp_path):
+    import json
+
+    generate(tmp_path, num_train=2, num_val=1, height=16, width=16)
+    stamp = tmp_path / "synthetic.json"
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "format": 1}))
+    (tmp_path / "classes.json").write_text("{}")
+    generate(tmp_path, num_train=2, num_val=1, height=16, width=16)
+    assert json.loads((tmp_path / "classes.json").read_text())["names"] == CLASS_NAMES
