@@ -7,7 +7,7 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup data train eval demo test lint format clean
+.PHONY: setup data train eval demo ablation bench-train test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ demo: data
 	else \
 		$(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); \
 	fi
+
+# Every method preset on the synthetic set, same seed and budget: runs/ablation/table.md
+ablation: data
+	$(PY) -m benchmarks.ablation --config $(CONFIG) $(ARGS)
+
+# Images/s of a training step, independent vs full: make bench-train ARGS="--crop 512 1024 --batch 8"
+bench-train: data
+	$(PY) -m benchmarks.train_speed --config $(CONFIG) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

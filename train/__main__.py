@@ -2,12 +2,14 @@
 
 python -m train --config configs/synthetic.yaml [key.sub=value ...] [--run-dir runs/x]
 python -m train --resume runs/x [key.sub=value ...]
+torchrun --nproc_per_node N -m train --config ...   (DistributedDataParallel, one process per GPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<name>)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. iterations=1000 data.batch_size=4")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
 
     try:
         if args.resume:
@@ -42,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error("give --config FILE (a new run) or --resume RUN_DIR")
 
-        from train.trainer import Trainer  # imports torch; keep --help and config errors fast
+        from train import distributed  # imports torch; keep --help and config errors fast
+        from train.trainer import Trainer
 
-        Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+        distributed.init(cfg.device)
+        try:
+            Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+        finally:
+            distributed.shutdown()
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -86,15 +86,19 @@ def evaluate(
     return results
 
 
-def eval_loader(dataset, batch_size: int, num_workers: int, max_images: int | None = None, sampler=None):
-    if max_images is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+def eval_loader(
+    dataset, batch_size: int, num_workers: int, max_images: int | None = None, rank: int = 0, world: int = 1
+) -> torch.utils.data.DataLoader:
+    """The first `max_images` of a split; with `world > 1`, this rank's disjoint share of them (every
+    image counted once once the confusion matrices are summed over ranks)."""
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if count < len(dataset) or world > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, count, world))
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=pad_collate,
-        sampler=sampler,
         generator=torch.Generator(),  # leaves the global RNG (training's dropout) untouched
     )
 

@@ -83,7 +83,7 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def region_bsd_loss(
     cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, region_size: int = 8, criterion: str = "ce"
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Region-wise BSD: in each k x k region of the stride-4 grid, the student with the lower mean CE
     (or entropy) there teaches the other its decoder feature; regions without labels are skipped."""
     grid = cnn.feat.shape[-2:]
@@ -110,8 +110,8 @@ def region_bsd_loss(
     vit_learns, _ = _region_mean(_distance(norm_v, norm_c.detach(), "mse"), ones, region_size)
     loss = ((cnn_learns * vit_teaches).sum() + (vit_learns * cnn_teaches).sum()) / regions
     stats = {
-        "region_vit_to_cnn": (vit_teaches.sum() / regions).item(),
-        "region_cnn_to_vit": (cnn_teaches.sum() / regions).item(),
+        "region_vit_to_cnn": vit_teaches.sum() / regions,
+        "region_cnn_to_vit": cnn_teaches.sum() / regions,
     }
     return loss, stats
 
@@ -129,7 +129,7 @@ def pixel_bsd_loss(
     labels: torch.Tensor,
     temperature: float = 1.0,
     criterion: str = "correct_then_ce",
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel-wise BSD: at each labelled pixel the reliable student (correct, and of lower CE when both
     are) teaches the other its distribution; where both are wrong nothing is transferred."""
     zc, zv = upsample_logits(cnn_logits, labels), upsample_logits(vit_logits, labels)
@@ -149,8 +149,8 @@ def pixel_bsd_loss(
     cnn_learns = (_kl(zv, zc, temperature) * vit_teaches).sum() / vit_teaches.sum().clamp(min=1)
     vit_learns = (_kl(zc, zv, temperature) * cnn_teaches).sum() / cnn_teaches.sum().clamp(min=1)
     stats = {
-        "pixel_vit_to_cnn": (vit_teaches.sum() / n_valid).item(),
-        "pixel_cnn_to_vit": (cnn_teaches.sum() / n_valid).item(),
+        "pixel_vit_to_cnn": vit_teaches.sum() / n_valid,
+        "pixel_cnn_to_vit": cnn_teaches.sum() / n_valid,
     }
     return t2 * (cnn_learns + vit_learns), stats
 
@@ -191,10 +191,10 @@ class Objective(nn.Module):
 
     def forward(
         self, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, progress: float
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         c = self.cfg
         losses = {"ce_cnn": cross_entropy(cnn.logits, labels), "ce_vit": cross_entropy(vit.logits, labels)}
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         ramp = self.ramp(progress)
         if "hfd" in self.terms:
             hfd = sum(

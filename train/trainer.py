@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from train import distributed
 from train.checkpoint import load_state, save_state, save_weights
-from train.config import Config, OptimizerConfig, save_config
+from train.config import Config, ConfigError, OptimizerConfig, save_config
 from train.data import DatasetError, SegmentationDataset, build_dataset
 from train.evaluate import eval_loader, evaluate, format_table
 from train.losses import Objective
@@ -44,6 +46,7 @@ _SHORT = {
     "pixel_vit_to_cnn": "p_v2c",
     "pixel_cnn_to_vit": "p_c2v",
 }
+_BAR_INTERVAL = 10  # iterations between progress-bar updates (each reads the losses off the device)
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -106,11 +109,32 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, extra: nn.Module | N
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+class Collaboration(nn.Module):
+    """Both students and the objective as one module, so that DistributedDataParallel wraps the two
+    students and the projectors together (one bucketed gradient all-reduce per step)."""
+
+    def __init__(self, students: nn.ModuleDict, objective: Objective) -> None:
+        super().__init__()
+        self.students, self.objective = students, objective
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: float):
+        cnn, vit = self.students["cnn"](images), self.students["vit"](images)
+        return self.objective(cnn, vit, labels, progress=progress)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dist = distributed.current()
         self.device = resolve_device(cfg.device)
         self.cuda = self.device.type == "cuda"
+        if self.dist.enabled and self.cuda:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.data.batch_size % self.dist.world:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} (the global batch) "
+                f"does not split evenly over {self.dist.world} processes"
+            )
         torch.manual_seed(cfg.seed)
 
         self.train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
@@ -122,9 +146,13 @@ class Trainer:
             self.eval_set.verify()
 
         k = cfg.data.num_classes
-        self.students = nn.ModuleDict({name: build_student(getattr(cfg, name), k) for name in STUDENTS})
-        channels = {name: m.encoder.feature_info.channels() for name, m in self.students.items()}
-        self.objective = Objective(cfg.method, channels["cnn"], channels["vit"])
+        students = nn.ModuleDict({name: build_student(getattr(cfg, name), k) for name in STUDENTS})
+        channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
+        objective = Objective(cfg.method, channels["cnn"], channels["vit"])
+        if self.dist.enabled and self.cuda:  # a few images per GPU: batch statistics over all of them
+            students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
+            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        self.students, self.objective = students, objective
         for module in (self.students, self.objective):  # the projectors run on the students' features
             module.to(self.device)
             if self.cuda and cfg.channels_last:
@@ -141,8 +169,12 @@ class Trainer:
         self.best = {name: {"miou": -1.0, "iteration": 0} for name in STUDENTS}
         if resume:
             self.load_checkpoint()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / CONFIG_FILE)
+        self.model: nn.Module = Collaboration(self.students, self.objective)
+        if self.dist.enabled:
+            self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.cuda else None)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / CONFIG_FILE)
 
     def _record_classes(self, dataset: SegmentationDataset) -> None:
         data = self.cfg.data
@@ -161,15 +193,16 @@ class Trainer:
 
     # --- one training step -------------------------------------------------------------------
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns detached scalar tensors (read them only when logging: on a
+        GPU every `.item()` waits for the step to finish)."""
         for name, optimizer in self.optimizers.items():
             factor = lr_factor(self.iteration, self.cfg.iterations, getattr(self.cfg, name).optimizer)
             for group in optimizer.param_groups:
                 group["lr"] = getattr(self.cfg, name).optimizer.lr * group["lr_mult"] * factor
 
         with self.autocast():
-            cnn, vit = self.students["cnn"](images), self.students["vit"](images)
-            losses, stats = self.objective(cnn, vit, labels, progress=self.iteration / self.cfg.iterations)
+            losses, stats = self.model(images, labels, progress=self.iteration / self.cfg.iterations)
         total = sum(losses.values())
 
         self.scaler.scale(total).backward()
@@ -179,16 +212,19 @@ class Trainer:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}, **stats}
+        return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}, **stats}
 
     # --- the loop ------------------------------------------------------------------------------
 
     def train_loader(self) -> torch.utils.data.DataLoader:
         d = self.cfg.data
-        sampler = ResumableSampler(len(self.train_set), d.batch_size, self.cfg.seed, self.iteration)
+        per_rank = d.batch_size // self.dist.world
+        sampler = ResumableSampler(
+            len(self.train_set), per_rank, self.cfg.seed, self.iteration, self.dist.rank, self.dist.world
+        )
         return torch.utils.data.DataLoader(
             self.train_set,
-            batch_size=d.batch_size,
+            batch_size=per_rank,
             sampler=sampler,
             num_workers=d.num_workers,
             pin_memory=self.cuda,
@@ -200,80 +236,111 @@ class Trainer:
         )
 
     def fit(self) -> dict:
-        cfg = self.cfg
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration or None)
+        cfg, main = self.cfg, self.dist.is_main
+        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration or None) if main else None
         batches = iter(self.train_loader())
-        show_bar = sys.stderr.isatty()
+        show_bar = main and sys.stderr.isatty()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not show_bar, dynamic_ncols=True)
         started, start_iter = time.perf_counter(), self.iteration
-        self.students.train()
-        self.objective.train()
+        self.model.train()
         while self.iteration < cfg.iterations:
             images, labels = next(batches)
             images = images.to(self.device, non_blocking=True)
             if self.cuda and cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             logs = self.step(images, labels.to(self.device, non_blocking=True))
-            lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{logs['loss']:.3f}",
-                lr_cnn=f"{lrs['cnn']:.1e}",
-                lr_vit=f"{lrs['vit']:.1e}",
-                **{_SHORT[k]: f"{v:.2f}" for k, v in logs.items() if k in _SHORT},  # who teaches whom
-            )
             it = self.iteration
-            if it % cfg.log_interval == 0 or it == cfg.iterations:
-                for key, value in logs.items():
-                    writer.add_scalar(f"train/{key}", value, it)
-                for name, lr in lrs.items():
-                    writer.add_scalar(f"lr/{name}", lr, it)
-                if not show_bar:
-                    rate = (it - start_iter) / (time.perf_counter() - started)
-                    eta = (cfg.iterations - it) / rate if rate > 0 else float("nan")
-                    log.info("it %d/%d  loss %.4f  %.2f it/s  eta %.0fs", it, cfg.iterations, logs["loss"], rate, eta)
+            bar.update(1)
+            log_now = it % cfg.log_interval == 0 or it == cfg.iterations
+            if main and (log_now or (show_bar and it % _BAR_INTERVAL == 0)):
+                self._report(logs, writer, bar, log_now, show_bar, (it - start_iter) / (time.perf_counter() - started))
             if it % cfg.eval_interval == 0 or it == cfg.iterations:
                 self.evaluate_and_keep_best(writer)
             if it % cfg.checkpoint_interval == 0 or it == cfg.iterations:
                 self.save_checkpoint()
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         return self.final_metrics()
 
-    def evaluate_and_keep_best(self, writer: SummaryWriter) -> dict:
+    def _report(self, logs: dict, writer: SummaryWriter, bar: tqdm, log_now: bool, show_bar: bool, rate: float):
+        """Progress bar (loss, learning rates, who teaches whom) and, every log_interval, TensorBoard."""
+        it, cfg = self.iteration, self.cfg
+        values = {k: float(v) for k, v in logs.items()}  # one device sync, only here
+        lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+        bar.set_postfix(
+            loss=f"{values['loss']:.3f}",
+            lr_cnn=f"{lrs['cnn']:.1e}",
+            lr_vit=f"{lrs['vit']:.1e}",
+            **{_SHORT[k]: f"{v:.2f}" for k, v in values.items() if k in _SHORT},
+            refresh=False,
+        )
+        if not log_now:
+            return
+        for key, value in values.items():
+            writer.add_scalar(f"train/{key}", value, it)
+        for name, lr in lrs.items():
+            writer.add_scalar(f"lr/{name}", lr, it)
+        if not show_bar:
+            eta = (cfg.iterations - it) / rate if rate > 0 else float("nan")
+            log.info("it %d/%d  loss %.4f  %.2f it/s  eta %.0fs", it, cfg.iterations, values["loss"], rate, eta)
+
+    def _sync_buffers(self) -> None:
+        """BatchNorm running statistics drift apart between ranks (each sees its own images); evaluate
+        and save rank 0's, which DistributedDataParallel also broadcasts at every forward."""
+        if self.dist.enabled:
+            for buffer in self.students.buffers():
+                torch.distributed.broadcast(buffer, 0)
+
+    def _eval_loader(self, max_images: int | None = None) -> torch.utils.data.DataLoader:
         d = self.cfg.data
-        loader = eval_loader(self.eval_set, d.eval_batch_size, d.num_workers, d.eval_max_images)
+        return eval_loader(self.eval_set, d.eval_batch_size, d.num_workers, max_images, self.dist.rank, self.dist.world)
+
+    def evaluate_and_keep_best(self, writer: SummaryWriter | None) -> dict:
+        """Every rank evaluates its share of the eval split; the confusion matrices are summed."""
+        d = self.cfg.data
+        self._sync_buffers()
+        loader = self._eval_loader(d.eval_max_images)
         results = evaluate(
             dict(self.students), loader, d.num_classes, self.device, self.cfg.eval, d.crop_size, self.autocast
         )
+        improved = [name for name in STUDENTS if results[name]["miou"] > self.best[name]["miou"]]
+        for name in improved:
+            self.best[name] = {"miou": results[name]["miou"], "iteration": self.iteration}
+        if not self.dist.is_main:
+            return results
         for model, r in results.items():
             writer.add_scalar(f"val/{model}/miou", r["miou"], self.iteration)
             writer.add_scalar(f"val/{model}/acc", r["acc"], self.iteration)
         summary = "  ".join(f"{m} {100 * r['miou']:.2f}" for m, r in results.items())
         log.info("it %d  val mIoU  %s", self.iteration, summary)
-        for name in STUDENTS:
-            if results[name]["miou"] > self.best[name]["miou"]:
-                self.best[name] = {"miou": results[name]["miou"], "iteration": self.iteration}
-                info = {"student": name, "arch": getattr(self.cfg, name).arch, **self.best[name]}
-                save_weights(self.students[name], weights_file(self.run_dir, name), info)
+        for name in improved:
+            info = {"student": name, "arch": getattr(self.cfg, name).arch, **self.best[name]}
+            save_weights(self.students[name], weights_file(self.run_dir, name), info)
         return results
 
     def final_metrics(self) -> dict:
         """Evaluate the best weights of both students (and their ensemble) on the full eval split."""
         d = self.cfg.data
+        distributed.barrier()  # rank 0 has written the best weights
         best = {name: m.to(self.device) for name, m in load_students(self.run_dir, self.cfg).items()}
-        loader = eval_loader(self.eval_set, d.eval_batch_size, d.num_workers)
-        results = evaluate(best, loader, d.num_classes, self.device, self.cfg.eval, d.crop_size, self.autocast)
+        results = evaluate(
+            best, self._eval_loader(), d.num_classes, self.device, self.cfg.eval, d.crop_size, self.autocast
+        )
         for name in STUDENTS:
             results[name]["iteration"] = self.best[name]["iteration"]
         metrics = {"dataset": d.root, "split": d.eval_split, "iteration": self.iteration, **results}
-        (self.run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        log.info("best weights on %s:%s\n%s", d.root, d.eval_split, format_table(results, d.class_names))
+        if self.dist.is_main:
+            (self.run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            log.info("best weights on %s:%s\n%s", d.root, d.eval_split, format_table(results, d.class_names))
         return metrics
 
     # --- resumable state ----------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        self._sync_buffers()
+        if not self.dist.is_main:
+            return
         state = {
             "iteration": self.iteration,
             "best": self.best,

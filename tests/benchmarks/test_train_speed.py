@@ -1,0 +1,22 @@
+import json
+
+import pytest
+
+from benchmarks.train_speed import main
+
+
+def test_train_speed_times_both_presets_and_writes_json(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    args = ["--crop", "32", "48", "--batch", "2", "--warmup", "1", "--steps", "2", "--rounds", "2", "--device", "cpu"]
+    assert main([*args, "--json", str(out), f"data.root={synthetic_root}"]) == 0
+
+    r = json.loads(out.read_text())
+    assert r["crop"] == [32, 48] and r["batch"] == 2 and r["amp"] == "none"
+    assert "CPU" in r["device"] or "threads" in r["device"]
+    for preset in ("independent", "full"):
+        assert r[preset]["steps"] == 2
+        assert r[preset]["images_per_s"] == pytest.approx(2000 / r[preset]["step_ms"]["median"])
+    ratio = r["full"]["step_ms"]["median"] / r["independent"]["step_ms"]["median"]
+    assert r["overhead"] == pytest.approx(ratio - 1)
+    table = capsys.readouterr().out
+    assert "| independent |" in table and "| full |" in table and "overhead" in table
