@@ -7,12 +7,12 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup data train eval demo ablation bench-train test lint format clean
+.PHONY: setup data train eval export demo ablation bench-train test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,export,cpu,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,6 +26,10 @@ train: setup $(if $(findstring synthetic,$(CONFIG)),data)
 
 eval: setup
 	$(PY) -m train.evaluate --run $(RUN)
+
+# make export RUN=runs/demo ARGS="--variants fp32 fp16"
+export: setup
+	$(PY) -m export --run $(RUN) $(ARGS)
 
 # The whole pipeline on the embedded dataset; a second `make demo` resumes (or just re-reports) runs/demo.
 demo: data

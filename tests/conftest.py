@@ -38,3 +38,33 @@ def tiny_run_args(data_root: Path, iterations: int = 6) -> list[str]:
 def run_module(*args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory) -> Path:
+    """A finished (tiny) training run, shared by the export, serve and benchmark tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "shared"
+    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--run-dir", str(run_dir)]
+    result = run_module("train", *args, *tiny_run_args(synthetic_root, iterations=8), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+# Export settings small enough for tests; int8 of an 8-iteration model gets a looser agreement bar
+# (its logits are nearly flat, so tiny quantisation noise flips classes).
+TEST_EXPORT_ARGS = [
+    "--parity-images", "4",
+    "--batch-sizes", "1", "3",
+    "--calib-images", "4",
+    "--max-batch", "4",
+    "--reduced-agreement", "0.95",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run) -> Path:
+    """The shared run, exported with every precision variant (engine dirs under trained_run/export)."""
+    from export.__main__ import main
+
+    assert main(["--run", str(trained_run), *TEST_EXPORT_ARGS]) == 0
+    return trained_run

@@ -1,0 +1,91 @@
+"""Export the students of a run dir to ONNX engines, each through the parity gate.
+
+python -m export --run runs/<name> [--students cnn vit] [--variants fp32 fp16 int8.qdq int8.cpu]
+    [--size H W] [--parity-images 50] [--batch-sizes 1 4 16] [--calib-images 64] [--out DIR]
+
+Writes runs/<name>/export/<student>/ with model.<variant>.onnx (labels: uint8 image in, class map
+out), model.<variant>.logits.onnx, manifest.json and parity.json. Exit 1 when a gate fails, 2 on
+bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from serve.manifest import VARIANTS
+from train.run_dir import STUDENTS
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = {"agreement": (0.999, 0.99), "miou": (0.001, 0.01)}
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", required=True, type=Path, help="run dir written by `python -m train`")
+    parser.add_argument("--students", nargs="+", default=list(STUDENTS), metavar="STUDENT")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT")
+    parser.add_argument("--out", type=Path, help="engine dirs go to OUT/<student> (default: RUN/export)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="serving size (default: eval images')")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--parity-images", type=int, default=50)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--calib-images", type=int, default=64)
+    parser.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    parser.add_argument("--fp32-agreement", type=float, default=defaults["agreement"][0])
+    parser.add_argument("--fp32-miou-delta", type=float, default=defaults["miou"][0])
+    parser.add_argument("--reduced-agreement", type=float, default=defaults["agreement"][1], help="fp16 and int8")
+    parser.add_argument("--reduced-miou-delta", type=float, default=defaults["miou"][1], help="fp16 and int8")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):  # graph-rewrite logs, one line per pass
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+    from export.parity import ParityError, Threshold  # imports torch: keep --help fast
+    from export.pipeline import ExportOptions, export_run
+    from train.config import ConfigError
+    from train.data import DatasetError
+
+    options = ExportOptions(
+        students=args.students,
+        variants=args.variants,
+        out=args.out,
+        size=tuple(args.size) if args.size else None,
+        max_batch=args.max_batch,
+        parity_images=args.parity_images,
+        batch_sizes=args.batch_sizes,
+        calib_images=args.calib_images,
+        simplify=not args.no_simplify,
+        thresholds={
+            "fp32": Threshold(args.fp32_agreement, args.fp32_miou_delta),
+            "reduced": Threshold(args.reduced_agreement, args.reduced_miou_delta),
+        },
+    )
+    try:
+        manifests = export_run(args.run, options)
+    except ParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, DatasetError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, m in manifests.items():
+        print(f"\n{name} ({m.arch}, {m.backbone}): {len(m.engines)} engines")
+        print("| file | precision | io | MiB | agreement | mIoU engine / torch |")
+        print("|---|---|---|---:|---:|---:|")
+        for e in m.engines:
+            p = e.parity
+            worst = min(p["batch_sizes"].values(), key=lambda r: r["agreement"])
+            print(
+                f"| {e.file} | {e.precision} | {e.io} | {e.size_bytes / 2**20:.1f} | {100 * p['agreement']:.3f}% "
+                f"| {100 * worst['miou']:.2f} / {100 * worst['miou_torch']:.2f} |"
+            )
+        for s in m.skipped:
+            print(f"not shipped: {s['variant']}: {s['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

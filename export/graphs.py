@@ -1,0 +1,148 @@
+"""ONNX graphs of a student in its two I/O modes.
+
+`logits`: float NCHW normalised image -> float logits at the input size (torch.onnx dynamo export).
+`labels`: uint8 NHWC RGB -> uint8 class map. Built by wrapping the logits graph in two small ONNX
+graphs (cast + layout + normalisation before it, argmax + cast after it) rather than exporting a
+second time, so every precision variant of the logits graph gets its labels twin for free.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OPSET = 18  # the dynamo exporter's floor; LayerNormalization is one op since 17
+MAX_INLINE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin: larger weights go to .onnx.data
+
+
+class LogitsModel(nn.Module):
+    """What the `logits` graph computes: the student's logits, bilinearly resized to the input size
+    (training-only parts such as the HFD projectors live outside the student and never get here)."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.student(image).logits
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def export_logits(
+    student: nn.Module, sample_hw: tuple[int, int], max_batch: int, opset: int = OPSET
+) -> onnx.ModelProto:
+    """Trace with batch 2 (torch.export specialises size-1 dims) and mark batch, height, width dynamic.
+
+    The trace size keeps every stage at least 2x2 (a 1-sized stage would be specialised too) and
+    height != width (equal sizes would be assumed equal forever)."""
+    model = LogitsModel(student).eval()
+    h, w = max(sample_hw[0], 64), max(sample_hw[1], 64)
+    if h == w:
+        w += 32
+    sample = torch.randn(2, 3, h, w)
+    dims = {
+        0: torch.export.Dim("batch", min=1, max=max(2, max_batch)),
+        2: torch.export.Dim("height", min=32, max=8192),
+        3: torch.export.Dim("width", min=32, max=8192),
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (sample,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={"image": dims},
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def labels_model(logits: onnx.ModelProto, mean: list[float], std: list[float]) -> onnx.ModelProto:
+    """uint8 NHWC in, uint8 class map out: the normalisation of training (x - 255 mean) / (255 std),
+    then the logits graph, then argmax over classes."""
+    opset = [helper.make_opsetid("", _opset(logits))]
+    n, h, w = "batch", "height", "width"
+    pre = helper.make_graph(
+        [
+            helper.make_node("Cast", ["pixels"], ["as_float"], to=TensorProto.FLOAT),
+            helper.make_node("Transpose", ["as_float"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Sub", ["nchw", "mean255"], ["centred"]),
+            helper.make_node("Mul", ["centred", "inv_std255"], ["normalised"]),
+        ],
+        "preprocess",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [n, h, w, 3])],
+        [helper.make_tensor_value_info("normalised", TensorProto.FLOAT, [n, 3, h, w])],
+        initializer=[
+            _const("mean255", np.asarray(mean, np.float32) * 255),
+            _const("inv_std255", 1.0 / (np.asarray(std, np.float32) * 255)),
+        ],
+    )
+    k = logits.graph.output[0].type.tensor_type.shape.dim[1]
+    post = helper.make_graph(
+        [
+            helper.make_node("ArgMax", ["scores"], ["index"], axis=1, keepdims=0),
+            helper.make_node("Cast", ["index"], ["labels"], to=TensorProto.UINT8),
+        ],
+        "postprocess",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [n, k.dim_value or "classes", h, w])],
+        [helper.make_tensor_value_info("labels", TensorProto.UINT8, [n, h, w])],
+    )
+    ir = logits.ir_version
+    pre_model = helper.make_model(pre, opset_imports=opset, ir_version=ir)
+    post_model = helper.make_model(post, opset_imports=opset, ir_version=ir)
+    body = onnx.compose.add_prefix(logits, "model/")
+    merged = onnx.compose.merge_models(pre_model, body, io_map=[("normalised", "model/image")])
+    merged = onnx.compose.merge_models(merged, post_model, io_map=[("model/logits", "scores")])
+    _rename(merged, "pixels", "image")
+    merged.graph.name = f"{logits.graph.name or 'student'}_labels"
+    return merged
+
+
+def _const(name: str, values: np.ndarray) -> TensorProto:
+    return onnx.numpy_helper.from_array(values.reshape(1, 3, 1, 1).astype(np.float32), name)
+
+
+def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
+    for node in model.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+    for value in model.graph.input:
+        if value.name == old:
+            value.name = new
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim (the maintained simplifier Ultralytics switched to); the caller re-checks parity."""
+    import onnxslim
+
+    return onnxslim.slim(model)
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    """Check with full shape inference, then save; weights inline unless they exceed protobuf's limit."""
+    onnx.checker.check_model(model, full_check=True)
+    path = Path(path)
+    external = model.ByteSize() > MAX_INLINE_BYTES
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+    )

@@ -1,0 +1,158 @@
+"""The parity gate: every engine against the PyTorch student it came from, on real eval images.
+
+For each batch size the engine will be benchmarked at, the images are cut into batches of that
+size (a different image in every slot: TensorRT has returned wrong SegFormer results at batch > 1
+while reporting success), the student and each engine run on identical inputs, and both class
+maps go through the same post-processing (bilinear resize of logits to the input, argmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.graphs import LogitsModel
+from train.data import IGNORE_INDEX, SegmentationDataset
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from train.metrics import ConfusionMatrix
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    agreement: float  # minimum share of pixels whose class equals the student's
+    miou_delta: float  # maximum |mIoU(engine) - mIoU(student)| on the parity images
+
+
+DEFAULT_THRESHOLDS = {"fp32": Threshold(0.999, 0.001), "reduced": Threshold(0.99, 0.01)}
+
+
+class ParityError(RuntimeError):
+    """An engine failed its gate; the message lists which, at which batch size, and the numbers."""
+
+
+def threshold_for(precision: str, thresholds: dict[str, Threshold] = DEFAULT_THRESHOLDS) -> Threshold:
+    return thresholds["fp32" if precision == "fp32" else "reduced"]
+
+
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float NCHW exactly as training does ((x - 255 mean) / (255 std))."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32) * 255
+    inv_std = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255)
+    return np.ascontiguousarray(((pixels.astype(np.float32) - mean) * inv_std).transpose(0, 3, 1, 2))
+
+
+def batches(dataset: SegmentationDataset, count: int, size: int):
+    """Consecutive images of the split in batches of `size`: uint8 NHWC pixels, labels (ignore-padded)
+    and the mask of real (unpadded) pixels."""
+    indices = list(range(min(count, len(dataset))))
+    for start in range(0, len(indices), size):
+        pairs = [dataset.read(i) for i in indices[start : start + size]]
+        h = max(m.shape[0] for _, m in pairs)
+        w = max(m.shape[1] for _, m in pairs)
+        pixels = np.zeros((len(pairs), h, w, 3), np.uint8)
+        labels = np.full((len(pairs), h, w), IGNORE_INDEX, np.uint8)
+        real = np.zeros((len(pairs), h, w), bool)
+        for i, (image, mask) in enumerate(pairs):
+            pixels[i, : mask.shape[0], : mask.shape[1]] = image
+            labels[i, : mask.shape[0], : mask.shape[1]] = mask
+            real[i, : mask.shape[0], : mask.shape[1]] = True
+        yield pixels, labels, real
+
+
+class _Tally:
+    def __init__(self, num_classes: int) -> None:
+        self.same = self.total = 0
+        self.max_err, self.err_sum, self.err_count = 0.0, 0.0, 0
+        self.engine, self.torch = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
+
+    def add(self, pred: np.ndarray, ref: np.ndarray, labels: np.ndarray, real: np.ndarray) -> None:
+        self.same += int((pred == ref)[real].sum())
+        self.total += int(real.sum())
+        target = torch.from_numpy(labels.astype(np.int64))
+        self.engine.update(torch.from_numpy(pred.astype(np.int64)), target)
+        self.torch.update(torch.from_numpy(ref.astype(np.int64)), target)
+
+    def add_logits(self, logits: np.ndarray, ref: np.ndarray, real: np.ndarray) -> None:
+        err = np.abs(logits.astype(np.float32) - ref).transpose(0, 2, 3, 1)[real]
+        self.max_err = max(self.max_err, float(err.max()))
+        self.err_sum += float(err.sum())
+        self.err_count += err.size
+
+    def result(self) -> dict:
+        engine, reference = self.engine.compute()["miou"], self.torch.compute()["miou"]
+        out = {"agreement": self.same / max(1, self.total), "miou": engine, "miou_torch": reference}
+        if self.err_count:
+            out |= {"max_abs_logit_error": self.max_err, "mean_abs_logit_error": self.err_sum / self.err_count}
+        return out
+
+
+@dataclass
+class Candidate:
+    """An engine under test: how to run it, its I/O mode and its precision."""
+
+    name: str
+    io: str
+    precision: str
+    run: Runner
+
+
+def check(
+    student: nn.Module,
+    candidates: Sequence[Candidate],
+    dataset: SegmentationDataset,
+    images: int,
+    batch_sizes: Sequence[int],
+    thresholds: dict[str, Threshold] = DEFAULT_THRESHOLDS,
+) -> dict[str, dict]:
+    """Run the gate; returns {engine name: report}. The student runs once per batch, shared by all."""
+    model = LogitsModel(student).eval()
+    k = dataset.classes.num_classes
+    tallies = {c.name: {b: _Tally(k) for b in batch_sizes} for c in candidates}
+    for b in batch_sizes:
+        for pixels, labels, real in batches(dataset, images, b):
+            x = normalise(pixels)
+            with torch.no_grad():
+                ref_logits = model(torch.from_numpy(x)).numpy()
+            ref = ref_logits.argmax(1)
+            for c in candidates:
+                out = c.run(pixels if c.io == "labels" else x)
+                tally = tallies[c.name][b]
+                if c.io == "logits":
+                    tally.add_logits(out, ref_logits, real)
+                    out = out.argmax(1)
+                tally.add(out, ref, labels, real)
+
+    reports = {}
+    for c in candidates:
+        limit = threshold_for(c.precision, thresholds)
+        per_batch = {str(b): t.result() for b, t in tallies[c.name].items()}
+        agreement = min(r["agreement"] for r in per_batch.values())
+        delta = max(abs(r["miou"] - r["miou_torch"]) for r in per_batch.values())
+        reports[c.name] = {
+            "images": min(images, len(dataset)),
+            "batch_sizes": per_batch,
+            "agreement": agreement,
+            "miou_delta": delta,
+            "threshold": asdict(limit),
+            "passed": agreement >= limit.agreement and delta <= limit.miou_delta,
+        }
+    return reports
+
+
+def failures(reports: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, r in reports.items():
+        if r["passed"]:
+            continue
+        worst = min(r["batch_sizes"].items(), key=lambda kv: kv[1]["agreement"])
+        lines.append(
+            f"{name}: pixel agreement {100 * r['agreement']:.2f}% (needs {100 * r['threshold']['agreement']:.1f}%), "
+            f"|dmIoU| {r['miou_delta']:.4f} (max {r['threshold']['miou_delta']}); worst at batch {worst[0]}"
+        )
+    return lines

@@ -1,0 +1,241 @@
+"""Run dir -> one engine dir per student: ONNX in both I/O modes and every precision, gated, described.
+
+Everything is built in a temporary dir beside the target and renamed into place only when every
+engine has passed its parity gate, so a failed export never leaves a half-written engine dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export import graphs, parity, precision
+from serve.manifest import VARIANTS, EngineEntry, Manifest, write_manifest
+from serve.runtime import OnnxRuntimeEngine
+from train.data import build_dataset
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from train.run_dir import METRICS_FILE, STUDENTS, load_run_config, load_student, weights_file
+
+log = logging.getLogger(__name__)
+
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8.qdq": "int8", "int8.cpu": "int8"}
+TARGET = {"fp32": "any", "fp16": "any", "int8.qdq": "tensorrt", "int8.cpu": "cpu"}
+
+
+@dataclass
+class ExportOptions:
+    students: list[str] = field(default_factory=lambda: list(STUDENTS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    out: Path | None = None  # default: <run>/export
+    size: tuple[int, int] | None = None  # serving height, width (default: the first eval image's)
+    max_batch: int = 16
+    parity_images: int = 50
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])  # the bench's defaults
+    calib_images: int = 64
+    opset: int = graphs.OPSET
+    simplify: bool = True
+    thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
+
+
+def engine_file(variant: str, io: str, fmt: str = "onnx") -> str:
+    return f"model.{variant}{'.logits' if io == 'logits' else ''}.{fmt}"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dict[str, Manifest]:
+    opts = options or ExportOptions()
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    for name in opts.students:
+        if name not in STUDENTS:
+            raise ValueError(f"unknown student '{name}' (expected {' or '.join(STUDENTS)})")
+    for v in opts.variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown precision variant '{v}' (expected one of {', '.join(VARIANTS)})")
+    if "fp32" not in opts.variants:
+        raise ValueError("the fp32 variant is required: every other precision is derived from it")
+    out = Path(opts.out) if opts.out else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"cannot write to {out}")
+    eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=False)  # calibration, unaugmented
+    size = tuple(opts.size) if opts.size else eval_set.read(0)[1].shape
+    return {name: _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) for name in opts.students}
+
+
+def _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) -> Manifest:
+    student = load_student(run_dir, name, cfg)
+    weights = weights_file(run_dir, name)
+    final = out / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    try:
+        manifest = _build(student, cfg, name, opts, size, eval_set, train_set, tmp)
+        metrics = run_dir / METRICS_FILE
+        manifest.source = {
+            "run": str(run_dir),
+            "weights": weights.name,
+            "sha256": sha256(weights),
+            "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
+        }
+        write_manifest(manifest, tmp)
+        (tmp / "parity.json").write_text(json.dumps({e.file: e.parity for e in manifest.engines}, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp made it private
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: %d engines in %s", name, len(manifest.engines), final)
+    return manifest
+
+
+def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, tmp: Path) -> Manifest:
+    student_cfg = getattr(cfg, name)
+    started = time.perf_counter()
+    logits = graphs.export_logits(student, size, opts.max_batch, opts.opset)
+    export_s = time.perf_counter() - started
+    simplified = False
+    if opts.simplify:
+        slim = graphs.simplify(logits)
+        if _same_outputs(logits, slim, eval_set, size):
+            logits, simplified = slim, True
+        else:
+            log.warning("%s: onnxslim changed the outputs; keeping the unsimplified graph", name)
+
+    calibration = None
+    entries: list[EngineEntry] = []
+    skipped: list[dict[str, str]] = []
+    for variant in opts.variants:
+        started = time.perf_counter()
+        if variant == "fp32":
+            graph = logits
+        elif variant == "fp16":
+            graph = precision.to_fp16(logits)
+        else:
+            if calibration is None:
+                calibration = _calibration_batches(train_set, opts.calib_images, cfg.seed)
+            graph = precision.to_int8(logits, calibration, variant)
+        for io, model in (("logits", graph), ("labels", graphs.labels_model(graph, IMAGENET_MEAN, IMAGENET_STD))):
+            path = tmp / engine_file(variant, io)
+            graphs.save(model, path)
+            entries.append(
+                EngineEntry(
+                    file=path.name,
+                    format="onnx",
+                    io=io,
+                    variant=variant,
+                    precision=PRECISION[variant],
+                    target=TARGET[variant],
+                    size_bytes=path.stat().st_size,
+                    build_s=round((export_s if variant == "fp32" else 0) + time.perf_counter() - started, 2),
+                )
+            )
+
+    if "int8.cpu" in opts.variants:
+        verdict = _cpu_int8_pays(tmp, size)
+        if verdict is not None:
+            for e in [e for e in entries if e.variant == "int8.cpu"]:
+                (tmp / e.file).unlink()
+                entries.remove(e)
+            skipped.append({"variant": "int8.cpu", "reason": verdict})
+            log.info("%s: int8.cpu not shipped: %s", name, verdict)
+
+    candidates = [
+        parity.Candidate(e.file, e.io, e.precision, OnnxRuntimeEngine(tmp / e.file, device="cpu").run) for e in entries
+    ]
+    reports = parity.check(student, candidates, eval_set, opts.parity_images, opts.batch_sizes, opts.thresholds)
+    for e in entries:
+        e.parity = reports[e.file]
+    failed = parity.failures(reports)
+    if failed:
+        raise parity.ParityError(f"{name}: the parity gate failed (nothing written):\n  " + "\n  ".join(failed))
+
+    h, w = size
+    return Manifest(
+        student=name,
+        arch=student_cfg.arch,
+        backbone=student_cfg.backbone,
+        classes=list(cfg.data.class_names),
+        palette=[list(c) for c in cfg.data.palette],
+        preprocess={
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "scale": 255,
+            "resize": "none",  # any size in the ranges below; the student aligns internally
+            "size_multiple": 1,
+        },
+        shapes={"min": [1, 32, 32], "opt": [1, h, w], "max": [opts.max_batch, 2 * h, 2 * w]},
+        source={},
+        exporter={
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": _ort_version(),
+            "opset": opts.opset,
+            "dynamo": True,
+            "simplifier": "onnxslim" if simplified else None,
+            "parity": {"images": opts.parity_images, "batch_sizes": opts.batch_sizes},
+            "thresholds": {k: asdict(v) for k, v in opts.thresholds.items()},
+        },
+        engines=entries,
+        skipped=skipped,
+    )
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, eval_set, size) -> bool:
+    """Whether the simplified graph gives the unsimplified graph's logits on a few real images."""
+    x = next(parity.batches(eval_set, 2, 2))[0]
+    outs = [OnnxRuntimeEngine(m.SerializeToString(), device="cpu").run(parity.normalise(x)) for m in (a, b)]
+    return bool(np.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4) and (outs[0].argmax(1) == outs[1].argmax(1)).all())
+
+
+def _calibration_batches(train_set, count: int, seed: int) -> list[np.ndarray]:
+    """`count` training images (a seeded random choice), one per batch, normalised as in training."""
+    order = np.random.default_rng(seed).permutation(len(train_set))[:count]
+    return [parity.normalise(train_set.read(int(i))[0][None]) for i in order]
+
+
+def _cpu_int8_pays(engine_dir: Path, size: tuple[int, int], seconds: float = 1.0) -> str | None:
+    """None when the CPU int8 labels engine is faster than fp32 at batch 1 on this CPU, else why not."""
+    pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
+    times = {}
+    for variant in ("fp32", "int8.cpu"):
+        engine = OnnxRuntimeEngine(engine_dir / engine_file(variant, "labels"), device="cpu")
+        engine.run(pixels)
+        samples, deadline = [], time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(samples) < 5:
+            start = time.perf_counter()
+            engine.run(pixels)
+            samples.append(time.perf_counter() - start)
+        times[variant] = statistics.median(samples)
+    if times["int8.cpu"] < times["fp32"]:
+        return None
+    return (
+        f"slower than fp32 on this CPU at {size[0]}x{size[1]}, batch 1: "
+        f"{1e3 * times['int8.cpu']:.2f} ms vs {1e3 * times['fp32']:.2f} ms"
+    )

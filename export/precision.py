@@ -1,0 +1,124 @@
+"""Reduced precision written into the ONNX graph (TensorRT 11 only follows the graph's types).
+
+- fp16: mixed precision with fp32 I/O; normalisation, softmax, reductions, pow and the final
+  resize stay fp32 (onnxconverter-common's converter with a block list).
+- int8.qdq: symmetric int8 Q/DQ, per-channel weights, for TensorRT (ONNX Runtime quantize_static).
+- int8.cpu: ONNX Runtime's QOperator format, uint8 activations / int8 weights, for its CPU kernels.
+Both int8 variants are calibrated on real training images (MinMax).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+# fp16 overflows or loses the distribution in these (LayerNorm after attention, softmax, variance).
+FP16_KEEP_FP32 = [
+    "LayerNormalization",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "Softmax",
+    "LogSoftmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "Pow",
+    "Sqrt",
+    "Resize",  # the last op: logits at full resolution, compared against fp32 by the gate
+]
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    import warnings
+
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # one warning per tiny weight flushed to fp16's smallest value
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=FP16_KEEP_FP32 + list(float16.DEFAULT_OP_BLOCK_LIST)
+        )
+    _fp32_outputs(converted)
+    # The converter leaves the fp32 value_info of re-typed tensors beside the new one; re-infer.
+    del converted.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(converted)
+
+
+def _fp32_outputs(model: onnx.ModelProto) -> None:
+    """keep_io_types misses outputs made by a blocked (fp32) op: it casts them to fp16 on the way
+    out. Turn that last cast back into fp32 (or add one), so the manifest's fp32 output holds."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for output in model.graph.output:
+        tensor = output.type.tensor_type
+        if tensor.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        node = producers[output.name]
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to":
+                    attr.i = onnx.TensorProto.FLOAT
+        else:
+            half = f"{output.name}_fp16"
+            node.output[list(node.output).index(output.name)] = half
+            model.graph.node.append(onnx.helper.make_node("Cast", [half], [output.name], to=onnx.TensorProto.FLOAT))
+        tensor.elem_type = onnx.TensorProto.FLOAT
+
+
+# Only the compute-heavy ops; normalisation, softmax and resize stay fp32 between them.
+INT8_OPS = ["Conv", "MatMul", "Gemm"]
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of input batches."""
+
+    def __init__(self, input_name: str, batches: Iterable[np.ndarray]) -> None:
+        self.input_name = input_name
+        self._batches = iter(list(batches))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def to_int8(model: onnx.ModelProto, batches: list[np.ndarray], variant: str) -> onnx.ModelProto:
+    """`int8.qdq` (TensorRT: symmetric, zero point 0) or `int8.cpu` (ONNX Runtime QOperator, u8s8)."""
+    if variant not in ("int8.qdq", "int8.cpu"):
+        raise ValueError(f"unknown int8 variant '{variant}'")
+    qdq = variant == "int8.qdq"
+    quiet = logging.getLogger()  # the quantizer logs a warning per non-float tensor on the root logger
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return _quantize(model, batches, qdq)
+    finally:
+        quiet.setLevel(level)
+
+
+def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], qdq: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, prepared, out = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(model, str(src))
+        # Shape inference and graph clean-up first, as ONNX Runtime's quantization guide recommends.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Calibration(model.graph.input[0].name, batches),
+            quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
+            per_channel=True,
+            activation_type=QuantType.QInt8 if qdq else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=INT8_OPS,
+            extra_options={"ActivationSymmetric": qdq, "WeightSymmetric": True},
+        )
+        return onnx.load_model(str(out))

@@ -1,0 +1,121 @@
+"""The engine dir contract: `manifest.json` describes every engine file of one student.
+
+Written by `export/`, read here without torch: a serving host learns everything (I/O layout,
+normalisation, classes, palette, shape ranges) from this file alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+IoMode = Literal["labels", "logits"]
+# Variant names in file names: model.<variant>[.logits].<onnx|plan>
+VARIANTS = ("fp32", "fp16", "int8.qdq", "int8.cpu")
+
+# What each I/O mode feeds and returns (the same for every engine of that mode).
+IO_SPECS: dict[str, dict[str, dict[str, Any]]] = {
+    "labels": {
+        "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "meaning": "RGB image, 0-255"},
+        "output": {"name": "labels", "dtype": "uint8", "layout": "NHW", "meaning": "class index per pixel"},
+    },
+    "logits": {
+        "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "meaning": "RGB image, (x/255-mean)/std"},
+        "output": {"name": "logits", "dtype": "float32", "layout": "NCHW", "meaning": "class scores at input size"},
+    },
+}
+
+
+class ManifestError(ValueError):
+    """A missing, unreadable or inconsistent manifest; the message names the file and the field."""
+
+
+@dataclass
+class EngineEntry:
+    file: str
+    format: Literal["onnx", "plan"]
+    io: IoMode
+    variant: str  # fp32 | fp16 | int8.qdq | int8.cpu
+    precision: str  # fp32 | fp16 | int8
+    target: str  # where it is meant to run: any | cpu | tensorrt
+    size_bytes: int = 0
+    build_s: float = 0.0
+    parity: dict[str, Any] | None = None
+    tensorrt: dict[str, Any] | None = None  # plans: version, GPU name, compute capability
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/{self.io}/{self.format}"
+
+
+@dataclass
+class Manifest:
+    student: str
+    arch: str
+    backbone: str
+    classes: list[str]
+    palette: list[list[int]]
+    preprocess: dict[str, Any]  # mean, std (0-1 scale), resize policy, size multiple
+    shapes: dict[str, list[int]]  # min / opt / max as [batch, height, width]
+    source: dict[str, Any]  # run dir, weights file, sha256, iteration, val mIoU
+    exporter: dict[str, Any]  # versions, opset, dynamo, simplifier
+    engines: list[EngineEntry] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # variants not shipped, and why
+    io: dict[str, Any] = field(default_factory=lambda: IO_SPECS)
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def find(self, variant: str = "fp32", io: IoMode = "labels", fmt: str = "onnx") -> EngineEntry:
+        for e in self.engines:
+            if (e.variant, e.io, e.format) == (variant, io, fmt):
+                return e
+        have = ", ".join(e.key for e in self.engines) or "none"
+        raise ManifestError(f"no {variant} {io} {fmt} engine for {self.student} (have: {have})")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def write_manifest(manifest: Manifest, engine_dir: str | Path) -> Path:
+    path = Path(engine_dir) / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json() + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(engine_dir: str | Path) -> Manifest:
+    """Load and check an engine dir's manifest; every engine file it lists must exist."""
+    engine_dir = Path(engine_dir)
+    path = engine_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"not an engine dir (no {MANIFEST_FILE}): {engine_dir}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a JSON object")
+    if raw.get("schema") != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema {raw.get('schema')!r}, this runtime reads schema {SCHEMA_VERSION}")
+    try:
+        engines = [EngineEntry(**e) for e in raw.pop("engines", [])]
+        manifest = Manifest(**raw, engines=engines)
+    except TypeError as e:
+        raise ManifestError(f"{path}: {e}") from None
+    if len(manifest.palette) != manifest.num_classes:
+        raise ManifestError(f"{path}: palette has {len(manifest.palette)} colours for {manifest.num_classes} classes")
+    for e in manifest.engines:
+        if e.io not in IO_SPECS:
+            raise ManifestError(f"{path}: engines[{e.file}].io must be labels or logits, got {e.io!r}")
+        if not (engine_dir / e.file).is_file():
+            raise ManifestError(f"{path}: engine file {e.file} is missing from {engine_dir}")
+    return manifest

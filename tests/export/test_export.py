@@ -1,0 +1,133 @@
+"""The export stage on a real (tiny) training run: engines, manifest, parity gate, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import export.pipeline
+from export.__main__ import main
+from export.parity import normalise
+from serve.manifest import read_manifest
+from serve.runtime import OnnxRuntimeEngine, open_engine
+from tests.conftest import TEST_EXPORT_ARGS
+from train.run_dir import load_student
+
+
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_engine_dir_is_complete_and_gated(exported_run, student):
+    engine_dir = exported_run / "export" / student
+    manifest = read_manifest(engine_dir)  # checks every listed file exists
+    shipped = {e.variant for e in manifest.engines}
+    skipped = {s["variant"] for s in manifest.skipped}
+    assert {"fp32", "fp16", "int8.qdq"} <= shipped and shipped | skipped == {"fp32", "fp16", "int8.qdq", "int8.cpu"}
+    assert {(e.variant, e.io) for e in manifest.engines} == {(v, io) for v in shipped for io in ("labels", "logits")}
+    assert manifest.student == student and manifest.num_classes == 5 and len(manifest.palette) == 5
+    assert len(manifest.source["sha256"]) == 64 and manifest.exporter["dynamo"] is True
+
+    parity = json.loads((engine_dir / "parity.json").read_text())
+    for e in manifest.engines:
+        assert e.parity["passed"] and parity[e.file] == e.parity
+        assert set(e.parity["batch_sizes"]) == {"1", "3"}  # every benchmarked batch size
+        if e.precision == "fp32":
+            assert e.parity["agreement"] >= 0.999 and e.parity["miou_delta"] <= 0.001
+        if e.io == "logits":
+            assert "max_abs_logit_error" in e.parity["batch_sizes"]["3"]
+        model = onnx.load(str(engine_dir / e.file), load_external_data=False)
+        assert model.opset_import[0].version >= 18
+        dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+        assert dims[:1] == ["batch"] and "height" in dims and "width" in dims  # dynamic N, H, W
+
+
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_engines_run_odd_sizes_and_labels_equal_argmax_of_logits(exported_run, student):
+    engine_dir = exported_run / "export" / student
+    torch_student = load_student(exported_run, student)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 45, 77, 3), dtype=np.uint8)  # never seen at export
+    x = normalise(pixels)
+    with torch.no_grad():
+        reference = torch.nn.functional.interpolate(
+            torch_student(torch.from_numpy(x)).logits, size=(45, 77), mode="bilinear", align_corners=False
+        ).numpy()
+    for variant in {e.variant for e in read_manifest(engine_dir).engines}:
+        labels = open_engine(engine_dir, variant, "labels", device="cpu").run(pixels)
+        logits = open_engine(engine_dir, variant, "logits", device="cpu").run(x)
+        assert labels.dtype == np.uint8 and labels.shape == (3, 45, 77)
+        assert logits.dtype == np.float32 and logits.shape == (3, 5, 45, 77)
+        assert (labels == logits.argmax(1)).mean() >= 0.999, variant  # same graph, argmax inside
+        if variant == "fp32":
+            np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4)
+            assert (labels == reference.argmax(1)).all()
+        # batch 1 gives the same as the same image inside a batch of 3 (no cross-slot leakage)
+        single = open_engine(engine_dir, variant, "labels", device="cpu").run(pixels[1:2])
+        assert (single[0] == labels[1]).mean() >= 0.999, variant
+
+
+def test_gate_fails_on_a_perturbed_engine_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):
+    honest_fp16 = export.pipeline.precision.to_fp16
+
+    def perturbed_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+        """fp16 conversion plus a large bias on class 1: a broken engine the gate must stop."""
+        broken = onnx.ModelProto()
+        broken.CopyFrom(model)
+        last_conv = [n for n in broken.graph.node if n.op_type == "Conv"][-1]
+        bias = next(t for t in broken.graph.initializer if t.name == last_conv.input[2])
+        values = onnx.numpy_helper.to_array(bias).copy()
+        values[1] += 50.0
+        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+        return honest_fp16(broken)
+
+    monkeypatch.setattr(export.pipeline.precision, "to_fp16", perturbed_fp16)
+    out = tmp_path / "engines"
+    code = main(["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "fp16",
+                 *TEST_EXPORT_ARGS])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "parity gate failed" in err and "model.fp16.onnx" in err and "model.fp32.onnx" not in err
+    assert list(out.iterdir()) == []  # no engine dir, no temp dir left behind
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--students", "cnn", "teacher"], "unknown student 'teacher'"),
+        (["--variants", "fp32", "int4"], "unknown precision variant 'int4'"),
+        (["--variants", "fp16"], "fp32 variant is required"),
+    ],
+)
+def test_bad_options_exit_2_with_a_message(trained_run, capsys, args, message):
+    assert main(["--run", str(trained_run), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_run_dirs_exit_2_with_a_message(trained_run, tmp_path, capsys):
+    assert main(["--run", str(tmp_path / "nowhere")]) == 2
+    assert "not a run dir" in capsys.readouterr().err
+
+    # weights that do not fit the config (another class count)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("cnn.safetensors", "vit.safetensors"):
+        (broken / name).write_bytes((trained_run / name).read_bytes())
+    text = (trained_run / "config.yaml").read_text().replace("num_classes: 5", "num_classes: 7")
+    (broken / "config.yaml").write_text(text)
+    assert main(["--run", str(broken), "--students", "cnn"]) == 2
+    assert "does not match the student" in capsys.readouterr().err
+
+    # an output location that cannot be a directory
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["--run", str(trained_run), "--out", str(blocker / "engines"), "--students", "cnn"]) == 2
+    assert str(blocker) in capsys.readouterr().err
+
+
+def test_engine_from_bytes_matches_file(exported_run):
+    path = exported_run / "export" / "cnn" / "model.fp32.onnx"
+    pixels = np.zeros((1, 40, 56, 3), np.uint8)
+    a = OnnxRuntimeEngine(path, device="cpu").run(pixels)
+    b = OnnxRuntimeEngine(path.read_bytes(), device="cpu").run(pixels)
+    assert (a == b).all()
