@@ -7,7 +7,7 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup data train eval export demo ablation bench-train test lint format clean
+.PHONY: setup data train eval export export-trt demo ablation bench-train test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,19 @@ eval: setup
 export: setup
 	$(PY) -m export --run $(RUN) $(ARGS)
 
-# The whole pipeline on the embedded dataset; a second `make demo` resumes (or just re-reports) runs/demo.
+# TensorRT plans from the ONNX engines (needs an NVIDIA GPU and the `trt` extra, or trtexec on PATH)
+export-trt: export
+	$(PY) -m export.tensorrt --run $(RUN)
+
+# The whole pipeline on the embedded dataset: data, training (a second `make demo` resumes or just
+# re-reports runs/demo), then ONNX engines of both students through the parity gate.
 demo: data
 	@if [ -f runs/demo/checkpoint/last.safetensors ]; then \
 		$(PY) -m train --resume runs/demo $(ARGS); \
 	else \
 		$(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); \
 	fi
+	$(PY) -m export --run runs/demo
 
 # Every method preset on the synthetic set, same seed and budget: runs/ablation/table.md
 ablation: data

@@ -1,0 +1,239 @@
+"""TensorRT plans from an engine dir's ONNX files (TensorRT 10.x and 11.x Python API).
+
+python -m export.tensorrt --run runs/<name> [--students cnn vit] [--variants fp32 fp16 int8.qdq]
+
+Precision comes from the ONNX graph (TensorRT 11 removed the FP16/INT8 builder flags): the network
+is strongly typed on 10.x (flag STRONGLY_TYPED) and always on 11.x (flags 0). One optimization
+profile spans the manifest's min/opt/max shapes; a timing cache file beside the engine dirs is
+reused between builds. A plan is rebuilt when its ONNX, the TensorRT version or the GPU changed.
+Without the `tensorrt` module, `trtexec` on PATH builds the same plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.manifest import EngineEntry, Manifest, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+PLAN_VARIANTS = ("fp32", "fp16", "int8.qdq")  # int8.cpu is ONNX Runtime's QOperator format
+WORKSPACE_BYTES = 4 << 30
+INSTALL_HINT = (
+    "TensorRT is not installed. On a machine with an NVIDIA GPU: "
+    "pip install -e '.[trt]' --extra-index-url https://pypi.nvidia.com "
+    "(or put TensorRT's trtexec on PATH); the ONNX engines are ready meanwhile."
+)
+
+
+class TensorRTUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a plan is bound to: it runs only on this TensorRT version and GPU architecture."""
+
+    version: str
+    gpu: str
+    compute_capability: str
+
+
+Shape = tuple[int, ...]
+
+
+def profile_shapes(manifest: Manifest, io: str) -> tuple[Shape, Shape, Shape]:
+    """min / opt / max input shapes of one profile, in the I/O mode's layout (opt = serving shape)."""
+    shapes = []
+    for key in ("min", "opt", "max"):
+        n, h, w = manifest.shapes[key]
+        shapes.append((n, h, w, 3) if io == "labels" else (n, 3, h, w))
+    return shapes[0], shapes[1], shapes[2]
+
+
+def network_flags(trt, major: int) -> int:
+    """0 on TensorRT 11 (always strongly typed); STRONGLY_TYPED on 10 so the ONNX types are obeyed."""
+    if major >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def plan_file(onnx_file: str) -> str:
+    return onnx_file.removesuffix(".onnx") + ".plan"
+
+
+def cache_file(root: Path, target: Target) -> Path:
+    """Timing caches are specific to TensorRT version and device: one file per pair."""
+    gpu = "".join(c if c.isalnum() else "-" for c in target.gpu).strip("-").lower()
+    return root / f"timing-cache.trt{target.version}.{gpu}.sm{target.compute_capability.replace('.', '')}.bin"
+
+
+def rebuild_reason(plan: EngineEntry | None, onnx_entry: EngineEntry, onnx_sha: str, target: Target, dir_: Path):
+    """Why a plan must be (re)built, or None when the existing one is valid here."""
+    if plan is None or not (dir_ / plan.file).is_file():
+        return "no plan yet"
+    built = plan.tensorrt or {}
+    for key, want in (
+        ("version", target.version),
+        ("gpu", target.gpu),
+        ("compute_capability", target.compute_capability),
+    ):
+        if built.get(key) != want:
+            return f"built for {key} {built.get(key)!r}, this machine has {want!r}"
+    if built.get("onnx_sha256") != onnx_sha:
+        return f"{onnx_entry.file} changed since the plan was built"
+    return None
+
+
+def detect_target(trt_version: str) -> Target:
+    """GPU name and compute capability from nvidia-smi (no CUDA binding needed to ask)."""
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "--id=0"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise TensorRTUnavailable(f"no NVIDIA GPU found (nvidia-smi: {e})") from None
+    name, cc = (part.strip() for part in line.split(",", 1))
+    return Target(trt_version, name, cc)
+
+
+def build_with_api(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape, Shape], cache: Path) -> None:
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt, int(trt.__version__.split(".")[0])))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {onnx_path}:\n  {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    timing_cache = config.create_timing_cache(cache.read_bytes() if cache.is_file() else b"")
+    config.set_timing_cache(timing_cache, False)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(network.get_input(0).name, *shapes)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build {onnx_path} (see the log above)")
+    plan_path.write_bytes(bytes(plan))
+    cache.write_bytes(bytes(timing_cache.serialize()))
+
+
+def trtexec_command(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape, Shape], cache: Path, name: str):
+    def fmt(shape: Shape) -> str:
+        return f"{name}:{'x'.join(map(str, shape))}"
+
+    return [
+        "trtexec",
+        f"--onnx={onnx_path}",
+        f"--saveEngine={plan_path}",
+        f"--minShapes={fmt(shapes[0])}",
+        f"--optShapes={fmt(shapes[1])}",
+        f"--maxShapes={fmt(shapes[2])}",
+        f"--memPoolSize=workspace:{WORKSPACE_BYTES >> 20}M",
+        f"--timingCacheFile={cache}",
+        "--stronglyTyped",  # honoured on 10.x, a no-op on 11.x
+        "--skipInference",
+    ]
+
+
+def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path) -> Manifest:
+    """Build (or keep) one plan per ONNX engine of the given variants; the manifest lists them."""
+    from export.pipeline import sha256
+
+    try:
+        import tensorrt as trt
+
+        version, use_api = trt.__version__, True
+    except ImportError:
+        if shutil.which("trtexec") is None:
+            raise TensorRTUnavailable(INSTALL_HINT) from None
+        version, use_api = _trtexec_version(), False
+    target = detect_target(version)
+    manifest = read_manifest(engine_dir)
+    plans = {e.file: e for e in manifest.engines if e.format == "plan"}
+    for entry in [e for e in manifest.engines if e.format == "onnx" and e.variant in variants]:
+        onnx_path = engine_dir / entry.file
+        name = plan_file(entry.file)
+        onnx_sha = sha256(onnx_path)
+        reason = rebuild_reason(plans.get(name), entry, onnx_sha, target, engine_dir)
+        if reason is None:
+            log.info("%s/%s is up to date", engine_dir.name, name)
+            continue
+        log.info("building %s/%s (%s)", engine_dir.name, name, reason)
+        shapes = profile_shapes(manifest, entry.io)
+        cache = cache_file(cache_root, target)
+        tmp = engine_dir / f".{name}.tmp"
+        started = time.perf_counter()
+        if use_api:
+            build_with_api(onnx_path, tmp, shapes, cache)
+        else:
+            subprocess.run(trtexec_command(onnx_path, tmp, shapes, cache, "image"), check=True)
+        tmp.replace(engine_dir / name)
+        plan = EngineEntry(
+            file=name,
+            format="plan",
+            io=entry.io,
+            variant=entry.variant,
+            precision=entry.precision,
+            target="tensorrt",
+            size_bytes=(engine_dir / name).stat().st_size,
+            build_s=round(time.perf_counter() - started, 2),
+            tensorrt={
+                "version": target.version,
+                "gpu": target.gpu,
+                "compute_capability": target.compute_capability,
+                "onnx_sha256": onnx_sha,
+                "builder": "python-api" if use_api else "trtexec",
+                "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
+            },
+        )
+        manifest.engines = [e for e in manifest.engines if e.file != name] + [plan]
+        write_manifest(manifest, engine_dir)
+    return manifest
+
+
+def _trtexec_version() -> str:
+    out = subprocess.run(["trtexec", "--help"], capture_output=True, text=True).stdout
+    for token in out.split():
+        if token.startswith("[TensorRT") and "#" in token:
+            return token.split("#", 1)[1].rstrip("]")
+    return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.tensorrt", description=__doc__)
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--out", type=Path, help="engine dirs root (default: RUN/export)")
+    parser.add_argument("--students", nargs="+", default=["cnn", "vit"])
+    parser.add_argument("--variants", nargs="+", default=list(PLAN_VARIANTS), choices=PLAN_VARIANTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    root = args.out or args.run / "export"
+    try:
+        for student in args.students:
+            build_engine_dir(root / student, args.variants, root)
+    except TensorRTUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
