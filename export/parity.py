@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from export.graphs import LogitsModel
-from train.data import IGNORE_INDEX, SegmentationDataset
-from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from train.data import IGNORE_INDEX, SegmentationDataset, transforms
 from train.metrics import ConfusionMatrix
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -41,10 +40,8 @@ def threshold_for(precision: str, thresholds: dict[str, Threshold] = DEFAULT_THR
 
 
 def normalise(pixels: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float NCHW exactly as training does ((x - 255 mean) / (255 std))."""
-    mean = np.asarray(IMAGENET_MEAN, np.float32) * 255
-    inv_std = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255)
-    return np.ascontiguousarray(((pixels.astype(np.float32) - mean) * inv_std).transpose(0, 3, 1, 2))
+    """uint8 NHWC -> float NCHW, the `logits` engines' input, normalised exactly as in training."""
+    return np.ascontiguousarray(transforms.normalise(pixels).transpose(0, 3, 1, 2))
 
 
 def batches(dataset: SegmentationDataset, count: int, size: int):

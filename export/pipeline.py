@@ -117,7 +117,7 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
     simplified = False
     if opts.simplify:
         slim = graphs.simplify(logits)
-        if _same_outputs(logits, slim, eval_set, size):
+        if _same_outputs(logits, slim, eval_set):
             logits, simplified = slim, True
         else:
             log.warning("%s: onnxslim changed the outputs; keeping the unsimplified graph", name)
@@ -207,7 +207,7 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, eval_set, size) -> bool:
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, eval_set) -> bool:
     """Whether the simplified graph gives the unsimplified graph's logits on a few real images."""
     x = next(parity.batches(eval_set, 2, 2))[0]
     outs = [OnnxRuntimeEngine(m.SerializeToString(), device="cpu").run(parity.normalise(x)) for m in (a, b)]

@@ -15,9 +15,15 @@ _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32) * 255
 _INV_STD = 1.0 / (np.array(IMAGENET_STD, dtype=np.float32) * 255)
 
 
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB with channels last (HxWx3 or NxHxWx3) -> float32 (x - 255 mean) / (255 std), same layout.
+    The one normalisation of the project: training, evaluation, calibration and the parity gate."""
+    return (pixels.astype(np.float32) - _MEAN) * _INV_STD
+
+
 def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 HxWx3 + HxW -> normalised float 3xHxW + int64 HxW."""
-    x = (image.astype(np.float32) - _MEAN) * _INV_STD
+    x = normalise(image)
     return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(mask.astype(np.int64))
 
 
