@@ -7,15 +7,20 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup data train eval export export-trt demo ablation bench-train test lint format clean
+.PHONY: setup setup-gpu data train eval export export-trt serve demo ablation bench bench-train load test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,export,cpu,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,export,serve,bench,cpu,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
+
+# A CUDA host: onnxruntime-gpu and pycuda in place of the CPU wheel (both install one module)
+setup-gpu: setup
+	$(PY) -m pip uninstall --quiet -y onnxruntime
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,export,serve,bench,gpu,dev]'
 
 data: setup
 	$(PY) -m train.data.synthetic --out data/synthetic
@@ -35,6 +40,10 @@ export: setup
 export-trt: export
 	$(PY) -m export.tensorrt --run $(RUN)
 
+# The Gradio demo on a run's engines: make serve RUN=runs/demo ARGS="--host 0.0.0.0 --port 7860"
+serve: setup
+	$(PY) -m serve --engines $(RUN)/export $(ARGS)
+
 # The whole pipeline on the embedded dataset: data, training (a second `make demo` resumes or just
 # re-reports runs/demo), then ONNX engines of both students through the parity gate.
 demo: data
@@ -44,6 +53,7 @@ demo: data
 		$(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); \
 	fi
 	$(PY) -m export --run runs/demo
+	@echo; echo "Start the demo app: make serve RUN=runs/demo   (then open http://127.0.0.1:7860)"
 
 # Every method preset on the synthetic set, same seed and budget: runs/ablation/table.md
 ablation: data
@@ -53,7 +63,11 @@ ablation: data
 bench-train: data
 	$(PY) -m benchmarks.train_speed --config $(CONFIG) $(ARGS)
 
+# The browser test drives Debian's chromium; as root, install it when missing (else that test skips).
 test: setup
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium could not be installed: the browser test will skip"
 	$(PY) -m pytest -q
 
 lint: setup

@@ -6,7 +6,6 @@ engine has passed its parity gate, so a failed export never leaves a half-writte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from PIL import Image
 
 from export import graphs, parity, precision
-from serve.manifest import VARIANTS, EngineEntry, Manifest, write_manifest
+from serve.manifest import VARIANTS, EngineEntry, Manifest, sha256, write_manifest
 from serve.runtime import OnnxRuntimeEngine
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -46,19 +46,12 @@ class ExportOptions:
     calib_images: int = 64
     opset: int = graphs.OPSET
     simplify: bool = True
+    examples: int = 8  # eval images copied beside the engine dirs, for the demo app
     thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
 
 
 def engine_file(variant: str, io: str, fmt: str = "onnx") -> str:
     return f"model.{variant}{'.logits' if io == 'logits' else ''}.{fmt}"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dict[str, Manifest]:
@@ -80,7 +73,15 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=False)  # calibration, unaugmented
     size = tuple(opts.size) if opts.size else eval_set.read(0)[1].shape
+    _write_examples(eval_set, out / "examples", opts.examples)
     return {name: _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) for name in opts.students}
+
+
+def _write_examples(eval_set, folder: Path, count: int) -> None:
+    """The first eval-split images, as PNG: the demo app shows them without needing the dataset."""
+    folder.mkdir(exist_ok=True)
+    for i in range(min(count, len(eval_set))):
+        Image.fromarray(eval_set.read(i)[0]).save(folder / f"{i:03d}.png")
 
 
 def _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) -> Manifest:

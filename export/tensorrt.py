@@ -6,7 +6,9 @@ Precision comes from the ONNX graph (TensorRT 11 removed the FP16/INT8 builder f
 is strongly typed on 10.x (flag STRONGLY_TYPED) and always on 11.x (flags 0). One optimization
 profile spans the manifest's min/opt/max shapes; a timing cache file beside the engine dirs is
 reused between builds. A plan is rebuilt when its ONNX, the TensorRT version or the GPU changed.
-Without the `tensorrt` module, `trtexec` on PATH builds the same plan.
+Without the `tensorrt` module, `trtexec` on PATH builds the same plan. Each new plan is run
+natively (serve.tensorrt) and must agree with its ONNX source on the export's example images;
+`--no-check` keeps plans unchecked where pycuda is missing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.manifest import EngineEntry, Manifest, read_manifest, write_manifest
+import numpy as np
+
+from serve.images import read_image
+from serve.manifest import EngineEntry, Manifest, read_manifest, sha256, write_manifest
+from serve.runtime import Engine, OnnxRuntimeEngine
+from serve.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +157,9 @@ def trtexec_command(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape
     ]
 
 
-def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path) -> Manifest:
-    """Build (or keep) one plan per ONNX engine of the given variants; the manifest lists them."""
-    from export.pipeline import sha256
-
+def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, check: bool = True) -> Manifest:
+    """Build (or keep) one plan per ONNX engine of the given variants; the manifest lists them.
+    `check`: each new plan must agree with its ONNX source (see `plan_agreement`) or is deleted."""
     try:
         import tensorrt as trt
 
@@ -182,7 +188,7 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path) ->
             build_with_api(onnx_path, tmp, shapes, cache)
         else:
             subprocess.run(trtexec_command(onnx_path, tmp, shapes, cache, "image"), check=True)
-        tmp.replace(engine_dir / name)
+        build_s = time.perf_counter() - started
         plan = EngineEntry(
             file=name,
             format="plan",
@@ -190,8 +196,8 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path) ->
             variant=entry.variant,
             precision=entry.precision,
             target="tensorrt",
-            size_bytes=(engine_dir / name).stat().st_size,
-            build_s=round(time.perf_counter() - started, 2),
+            size_bytes=tmp.stat().st_size,
+            build_s=round(build_s, 2),
             tensorrt={
                 "version": target.version,
                 "gpu": target.gpu,
@@ -201,9 +207,62 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path) ->
                 "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
             },
         )
+        if check:
+            try:
+                plan.parity = _check_plan(engine_dir, manifest, entry, tmp, plan, cache_root / "examples")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        tmp.replace(engine_dir / name)
         manifest.engines = [e for e in manifest.engines if e.file != name] + [plan]
         write_manifest(manifest, engine_dir)
     return manifest
+
+
+def plan_agreement(reference: Engine, candidate: Engine, images: list[np.ndarray]) -> float:
+    """Share of pixels on which `candidate`'s class maps equal `reference`'s, image by image (batch 1)
+    and in batches up to the profile's maximum (TensorRT has returned wrong SegFormer results at
+    batch > 1 while reporting success)."""
+    ref, cand = Segmenter("reference", [reference]), Segmenter("candidate", [candidate])
+    same = total = 0
+    for predict in ("predict_batch", "single"):
+        if predict == "single":
+            pairs = [(ref.predict(im), cand.predict(im)) for im in images]
+        else:
+            pairs = list(zip(ref.predict_batch(images), cand.predict_batch(images), strict=True))
+        for a, b in pairs:
+            same += int((a.labels == b.labels).sum())
+            total += a.labels.size
+    return same / max(total, 1)
+
+
+class PlanParityError(RuntimeError):
+    pass
+
+
+def _check_plan(engine_dir, manifest, onnx_entry, plan_path, plan, examples: Path) -> dict:
+    """The plan against its ONNX source on ONNX Runtime's CPU (which passed the gate against the
+    PyTorch student at export), on the example images the export wrote."""
+    from export.parity import threshold_for
+    from serve.tensorrt import TensorRTEngine
+
+    images = [read_image(p) for p in sorted(examples.glob("*.png"))]
+    if not images:
+        raise PlanParityError(f"no example images in {examples} to check {plan.file} on (re-run python -m export)")
+    reference = OnnxRuntimeEngine(engine_dir / onnx_entry.file, "cpu", manifest=manifest, entry=onnx_entry)
+    try:
+        candidate = TensorRTEngine(plan_path, manifest, plan)
+    except RuntimeError as e:
+        raise PlanParityError(f"cannot run {plan.file} to check it ({e}); --no-check keeps it unchecked") from None
+    agreement = plan_agreement(reference, candidate, images)
+    needed = threshold_for(plan.precision).agreement
+    log.info("%s/%s: %.4f%% of pixels agree with %s", engine_dir.name, plan.file, 100 * agreement, onnx_entry.file)
+    if agreement < needed:
+        raise PlanParityError(
+            f"{engine_dir.name}/{plan.file}: {100 * agreement:.3f}% of pixels agree with {onnx_entry.file}, "
+            f"below the {100 * needed:.1f}% gate (plan deleted)"
+        )
+    return {"reference": onnx_entry.file, "images": len(images), "agreement": agreement, "threshold": needed}
 
 
 def _trtexec_version() -> str:
@@ -220,15 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="engine dirs root (default: RUN/export)")
     parser.add_argument("--students", nargs="+", default=["cnn", "vit"])
     parser.add_argument("--variants", nargs="+", default=list(PLAN_VARIANTS), choices=PLAN_VARIANTS)
+    parser.add_argument("--no-check", action="store_true", help="keep plans without running them (no pycuda)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     root = args.out or args.run / "export"
     try:
         for student in args.students:
-            build_engine_dir(root / student, args.variants, root)
+            build_engine_dir(root / student, args.variants, root, check=not args.no_check)
     except TensorRTUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except PlanParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

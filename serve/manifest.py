@@ -6,6 +6,7 @@ normalisation, classes, palette, shape ranges) from this file alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +83,15 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def sha256(path: str | Path) -> str:
+    """Hex digest of a file (the manifest records those of the weights and of each plan's ONNX)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_manifest(manifest: Manifest, engine_dir: str | Path) -> Path:

@@ -1,12 +1,14 @@
 """Torch-free inference on the engines of an engine dir.
 
 `open_engine(engine_dir, variant, io, backend)` reads the manifest and returns an engine whose
-`run(batch)` maps the manifest's input array to its output array. Backends: ONNX Runtime (CPU,
-CUDA and TensorRT execution providers).
+`run(batch)` maps the manifest's input array to its output array. Backends: `onnxruntime` (CPU,
+CUDA and TensorRT execution providers, IO binding on GPU) and `tensorrt` (a plan run natively
+through TensorRT and pycuda, serve/tensorrt.py).
 """
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
@@ -14,23 +16,48 @@ import numpy as np
 
 from serve.manifest import EngineEntry, IoMode, Manifest, read_manifest
 
+BACKENDS = ("onnxruntime", "tensorrt")
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_NAMES = {"tensorrt": PROVIDER_ORDER[0], "cuda": PROVIDER_ORDER[1], "cpu": PROVIDER_ORDER[2]}
+ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu")
 
 
 class Engine(Protocol):
-    manifest: Manifest
-    entry: EngineEntry
+    manifest: Manifest | None
+    entry: EngineEntry | None
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def installed_onnxruntime_wheels() -> list[str]:
+    found = []
+    for wheel in ORT_WHEELS:
+        try:
+            metadata.version(wheel)
+            found.append(wheel)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def import_onnxruntime():
+    """The `onnxruntime` module, refusing an environment where both wheels overwrite each other
+    (the result is a CPU-only or broken module, whichever was installed last)."""
+    wheels = installed_onnxruntime_wheels()
+    if len(wheels) > 1:
+        raise RuntimeError(
+            "both onnxruntime and onnxruntime-gpu are installed and overwrite the same module; keep one: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (GPU) or onnxruntime (CPU)"
+        )
+    import onnxruntime
+
+    return onnxruntime
 
 
 def onnxruntime_providers(device: str = "auto") -> list[str]:
     """`auto`: every available provider in the order TensorRT, CUDA, CPU; else the one named (plus
     CPU, which runs what the accelerator does not support)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
+    available = import_onnxruntime().get_available_providers()
     if device == "auto":
         return [p for p in PROVIDER_ORDER if p in available]
     if device not in PROVIDER_NAMES:
@@ -42,7 +69,8 @@ def onnxruntime_providers(device: str = "auto") -> list[str]:
 
 
 class OnnxRuntimeEngine:
-    """One ONNX Runtime session. `model`: a file, or the serialized graph itself."""
+    """One ONNX Runtime session. `model`: a file, or the serialized graph itself. On a GPU provider
+    the output stays bound to the device until one copy back (IO binding)."""
 
     def __init__(
         self,
@@ -52,8 +80,7 @@ class OnnxRuntimeEngine:
         manifest: Manifest | None = None,
         entry: EngineEntry | None = None,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         self.manifest, self.entry = manifest, entry
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per physical core)
@@ -61,10 +88,23 @@ class OnnxRuntimeEngine:
         source = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(source, options, providers=onnxruntime_providers(device))
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()
+        self.on_gpu = self.providers[0] != "CPUExecutionProvider"
+
+    @property
+    def device(self) -> str:
+        return {v: k for k, v in PROVIDER_NAMES.items()}.get(self.providers[0], self.providers[0])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+        batch = np.ascontiguousarray(batch)
+        if not self.on_gpu:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
 
 def open_engine(
@@ -75,8 +115,16 @@ def open_engine(
     device: str = "auto",
     threads: int = 0,
 ) -> Engine:
+    """The engine of `engine_dir` for this variant and I/O mode. `device` picks the ONNX Runtime
+    provider (auto, cpu, cuda, tensorrt); the TensorRT backend runs on GPU `device` (auto: 0)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' ({', '.join(BACKENDS)})")
     manifest = read_manifest(engine_dir)
-    if backend != "onnxruntime":
-        raise ValueError(f"unknown backend '{backend}' (onnxruntime)")
+    if backend == "tensorrt":
+        from serve.tensorrt import TensorRTEngine
+
+        entry = manifest.find(variant, io, "plan")
+        gpu = 0 if device in ("auto", "cuda", "tensorrt") else int(device)
+        return TensorRTEngine(Path(engine_dir) / entry.file, manifest, entry, gpu)
     entry = manifest.find(variant, io, "onnx")
     return OnnxRuntimeEngine(Path(engine_dir) / entry.file, device, threads, manifest, entry)

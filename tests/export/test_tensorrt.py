@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from export import tensorrt as trt_export
-from export.pipeline import sha256
-from serve.manifest import EngineEntry, read_manifest
+from serve.manifest import EngineEntry, read_manifest, sha256
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 TARGET = trt_export.Target("10.16.1", "NVIDIA H100 80GB HBM3", "9.0")

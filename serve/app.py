@@ -1,0 +1,205 @@
+"""The Gradio segmentation demo over a run's engine dirs (no PyTorch, no dataset needed).
+
+Upload an image (or pick an example from the dataset's eval split, copied beside the engine dirs
+at export), choose the model (CNN, ViT, their ensemble), precision and backend among the engines
+present, and get a colour overlay with adjustable opacity, the class map, a legend with each
+class's share of pixels and the latency of each stage. The same function is the `/segment` API.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
+from serve.manifest import read_manifest
+from serve.segmenter import Segmenter, choices, engine_dirs, load_segmenter
+
+log = logging.getLogger(__name__)
+
+DISPLAY_SIDE = 1600  # the overlay is drawn at most this large; the class map keeps full size
+MODEL_LABELS = {"cnn": "CNN (DeepLabV3+ ResNet-18)", "vit": "ViT (SegFormer-B0)", "ensemble": "Ensemble (mean softmax)"}
+
+
+def undecoded(upload: gr.Image) -> gr.Image:
+    """Hand an uploaded file to the handler as it is: decoding untrusted files is read_image's job,
+    with its limits and its readable errors (gr.Image would open it first and fail with its own)."""
+    decode = upload.preprocess
+
+    def preprocess(payload):
+        return decode(payload) if payload is None or payload.path is None else payload.path  # data: URLs decode
+
+    upload.preprocess = preprocess  # an instance attribute: a subclass would make Gradio write a .pyi here
+    return upload
+
+
+class Demo:
+    """The app's state: which engines exist, and the segmenters opened so far (one per choice)."""
+
+    def __init__(self, engines: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 0) -> None:
+        self.engines, self.max_pixels, self.threads = Path(engines), max_pixels, threads
+        self.available = choices(self.engines, backends=_usable_backends())
+        if not self.available:
+            raise FileNotFoundError(f"{self.engines}: no engine this host can run")
+        self.models = list(dict.fromkeys(m for m, _, _ in self.available))
+        self.segmenters: dict[tuple[str, str, str], Segmenter] = {}
+        self.lock = threading.Lock()
+        self.outputs = Path(tempfile.mkdtemp(prefix="segdeploy-"))
+        manifest = read_manifest(next(iter(engine_dirs(self.engines).values())))
+        self.color_map = {name: _hex(rgb) for name, rgb in zip(manifest.classes, manifest.palette, strict=True)}
+
+    def variants(self, model: str) -> list[str]:
+        return list(dict.fromkeys(v for m, v, _ in self.available if m == model))
+
+    def backends(self, model: str, variant: str) -> list[str]:
+        return [b for m, v, b in self.available if (m, v) == (model, variant)]
+
+    def segmenter(self, model: str, variant: str, backend: str) -> Segmenter:
+        key = (model, variant, backend)
+        if key not in self.available:
+            have = ", ".join("/".join(k) for k in self.available)
+            raise gr.Error(f"no {variant} {model} engine for {backend} here (available: {have})")
+        with self.lock:
+            if key not in self.segmenters:
+                self.segmenters[key] = load_segmenter(self.engines, model, variant, backend, threads=self.threads)
+            return self.segmenters[key]
+
+    def segment(self, image_path: str | None, model: str, variant: str, backend: str, opacity: float):
+        if not image_path:
+            raise gr.Error("upload an image first")
+        segmenter = self.segmenter(model, variant, backend)
+        started = time.perf_counter()
+        try:
+            image = read_image(image_path, self.max_pixels, name=Path(image_path).name)
+        except ImageError as e:
+            raise gr.Error(str(e)) from None
+        decoded = time.perf_counter()
+        prediction = segmenter.predict(image)
+        drawn = time.perf_counter()
+        overlay, class_map, class_file, legend, details = self._render(segmenter, image, prediction.labels, opacity)
+        timings = {
+            "decode": 1e3 * (decoded - started),
+            **prediction.timings,
+            "render": 1e3 * (time.perf_counter() - drawn),
+        }
+        details.update(
+            model=model, precision=variant, backend=backend, device=_device(segmenter), timings_ms=timings,
+            image_size=list(image.shape[:2]), run_size=list(segmenter.fit(*image.shape[:2])),
+        )  # fmt: skip
+        latency = " · ".join(f"{stage} {ms:.1f} ms" for stage, ms in timings.items())
+        return overlay, class_map, str(class_file), legend, details, f"**Latency** {latency}"
+
+    def _render(self, segmenter: Segmenter, image: np.ndarray, labels: np.ndarray, opacity: float):
+        counts = np.bincount(labels.ravel(), minlength=len(segmenter.classes))
+        shares = counts / max(labels.size, 1)
+        display, display_labels = image, labels
+        scale = DISPLAY_SIDE / max(image.shape[:2])
+        if scale < 1:
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            display = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+            display_labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
+        alpha = float(np.clip(opacity, 0.0, 1.0))
+        masks = [
+            ((display_labels == c).astype(np.float32) * alpha, name)
+            for c, name in enumerate(segmenter.classes)
+            if counts[c]
+        ]
+        class_file = self.outputs / f"classes-{time.time_ns()}.png"
+        Image.fromarray(labels).save(class_file)  # the raw class map: one uint8 class index per pixel
+        colors = list(self.color_map.values())
+        legend = _legend(segmenter.classes, colors, shares)
+        details = {
+            "classes": [
+                {"index": c, "name": n, "color": colors[c], "share": float(shares[c])}
+                for c, n in enumerate(segmenter.classes)
+            ]
+        }
+        return (display, masks), segmenter.colorize(labels), class_file, legend, details
+
+
+def _hex(rgb) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*(int(v) for v in rgb))
+
+
+def _legend(classes: list[str], colors: list[str], shares: np.ndarray) -> str:
+    rows = "".join(
+        f"<tr><td><span style='display:inline-block;width:1em;height:1em;background:{color};"
+        f"border:1px solid #888'></span></td><td>{name}</td><td style='text-align:right'>{100 * share:.1f}%</td></tr>"
+        for name, color, share in zip(classes, colors, shares, strict=True)
+    )
+    return f"<table class='legend'><tr><th></th><th>class</th><th>pixels</th></tr>{rows}</table>"
+
+
+def _device(segmenter: Segmenter) -> str:
+    engine = segmenter.engines[0]
+    return getattr(engine, "device", "cuda")
+
+
+def _usable_backends() -> tuple[str, ...]:
+    """ONNX Runtime always; the native TensorRT backend where tensorrt and pycuda import."""
+    try:
+        import pycuda.driver  # noqa: F401
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return ("onnxruntime",)
+    return ("onnxruntime", "tensorrt")
+
+
+def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
+    examples = examples or demo.engines / "examples"
+    example_files = sorted(str(p) for p in examples.glob("*.png")) if examples.is_dir() else []
+    first = demo.models[0]
+    with gr.Blocks(title="segdeploy: compact segmentation students") as app:
+        gr.Markdown(
+            "## Semantic segmentation with compact students\n"
+            f"Engines: `{demo.engines}` · ONNX Runtime / TensorRT, no PyTorch on this host."
+        )
+        with gr.Row():
+            with gr.Column():
+                image = undecoded(gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"]))
+                model = gr.Dropdown([(MODEL_LABELS[m], m) for m in demo.models], value=first, label="Model")
+                variant = gr.Dropdown(demo.variants(first), value=demo.variants(first)[0], label="Precision")
+                backend = gr.Dropdown(
+                    demo.backends(first, demo.variants(first)[0]),
+                    value=demo.backends(first, demo.variants(first)[0])[0],
+                    label="Backend",
+                )
+                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                run = gr.Button("Segment", variant="primary")
+                if example_files:
+                    gr.Examples([[f] for f in example_files], inputs=[image], label="Examples (eval split)")
+            with gr.Column():
+                overlay = gr.AnnotatedImage(label="Overlay", color_map=demo.color_map, elem_id="overlay")
+                latency = gr.Markdown(elem_id="latency")
+                legend = gr.HTML(label="Legend")
+                with gr.Accordion("Class map and details", open=False):
+                    with gr.Row():
+                        class_map = gr.Image(label="Class map (palette)", type="numpy", format="png")
+                        class_file = gr.File(label="Class map (uint8 class indices, PNG)")
+                    details = gr.JSON(label="Details")
+
+        def on_model(m):
+            vs = demo.variants(m)
+            bs = demo.backends(m, vs[0])
+            return gr.update(choices=vs, value=vs[0]), gr.update(choices=bs, value=bs[0])
+
+        def on_variant(m, v):
+            bs = demo.backends(m, v) if v in demo.variants(m) else []
+            return gr.update(choices=bs, value=bs[0] if bs else None)
+
+        model.change(on_model, [model], [variant, backend], queue=False, api_name=False)
+        variant.change(on_variant, [model, variant], [backend], queue=False, api_name=False)
+        run.click(
+            demo.segment,
+            [image, model, variant, backend, opacity],
+            [overlay, class_map, class_file, legend, details, latency],
+            api_name="segment",
+        )
+    return app

@@ -1,0 +1,158 @@
+"""One interface over the engines: `predict(image) -> Prediction` (class map + stage timings).
+
+A model is a student's `labels` engine (uint8 image in, class map out: argmax inside the graph),
+or the ensemble of both students: the mean of their softmax, from their `logits` engines. Images
+of any size are fitted into the engines' shape range (aspect kept), and the class map comes back
+at the image's own size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from serve.manifest import MANIFEST_FILE, read_manifest
+from serve.runtime import BACKENDS, Engine, open_engine
+
+STUDENTS = ("cnn", "vit")
+MODELS = (*STUDENTS, "ensemble")
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # (H, W) uint8 class indices at the input image's size
+    timings: dict[str, float] = field(default_factory=dict)  # ms per stage, of the batch it ran in
+    batch: int = 1
+
+
+class Segmenter:
+    def __init__(self, name: str, engines: list[Engine]) -> None:
+        manifests = [e.manifest for e in engines]
+        first = manifests[0]
+        for m in manifests[1:]:
+            if m.classes != first.classes:
+                raise ValueError(f"{name}: {first.student} and {m.student} were trained on different classes")
+        self.name, self.engines = name, engines
+        self.labels_io = len(engines) == 1 and engines[0].entry.io == "labels"
+        self.classes, self.palette = first.classes, np.array(first.palette, dtype=np.uint8)
+        self.mean = np.array(first.preprocess["mean"], dtype=np.float32) * first.preprocess.get("scale", 255)
+        self.std = np.array(first.preprocess["std"], dtype=np.float32) * first.preprocess.get("scale", 255)
+        self.multiple = max(m.preprocess.get("size_multiple", 1) for m in manifests)
+        self.min_hw = tuple(max(m.shapes["min"][i] for m in manifests) for i in (1, 2))
+        self.max_hw = tuple(min(m.shapes["max"][i] for m in manifests) for i in (1, 2))
+        self.max_batch = min(m.shapes["max"][0] for m in manifests)
+        entry = engines[0].entry
+        self.variant, self.precision = entry.variant, entry.precision
+
+    def fit(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image runs at: scaled (aspect kept) into [min, max], on the size multiple."""
+        scale = min(1.0, self.max_hw[0] / height, self.max_hw[1] / width)
+        scale = max(scale, self.min_hw[0] / height, self.min_hw[1] / width)
+        size = []
+        for side, low, high in zip((height, width), self.min_hw, self.max_hw, strict=True):
+            side = round(side * scale / self.multiple) * self.multiple
+            size.append(min(max(side, low), high))
+        return size[0], size[1]
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Images of one fitted size share batches (up to the engines' max batch)."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+            groups[self.fit(*image.shape[:2])].append(i)
+        results: list[Prediction | None] = [None] * len(images)
+        for size, members in groups.items():
+            for start in range(0, len(members), self.max_batch):
+                chunk = members[start : start + self.max_batch]
+                for i, prediction in zip(chunk, self._run([images[i] for i in chunk], size), strict=True):
+                    results[i] = prediction
+        return results  # type: ignore[return-value]
+
+    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> list[Prediction]:
+        t0 = time.perf_counter()
+        batch = np.stack([_resize(image, size, Image.BILINEAR) for image in images])
+        if not self.labels_io:
+            batch = ((batch.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
+        t1 = time.perf_counter()
+        outputs = [engine.run(batch) for engine in self.engines]
+        t2 = time.perf_counter()
+        if self.labels_io:
+            labels = outputs[0]
+        else:
+            labels = np.mean([_softmax(o) for o in outputs], axis=0).argmax(1).astype(np.uint8)
+        labels = [_resize(lab, image.shape[:2], Image.NEAREST) for lab, image in zip(labels, images, strict=True)]
+        t3 = time.perf_counter()
+        timings = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1), "postprocess": 1e3 * (t3 - t2)}
+        return [Prediction(lab, dict(timings), len(images)) for lab in labels]
+
+    def colorize(self, labels: np.ndarray) -> np.ndarray:
+        return self.palette[np.minimum(labels, len(self.palette) - 1)]
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    if array.shape[:2] == tuple(size):
+        return array
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def engine_dirs(engines_root: str | Path) -> dict[str, Path]:
+    """The students exported under `engines_root` (a run's export dir: <root>/<student>/manifest.json)."""
+    root = Path(engines_root)
+    found = {s: root / s for s in STUDENTS if (root / s / MANIFEST_FILE).is_file()}
+    if not found:
+        raise FileNotFoundError(f"no engine dirs under {root} (expected {root}/cnn/{MANIFEST_FILE} or vit/)")
+    return found
+
+
+def choices(engines_root: str | Path, backends: tuple[str, ...] = BACKENDS) -> list[tuple[str, str, str]]:
+    """Every (model, variant, backend) that `load_segmenter` can open from these engine dirs."""
+    manifests = {s: read_manifest(d) for s, d in engine_dirs(engines_root).items()}
+    fmt = {"onnxruntime": "onnx", "tensorrt": "plan"}
+    have = {(s, e.variant, e.io, e.format) for s, m in manifests.items() for e in m.engines}
+    found = []
+    for backend in backends:
+        variants = sorted({v for (_, v, _, f) in have if f == fmt[backend]}, key=_variant_order)
+        for variant in variants:
+            for model in MODELS:
+                members, io = (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+                if all((s, variant, io, fmt[backend]) in have for s in members):
+                    found.append((model, variant, backend))
+    return found
+
+
+def _variant_order(variant: str) -> int:
+    order = ("fp32", "fp16", "int8.cpu", "int8.qdq")
+    return order.index(variant) if variant in order else len(order)
+
+
+def load_segmenter(
+    engines_root: str | Path,
+    model: str = "cnn",
+    variant: str = "fp32",
+    backend: str = "onnxruntime",
+    device: str = "auto",
+    threads: int = 0,
+) -> Segmenter:
+    if model not in MODELS:
+        raise ValueError(f"unknown model '{model}' ({', '.join(MODELS)})")
+    dirs = engine_dirs(engines_root)
+    members, io = (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+    missing = [s for s in members if s not in dirs]
+    if missing:
+        raise FileNotFoundError(f"{model} needs the {', '.join(missing)} engine dir under {engines_root}")
+    engines = [open_engine(dirs[s], variant, io, backend, device, threads) for s in members]
+    return Segmenter(model, engines)

@@ -1,0 +1,95 @@
+"""A TensorRT plan run natively (TensorRT 10/11 Python API, pycuda for memory and the stream).
+
+Per call: `set_input_shape`, pinned host buffers and device buffers sized for that shape (kept
+and reused while the shape repeats), `set_tensor_address` for every I/O tensor, then
+host->device copy, `execute_async_v3`, device->host copy on one stream. The engine owns a
+retained primary CUDA context and pushes it around each call, so any thread (Gradio's workers)
+may call `run`.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from serve.manifest import EngineEntry, Manifest
+
+INSTALL_HINT = (
+    "the native TensorRT backend needs `tensorrt` and `pycuda` on a CUDA host: "
+    "pip install -e '.[gpu,trt]' --extra-index-url https://pypi.nvidia.com (pycuda builds against CUDA_ROOT)"
+)
+
+
+class TensorRTEngine:
+    def __init__(self, plan: str | Path, manifest: Manifest | None = None, entry: EngineEntry | None = None, gpu=0):
+        try:
+            import pycuda.driver as cuda
+            import tensorrt as trt
+        except ImportError as e:
+            raise RuntimeError(f"{INSTALL_HINT} ({e})") from None
+        self.cuda, self.manifest, self.entry = cuda, manifest, entry
+        cuda.init()
+        self.context_cuda = cuda.Device(gpu).retain_primary_context()
+        self.lock = threading.Lock()  # one execution context: calls take turns
+        with self._active():
+            logger = trt.Logger(trt.Logger.WARNING)
+            self.runtime = trt.Runtime(logger)
+            self.engine = self.runtime.deserialize_cuda_engine(Path(plan).read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"{plan}: TensorRT {trt.__version__} could not deserialize this plan")
+            self.context = self.engine.create_execution_context()
+            self.stream = cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise RuntimeError(f"{plan}: expected one input and one output, got {inputs} and {outputs}")
+        (self.input_name,), (self.output_name,) = inputs, outputs
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.profile = [tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0)]
+        self.buffers: dict[str, tuple] = {}
+        self.shape: tuple[int, ...] | None = None
+
+    @contextmanager
+    def _active(self):
+        self.context_cuda.push()
+        try:
+            yield
+        finally:
+            self.context_cuda.pop()
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        low, _, high = self.profile
+        if len(shape) != len(low) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high, strict=False)):
+            raise ValueError(f"input shape {shape} is outside this plan's profile {low} .. {high}")
+
+    def _bind(self, shape: tuple[int, ...]) -> None:
+        """(Re)allocate and bind the buffers when the input shape changes."""
+        if shape == self.shape:
+            return
+        self.context.set_input_shape(self.input_name, shape)
+        for name in (self.input_name, self.output_name):
+            dims = shape if name == self.input_name else tuple(self.context.get_tensor_shape(name))
+            host = self.cuda.pagelocked_empty(dims, self.dtypes[name])
+            device = self.cuda.mem_alloc(max(host.nbytes, 1))
+            self.context.set_tensor_address(name, int(device))
+            self.buffers[name] = (host, device)
+        self.shape = shape
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=self.dtypes[self.input_name])
+        shape = tuple(batch.shape)
+        self._check_shape(shape)
+        with self.lock, self._active():
+            self._bind(shape)
+            (host_in, dev_in), (host_out, dev_out) = self.buffers[self.input_name], self.buffers[self.output_name]
+            np.copyto(host_in, batch)
+            self.cuda.memcpy_htod_async(dev_in, host_in, self.stream)
+            if not self.context.execute_async_v3(self.stream.handle):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            self.cuda.memcpy_dtoh_async(host_out, dev_out, self.stream)
+            self.stream.synchronize()
+            return host_out.copy()

@@ -1,0 +1,126 @@
+"""The Gradio demo as users meet it: a real server, driven by gradio_client and by a real browser."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.images import read_image
+from serve.segmenter import load_segmenter
+from tests.serve.conftest import MAX_PIXELS, bad_inputs, convertible_inputs
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def _segment(client, path, model="cnn", variant="fp32", opacity=0.5):
+    return client.predict(handle_file(str(path)), model, variant, "onnxruntime", opacity, api_name="/segment")
+
+
+def _good_image(folder) -> str:
+    path = folder / "scene.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (44, 60, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_segment_returns_the_runtime_class_map_overlay_legend_and_latency(client, engines, tmp_path):
+    path = _good_image(tmp_path)
+    overlay, class_map, class_file, legend, details, latency = _segment(client, path, "ensemble")
+    labels = np.asarray(Image.open(class_file))
+    expected = load_segmenter(engines, "ensemble").predict(read_image(path)).labels
+    np.testing.assert_array_equal(labels, expected)
+    assert np.asarray(Image.open(class_map)).shape == (44, 60, 3)
+    present = {int(c) for c in np.unique(labels)}
+    classes = details["classes"]
+    assert {a["label"] for a in overlay["annotations"]} == {classes[c]["name"] for c in present}
+    assert sum(c["share"] for c in classes) == pytest.approx(1.0)
+    for c in present:
+        assert classes[c]["share"] == pytest.approx((labels == c).mean())
+        assert classes[c]["name"] in legend and classes[c]["color"] in legend
+    assert set(details["timings_ms"]) == {"decode", "preprocess", "inference", "postprocess", "render"}
+    assert details["image_size"] == [44, 60] and details["model"] == "ensemble"
+    assert "inference" in latency and "ms" in latency
+
+
+def test_opacity_sets_the_overlay_alpha(client, tmp_path):
+    path = _good_image(tmp_path)
+    for opacity in (0.0, 0.8):
+        overlay = _segment(client, path, opacity=opacity)[0]
+        alpha = np.asarray(Image.open(overlay["annotations"][0]["image"]).convert("RGBA"))[..., 3]
+        assert alpha.max() == round(255 * opacity)
+
+
+def test_each_model_and_precision_present_is_served(client, engines, tmp_path):
+    path = _good_image(tmp_path)
+    for model in ("cnn", "vit", "ensemble"):
+        for variant in ("fp16", "int8.qdq"):
+            details = _segment(client, path, model, variant)[4]
+            assert (details["model"], details["precision"]) == (model, variant)
+    with pytest.raises(gradio_client.exceptions.AppError, match="int4"):
+        _segment(client, path, "cnn", "int4")
+
+
+def test_bad_inputs_get_a_message_and_the_next_request_still_succeeds(client, tmp_path):
+    good = _good_image(tmp_path)
+    expected = {
+        "not an image": "not an image",
+        "truncated": "truncated",
+        "empty": "empty",
+        "1x1": "too small",
+        "over the pixel limit": "limit",
+        "decompression bomb": "pixels",
+    }
+    for kind, path in bad_inputs(tmp_path / "bad").items():
+        with pytest.raises(gradio_client.exceptions.AppError, match=expected[kind]):
+            _segment(client, path)
+        assert _segment(client, good)[4]["image_size"] == [44, 60], f"after {kind}"
+
+
+def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1 << 20 and MAX_PIXELS > 700 * 900  # only the file size is over
+    with pytest.raises(Exception, match=r"(?i)size|large|limit"):
+        _segment(client, big)
+    assert _segment(client, _good_image(tmp_path))[4]["image_size"] == [44, 60]
+
+
+def test_other_modes_are_converted_and_photos_shown_upright(client, tmp_path):
+    for kind, path in convertible_inputs(tmp_path).items():
+        overlay, *_, details, _ = _segment(client, path)
+        expected = [64, 48] if kind == "exif-rotated" else [48, 64]
+        assert details["image_size"] == expected, kind
+        assert Image.open(overlay["image"]).size == (expected[1], expected[0]), kind
+
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+def test_a_browser_uploads_an_image_and_sees_the_overlay(server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (make test installs Debian's chromium when it runs as root)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server, wait_until="networkidle")
+            page.locator("input[type=file]").first.set_input_files(str(_good_image(tmp_path)))
+            page.get_by_role("button", name="Segment").click()
+            page.wait_for_selector("#overlay img", timeout=60_000)
+            assert page.locator("#overlay img").count() >= 2  # the image and at least one class mask
+            assert "inference" in page.locator("#latency").inner_text()
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        finally:
+            browser.close()
+    assert Image.open(tmp_path / "demo.png").size[0] > 0
