@@ -79,3 +79,15 @@ def test_builds_plans_and_keeps_valid_ones(exported_run):
     assert {e.io for e in plans} == {"labels", "logits"} and all((engine_dir / e.file).stat().st_size for e in plans)
     again = trt_export.build_engine_dir(engine_dir, ["fp32"], engine_dir.parent)
     assert [e.build_s for e in again.engines if e.format == "plan"] == [e.build_s for e in plans]
+
+
+def test_plan_agreement_is_the_share_of_equal_pixels_at_batch_1_and_batched(exported_run):
+    from serve.images import read_image
+    from serve.runtime import open_engine
+
+    root = exported_run / "export"
+    images = [read_image(p) for p in sorted((root / "examples").glob("*.png"))]
+    assert images, "the export writes example images for the plan gate and the demo"
+    cnn, vit = open_engine(root / "cnn", device="cpu"), open_engine(root / "vit", device="cpu")
+    assert trt_export.plan_agreement(cnn, cnn, images) == 1.0
+    assert trt_export.plan_agreement(cnn, vit, images) < trt_export.plan_agreement(cnn, cnn, images)
