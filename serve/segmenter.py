@@ -73,11 +73,13 @@ class Segmenter:
         for size, members in groups.items():
             for start in range(0, len(members), self.max_batch):
                 chunk = members[start : start + self.max_batch]
-                for i, prediction in zip(chunk, self._run([images[i] for i in chunk], size), strict=True):
+                for i, prediction in zip(chunk, self.run_batch([images[i] for i in chunk], size), strict=True):
                     results[i] = prediction
         return results  # type: ignore[return-value]
 
-    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> list[Prediction]:
+    def run_batch(self, images: list[np.ndarray], size: tuple[int, int]) -> list[Prediction]:
+        """One engine call on `images` resized to `size` (no fitting, no batch limit: the engines
+        must accept that shape; the benchmarks call this at sizes they choose)."""
         t0 = time.perf_counter()
         batch = np.stack([_resize(image, size, Image.BILINEAR) for image in images])
         if not self.labels_io:

@@ -1,0 +1,412 @@
+"""Latency, throughput, memory and accuracy of every engine of a run, against its PyTorch students.
+
+python -m benchmarks.bench --run runs/<name> [--models cnn vit ensemble] [--backends ...]
+    [--batch-sizes 1 4 16] [--sizes 64x64 512x1024] [--seconds 3] [--min-runs 10] [--warmup 0.2]
+    [--eval-images 50] [--threads 0] [--out RUN/bench]
+
+Every configuration (model x backend x batch size x input size) is timed end to end, uint8 RGB
+images on the host in, class maps on the host out, after a time-based warm-up and over a time
+budget; on GPU the model call alone is also timed with CUDA events (`compute_*`). Speed-ups are
+ratios to PyTorch eager fp32 of the same model, batch and size, measured in the same run. Each
+(model, backend) is also scored on the eval split: mIoU next to the PyTorch student's, and the
+share of pixels whose class agrees with it. A backend that fails is recorded with its error and
+the others go on. Writes results.json, report.md, pareto.png and latency_vs_batch.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from benchmarks.report import write_plots, write_report
+from export.graphs import LogitsModel
+from serve.manifest import read_manifest
+from serve.runtime import import_onnxruntime, open_engine
+from serve.segmenter import STUDENTS, Segmenter
+from train.data import build_dataset
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from train.metrics import ConfusionMatrix
+from train.run_dir import load_run_config, load_student, weights_file
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+BASELINE = "torch"
+MODELS = (*STUDENTS, "ensemble")
+# backend -> (kind, precision, what it needs)
+BACKENDS = {
+    "torch": ("torch", "fp32", "any"),
+    "torch.compile": ("torch", "fp32", "any"),
+    "torch.fp16": ("torch", "fp16", "cuda"),
+    "torch.bf16": ("torch", "bf16", "cuda"),
+    "torch.cudagraphs": ("torch", "fp32", "cuda"),
+    "ort.cpu.fp32": ("onnxruntime", "fp32", "cpu"),
+    "ort.cpu.int8": ("onnxruntime", "int8", "cpu"),
+    "ort.cuda.fp32": ("onnxruntime", "fp32", "cuda"),
+    "ort.cuda.fp16": ("onnxruntime", "fp16", "cuda"),
+    "ort.trt.fp32": ("onnxruntime", "fp32", "tensorrt"),
+    "ort.trt.fp16": ("onnxruntime", "fp16", "tensorrt"),
+    "ort.trt.int8": ("onnxruntime", "int8", "tensorrt"),
+    "trt.fp32": ("tensorrt", "fp32", "tensorrt"),
+    "trt.fp16": ("tensorrt", "fp16", "tensorrt"),
+    "trt.int8": ("tensorrt", "int8", "tensorrt"),
+}
+COMPILED = ("torch.compile", "torch.cudagraphs")
+ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "trt": "tensorrt"}
+VARIANT = {"fp32": "fp32", "fp16": "fp16", "int8": "int8.qdq"}  # int8.cpu on the CPU provider
+
+
+def default_backends(cuda: bool) -> list[str]:
+    """What this machine can run: every row's kind, minus GPU rows on a CPU host."""
+    ort = import_onnxruntime().get_available_providers()
+    picked = ["torch", "torch.compile", "ort.cpu.fp32", "ort.cpu.int8"]
+    if cuda:
+        picked += ["torch.fp16", "torch.bf16", "torch.cudagraphs"]
+    if "CUDAExecutionProvider" in ort:
+        picked += ["ort.cuda.fp32", "ort.cuda.fp16"]
+    if "TensorrtExecutionProvider" in ort:
+        picked += ["ort.trt.fp32", "ort.trt.fp16", "ort.trt.int8"]
+    try:
+        import pycuda.driver  # noqa: F401
+        import tensorrt  # noqa: F401
+
+        picked += ["trt.fp32", "trt.fp16", "trt.int8"]
+    except ImportError:
+        pass
+    return picked
+
+
+class TorchRunner:
+    """The PyTorch student(s) on the same contract as an engine: uint8 NHWC in, class map out."""
+
+    def __init__(self, students: list[torch.nn.Module], backend: str, device: torch.device) -> None:
+        self.device, self.backend = device, backend
+        self.models = [LogitsModel(s).eval().to(device) for s in students]
+        if backend == "torch.compile":
+            self.models = [torch.compile(m) for m in self.models]
+        elif backend == "torch.cudagraphs":
+            self.models = [torch.compile(m, mode="reduce-overhead") for m in self.models]
+        self.autocast = {"torch.fp16": torch.float16, "torch.bf16": torch.bfloat16}.get(backend)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.x: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            outs = [m(x) for m in self.models]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.stack([F.softmax(o.float(), 1) for o in outs]).mean(0)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images if images.flags.writeable else images.copy()).to(self.device).permute(0, 3, 1, 2).float()
+        labels = self.logits((x - self.mean) / self.std).argmax(1).to(torch.uint8)
+        return labels.cpu().numpy()
+
+    def prepare(self, images: np.ndarray) -> None:
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
+        self.x = ((x - self.mean) / self.std).contiguous()
+
+    def compute(self) -> None:
+        self.logits(self.x)
+
+
+class EngineRunner:
+    """ONNX Runtime or native TensorRT engines behind serve's Segmenter (no fitting, any batch)."""
+
+    def __init__(self, engines: Path, model: str, backend: str, threads: int) -> None:
+        kind, precision, _ = BACKENDS[backend]
+        members, io = (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+        variant = VARIANT[precision]
+        if backend == "ort.cpu.int8":
+            shipped = {e.variant for e in read_manifest(engines / members[0]).engines}
+            variant = "int8.cpu" if "int8.cpu" in shipped else "int8.qdq"
+        device = ORT_DEVICE[backend.split(".")[1]] if kind == "onnxruntime" else "auto"
+        engines_ = [open_engine(engines / s, variant, io, kind, device, threads) for s in members]
+        self.segmenter = Segmenter(model, engines_)
+        self.entries = [e.entry for e in engines_]
+        self.variant = variant
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.stack([p.labels for p in self.segmenter.run_batch(list(images), images.shape[1:3])])
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(e.size_bytes for e in self.entries)
+
+    @property
+    def build_s(self) -> float:
+        return sum(e.build_s for e in self.entries)
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float]
+
+    def summary(self, prefix: str = "") -> dict:
+        s = np.array(self.samples_ms)
+        return {
+            f"{prefix}mean_ms": float(s.mean()),
+            f"{prefix}p50_ms": float(np.percentile(s, 50)),
+            f"{prefix}p90_ms": float(np.percentile(s, 90)),
+            f"{prefix}p99_ms": float(np.percentile(s, 99)),
+            f"{prefix}min_ms": float(s.min()),
+            f"{prefix}cv": float(s.std() / s.mean()) if s.mean() > 0 else 0.0,
+            f"{prefix}runs": len(s),
+        }
+
+
+def time_it(fn, warmup_s: float, seconds: float, min_runs: int, sync=lambda: None) -> tuple[Timing, float]:
+    """Time-based warm-up, then runs until both the time budget and the run count are met.
+    Returns the timing and the first call's duration (compilation, engine set-up)."""
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - start
+    deadline = time.perf_counter() + warmup_s
+    while time.perf_counter() < deadline:
+        fn()
+    sync()
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < min_runs:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(1e3 * (time.perf_counter() - t0))
+    return Timing(samples), first
+
+
+def time_cuda(fn, warmup_s: float, seconds: float, min_runs: int) -> Timing:
+    """GPU time of `fn` alone, from CUDA events (the host may run ahead; events do not)."""
+    deadline = time.perf_counter() + warmup_s
+    while time.perf_counter() < deadline:
+        fn()
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < min_runs:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end))
+    return Timing(samples)
+
+
+def accuracy(runner, reference, eval_set, count: int, num_classes: int) -> dict:
+    """mIoU of `runner` and of `reference` (the PyTorch student) on the first eval images, batch 1,
+    and the share of pixels on which they agree."""
+    ours, theirs = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
+    same = total = 0
+    for i in range(min(count, len(eval_set))):
+        image, mask = eval_set.read(i)
+        a, b = runner(image[None])[0], reference(image[None])[0]
+        target = torch.from_numpy(mask)
+        ours.update(torch.from_numpy(a), target)
+        theirs.update(torch.from_numpy(b), target)
+        same += int((a == b).sum())
+        total += a.size
+    miou, miou_torch = ours.compute()["miou"], theirs.compute()["miou"]
+    return {"miou": miou, "miou_torch": miou_torch, "delta_miou": miou - miou_torch, "agreement": same / total}
+
+
+def machine(cuda: bool) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name() if cuda else None}
+    info["device"] = info["gpu"] or info["cpu"]
+    return info
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out["onnxruntime"] = import_onnxruntime().__version__
+    try:
+        import tensorrt
+
+        out["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        out["tensorrt"] = None
+    return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size '{text}' is not HxW, e.g. 512x1024") from None
+    return h, w
+
+
+@dataclass
+class Settings:
+    models: list[str]
+    backends: list[str]
+    batch_sizes: list[int]
+    sizes: list[tuple[int, int]]
+    seconds: float = 3.0
+    min_runs: int = 10
+    warmup: float = 0.2
+    eval_images: int = 50
+    threads: int = 0
+
+
+def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -> dict:
+    cfg = load_run_config(run_dir)
+    engines = run_dir / "export"
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    students = {s: load_student(run_dir, s, cfg) for s in STUDENTS}
+    eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
+    meta = {"machine": machine(cuda), "versions": versions(), "threads": {"torch": torch.get_num_threads(),
+            "onnxruntime": settings.threads or "default (one per physical core)"}}  # fmt: skip
+    rows: list[dict] = []
+    baseline: dict[tuple, float] = {}
+    configs = [(m, b) for m in settings.models for b in settings.backends]
+    points = [(bs, hw) for hw in settings.sizes for bs in settings.batch_sizes]
+    bar = tqdm(total=len(configs) * len(points), desc="bench", unit="config")
+    for model, backend in configs:
+        members = STUDENTS if model == "ensemble" else (model,)
+        kind, precision, _ = BACKENDS[backend]
+        base = {"model": model, "backend": backend, "precision": precision, "device": meta["machine"]["device"]}
+        reference = TorchRunner([students[s] for s in members], BASELINE, device)
+        try:
+            if kind == "torch":
+                runner = TorchRunner([students[s] for s in members], backend, device)
+                file_bytes = sum(weights_file(run_dir, s).stat().st_size for s in members)
+                build_s = None
+            else:
+                runner = EngineRunner(engines, model, backend, settings.threads)
+                file_bytes, build_s = runner.file_bytes, runner.build_s
+                base["variant"] = runner.variant
+            scores = accuracy(runner, reference, eval_set, settings.eval_images, cfg.data.num_classes)
+        except Exception as e:  # the whole backend is unusable here: one failed row per point
+            for batch, (h, w) in points:
+                rows.append({**base, "batch": batch, "height": h, "width": w, "status": "failed", "error": _why(e)})
+                bar.update()
+            continue
+        for batch, (h, w) in points:
+            bar.set_postfix_str(f"{model} {backend} b{batch} {h}x{w}")
+            row = {**base, "batch": batch, "height": h, "width": w, "file_mib": file_bytes / 2**20, **scores}
+            try:
+                row.update(_measure(runner, kind, batch, (h, w), settings, cuda))
+                first_call_s = row.pop("first_call_s")
+                if backend in COMPILED and build_s is None:
+                    build_s = first_call_s  # compilation happens in the first call at each new shape
+                row["build_s"] = build_s
+                row["status"] = "ok"
+                if backend == BASELINE:
+                    baseline[(model, batch, h, w)] = row["mean_ms"]
+                ref = baseline.get((model, batch, h, w))
+                row["speedup"] = ref / row["mean_ms"] if ref else None
+            except Exception as e:
+                row.update(status="failed", error=_why(e))
+            rows.append(row)
+            bar.update()
+    bar.close()
+    recorded = {**settings.__dict__, "sizes": [list(s) for s in settings.sizes]}
+    result = {"schema": SCHEMA, "run": str(run_dir), "command": command, **meta, "settings": recorded, "results": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(result, out / "report.md")
+    write_plots(result, out)
+    return result
+
+
+def _measure(runner, kind: str, batch: int, size: tuple[int, int], settings: Settings, cuda: bool) -> dict:
+    images = np.random.default_rng(0).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
+    on_gpu = cuda and kind == "torch"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    timing, first = time_it(lambda: runner(images), settings.warmup, settings.seconds, settings.min_runs, sync)
+    row = {**timing.summary(), "first_call_s": first}
+    row["images_per_s"] = 1e3 * batch / row["mean_ms"]
+    if on_gpu:
+        runner.prepare(images)
+        row.update(time_cuda(runner.compute, settings.warmup, settings.seconds, settings.min_runs).summary("compute_"))
+        row["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    row["rss_mib"] = _rss_mib()
+    return row
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _why(e: Exception) -> str:
+    log.debug("".join(traceback.format_exception(e)))
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), help="default: all this machine runs")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, help="HxW (default: the eval size and 512x1024)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time budget per configuration")
+    parser.add_argument("--min-runs", type=int, default=10)
+    parser.add_argument("--warmup", type=float, default=0.2, help="seconds of warm-up per configuration")
+    parser.add_argument("--eval-images", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: each library's default)")
+    parser.add_argument("--out", type=Path, help="default: RUN/bench")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not (args.run / "export").is_dir():
+        print(f"error: {args.run}/export has no engines: run python -m export --run {args.run} first", file=sys.stderr)
+        return 2
+    sizes = args.sizes
+    if not sizes:
+        opt = read_manifest(next(p for p in (args.run / "export").iterdir() if (p / "manifest.json").is_file()))
+        sizes = list(dict.fromkeys([tuple(opt.shapes["opt"][1:]), (512, 1024)]))
+    settings = Settings(
+        models=args.models,
+        backends=list(dict.fromkeys([BASELINE, *(args.backends or default_backends(torch.cuda.is_available()))])),
+        batch_sizes=args.batch_sizes,
+        sizes=sizes,
+        seconds=args.seconds,
+        min_runs=args.min_runs,
+        warmup=args.warmup,
+        eval_images=args.eval_images,
+        threads=args.threads,
+    )
+    command = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = run_bench(args.run, settings, args.out or args.run / "bench", command)
+    print((args.out or args.run / "bench").joinpath("report.md").read_text())
+    failed = [r for r in result["results"] if r["status"] != "ok"]
+    return 1 if failed and len(failed) == len(result["results"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from benchmarks.bench import main
+
+TIMING_KEYS = {"mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "cv", "runs", "images_per_s", "speedup"}
+ACCURACY_KEYS = {"miou", "miou_torch", "delta_miou", "agreement"}
+ROW_KEYS = {"model", "backend", "precision", "device", "batch", "height", "width", "status", "file_mib", "rss_mib"}
+
+
+@pytest.fixture(scope="module")
+def bench(exported_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--run", str(exported_run), "--models", "cnn", "--backends", "ort.cpu.fp32", "trt.fp32",
+            "--batch-sizes", "1", "2", "--sizes", "40x56", "--seconds", "0.1", "--min-runs", "3",
+            "--warmup", "0.05", "--eval-images", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0  # a failing backend does not fail the bench
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_json_is_complete(bench):
+    _, result = bench
+    assert result["schema"] == 1
+    assert {"cpu", "gpu", "device", "cpu_count"} <= set(result["machine"])
+    assert {"torch", "onnxruntime", "tensorrt"} <= set(result["versions"])
+    rows = result["results"]
+    # The PyTorch eager baseline is always measured first, then the requested backends.
+    assert [(r["backend"], r["batch"]) for r in rows] == [
+        ("torch", 1), ("torch", 2), ("ort.cpu.fp32", 1), ("ort.cpu.fp32", 2), ("trt.fp32", 1), ("trt.fp32", 2)
+    ]  # fmt: skip
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 4
+    for r in ok:
+        assert set(r) >= ROW_KEYS | TIMING_KEYS | ACCURACY_KEYS, r.keys()
+        assert r["runs"] >= 3 and 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["images_per_s"] == pytest.approx(1e3 * r["batch"] / r["mean_ms"])
+        assert 0 <= r["agreement"] <= 1 and r["delta_miou"] == pytest.approx(r["miou"] - r["miou_torch"])
+        baseline = next(b for b in ok if b["backend"] == "torch" and b["batch"] == r["batch"])
+        assert r["speedup"] == pytest.approx(baseline["mean_ms"] / r["mean_ms"])
+    torch_rows = [r for r in ok if r["backend"] == "torch"]
+    assert all(r["agreement"] == 1.0 and r["speedup"] == 1.0 for r in torch_rows)
+
+
+def test_a_backend_that_raises_is_recorded_and_the_others_complete(bench):
+    _, result = bench
+    failed = [r for r in result["results"] if r["status"] == "failed"]
+    assert {r["backend"] for r in failed} == {"trt.fp32"}
+    assert all("plan" in r["error"] for r in failed)  # no plan in this export: the reason is given
+
+
+def test_plots_are_pngs(bench):
+    out, _ = bench
+    for name in ("pareto.png", "latency_vs_batch.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_report_numbers_are_the_json_numbers(bench):
+    out, result = bench
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    header = next(line for line in report.splitlines() if line.startswith("| model"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert len(table) == len(result["results"])
+    for line, row in zip(table, result["results"], strict=True):
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        assert (cells["model"], cells["backend"], cells["status"]) == (row["model"], row["backend"], row["status"])
+        if row["status"] != "ok":
+            assert cells["mean ms"] == "–"
+            continue
+        assert float(cells["mean ms"]) == pytest.approx(row["mean_ms"], abs=0.006)
+        assert float(cells["p99"]) == pytest.approx(row["p99_ms"], abs=0.006)
+        assert float(cells["img/s"]) == pytest.approx(row["images_per_s"], abs=0.06)
+        assert float(cells["mIoU"]) == pytest.approx(row["miou"], abs=6e-5)
+        assert float(re.sub("x$", "", cells["speed-up"])) == pytest.approx(row["speedup"], abs=0.006)
+    assert "trt.fp32" in report.split("## Failed", 1)[1]
