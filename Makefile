@@ -7,7 +7,7 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup setup-gpu data train eval export export-trt serve demo ablation bench bench-train load test lint format clean
+.PHONY: setup setup-gpu data train eval export export-trt triton-repo serve demo ablation bench bench-train load test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,12 +40,16 @@ export: setup
 export-trt: export
 	$(PY) -m export.tensorrt --run $(RUN)
 
+# A Triton Inference Server model repository from the engine dirs: runs/<name>/triton
+triton-repo: setup
+	$(PY) -m export.triton --run $(RUN) $(ARGS)
+
 # The Gradio demo on a run's engines: make serve RUN=runs/demo ARGS="--host 0.0.0.0 --port 7860"
 serve: setup
 	$(PY) -m serve --engines $(RUN)/export $(ARGS)
 
 # The whole pipeline on the embedded dataset: data, training (a second `make demo` resumes or just
-# re-reports runs/demo), then ONNX engines of both students through the parity gate.
+# re-reports runs/demo), ONNX engines of both students through the parity gate, a short bench.
 demo: data
 	@if [ -f runs/demo/checkpoint/last.safetensors ]; then \
 		$(PY) -m train --resume runs/demo $(ARGS); \
@@ -53,7 +57,17 @@ demo: data
 		$(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); \
 	fi
 	$(PY) -m export --run runs/demo
+	$(PY) -m benchmarks.bench --run runs/demo --models cnn vit ensemble --backends torch ort.cpu.fp32 ort.cpu.int8 \
+		--batch-sizes 1 --sizes 64x64 --seconds 1 --eval-images 100
 	@echo; echo "Start the demo app: make serve RUN=runs/demo   (then open http://127.0.0.1:7860)"
+
+# Every engine of a run against its PyTorch students: runs/<name>/bench/{results.json,report.md,*.png}
+bench: setup
+	$(PY) -m benchmarks.bench --run $(RUN) $(ARGS)
+
+# N concurrent users against a running `make serve`: make load ARGS="--clients 16 --seconds 60"
+load: setup
+	$(PY) -m benchmarks.load $(ARGS)
 
 # Every method preset on the synthetic set, same seed and budget: runs/ablation/table.md
 ablation: data
