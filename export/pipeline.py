@@ -73,8 +73,9 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=False)  # calibration, unaugmented
     size = tuple(opts.size) if opts.size else eval_set.read(0)[1].shape
-    _write_examples(eval_set, out / "examples", opts.examples)
-    return {name: _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) for name in opts.students}
+    manifests = {s: _export_student(run_dir, cfg, s, opts, out, size, eval_set, train_set) for s in opts.students}
+    _write_examples(eval_set, out / "examples", opts.examples)  # only once every gate has passed
+    return manifests
 
 
 def _write_examples(eval_set, folder: Path, count: int) -> None:
