@@ -22,18 +22,22 @@ import numpy as np
 from PIL import Image
 
 
-def run_load(url, clients, seconds, image, model="cnn", precision="fp32", backend="onnxruntime") -> dict:
+def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backend="onnxruntime") -> dict:
+    """`images`: one path per client (or one for all)."""
     from gradio_client import Client, handle_file
 
+    # Not Gradio's default /tmp/gradio: on the server's own machine that is the server's cache, and
+    # a client rewriting a file there while the server streams it truncates other responses.
+    downloads = tempfile.mkdtemp(prefix="load-")
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
     deadline = [0.0]
 
-    def user() -> None:
+    def user(image: Path) -> None:
         try:
-            client = Client(url, verbose=False)
+            client = Client(url, verbose=False, download_files=downloads)
         except Exception as e:  # the server refused even the handshake
             with lock:
                 errors[f"connect: {e}"[:200]] += 1
@@ -51,7 +55,8 @@ def run_load(url, clients, seconds, image, model="cnn", precision="fp32", backen
             with lock:
                 latencies.append(time.perf_counter() - sent)
 
-    threads = [threading.Thread(target=user, daemon=True) for _ in range(clients)]
+    images = images if len(images) == clients else [images[0]] * clients
+    threads = [threading.Thread(target=user, args=(images[i],), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     deadline[0] = time.perf_counter() + seconds  # set before the barrier releases the users
@@ -78,22 +83,31 @@ def run_load(url, clients, seconds, image, model="cnn", precision="fp32", backen
     }
 
 
+def _random_images(count: int, folder: Path) -> list[Path]:
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"client-{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (512, 1024, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:7860/")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--image", type=Path, help="default: a 512x1024 random RGB image")
+    parser.add_argument(
+        "--image", type=Path, help="one image for every client (default: a 512x1024 random RGB image each)"
+    )
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    image = args.image
-    if image is None:
-        image = Path(tempfile.mkdtemp()) / "load.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 1024, 3), dtype=np.uint8)).save(image)
-    r = run_load(args.url, args.clients, args.seconds, image, args.model, args.precision, args.backend)
+    # Distinct images: Gradio caches outputs by content hash, and identical outputs of concurrent
+    # requests rewrite one cached file while it is being sent (see the note in README, Serve).
+    images = [args.image] if args.image else _random_images(args.clients, Path(tempfile.mkdtemp(prefix="load-")))
+    r = run_load(args.url, args.clients, args.seconds, images, args.model, args.precision, args.backend)
     print("| clients | seconds | requests | requests/s | p50 ms | p99 ms | max ms | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(

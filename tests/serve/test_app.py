@@ -17,8 +17,9 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return Client(server, verbose=False)
+def client(server, tmp_path_factory):
+    # Its own download dir: Gradio's default is the server's cache dir on this same machine.
+    return Client(server, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
 def _segment(client, path, model="cnn", variant="fp32", opacity=0.5):
