@@ -35,7 +35,7 @@ from benchmarks.report import write_plots, write_report
 from export.graphs import LogitsModel
 from serve.manifest import read_manifest
 from serve.runtime import import_onnxruntime, open_engine
-from serve.segmenter import STUDENTS, Segmenter
+from serve.segmenter import STUDENTS, Segmenter, engines_of
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.metrics import ConfusionMatrix
@@ -133,7 +133,7 @@ class EngineRunner:
 
     def __init__(self, engines: Path, model: str, backend: str, threads: int) -> None:
         kind, precision, _ = BACKENDS[backend]
-        members, io = (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+        members, io = engines_of(model)
         variant = VARIANT[precision]
         if backend == "ort.cpu.int8":
             shipped = {e.variant for e in read_manifest(engines / members[0]).engines}

@@ -111,6 +111,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def engines_of(model: str) -> tuple[tuple[str, ...], str]:
+    """The students a model runs and their I/O mode: the ensemble needs both students' logits."""
+    return (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+
+
 def engine_dirs(engines_root: str | Path) -> dict[str, Path]:
     """The students exported under `engines_root` (a run's export dir: <root>/<student>/manifest.json)."""
     root = Path(engines_root)
@@ -130,7 +135,7 @@ def choices(engines_root: str | Path, backends: tuple[str, ...] = BACKENDS) -> l
         variants = sorted({v for (_, v, _, f) in have if f == fmt[backend]}, key=_variant_order)
         for variant in variants:
             for model in MODELS:
-                members, io = (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+                members, io = engines_of(model)
                 if all((s, variant, io, fmt[backend]) in have for s in members):
                     found.append((model, variant, backend))
     return found
@@ -152,7 +157,7 @@ def load_segmenter(
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}' ({', '.join(MODELS)})")
     dirs = engine_dirs(engines_root)
-    members, io = (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+    members, io = engines_of(model)
     missing = [s for s in members if s not in dirs]
     if missing:
         raise FileNotFoundError(f"{model} needs the {', '.join(missing)} engine dir under {engines_root}")
