@@ -81,9 +81,11 @@ def test_bad_arrays_and_unknown_choices_are_refused(engines):
 
 def test_choices_list_every_model_variant_backend_present(engines):
     found = choices(engines)
-    shipped = {e.variant for e in read_manifest(engines / "cnn").engines}
-    assert {(m, v, "onnxruntime") for m in ("cnn", "vit", "ensemble") for v in shipped} <= set(found)
-    assert not [c for c in found if c[2] == "tensorrt"]  # no plans in this export
+    # Which variants ship may differ per student (int8.cpu only where it was faster at export).
+    shipped = {s: {e.variant for e in read_manifest(engines / s).engines} for s in ("cnn", "vit")}
+    expected = {(s, v, "onnxruntime") for s, variants in shipped.items() for v in variants}
+    expected |= {("ensemble", v, "onnxruntime") for v in shipped["cnn"] & shipped["vit"]}
+    assert set(found) == expected  # and no tensorrt: there are no plans in this export
     for model, variant, backend in found:
         assert isinstance(load_segmenter(engines, model, variant, backend), Segmenter)
 
