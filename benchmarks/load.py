@@ -1,7 +1,7 @@
 """Load check of a running demo app: N concurrent gradio_client users for T seconds.
 
 python -m benchmarks.load [--url http://127.0.0.1:7860/] [--clients 16] [--seconds 60]
-    [--image PATH] [--model cnn] [--precision fp32] [--backend onnxruntime] [--json FILE]
+    [--image PATH | --size 512 1024] [--model cnn] [--precision fp32] [--backend onnxruntime] [--json FILE]
 
 Each client sends /segment requests back to back. Prints requests/s, latency percentiles (as a
 client sees them: upload, queue, inference and download) and the errors, by message.
@@ -83,11 +83,11 @@ def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backe
     }
 
 
-def _random_images(count: int, folder: Path) -> list[Path]:
+def _random_images(count: int, folder: Path, size: tuple[int, int]) -> list[Path]:
     paths = []
     for i in range(count):
         paths.append(folder / f"client-{i}.png")
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (512, 1024, 3), dtype=np.uint8)).save(paths[-1])
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
     return paths
 
 
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image", type=Path, help="one image for every client (default: a 512x1024 random RGB image each)"
     )
+    parser.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--backend", default="onnxruntime")
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Distinct images: Gradio caches outputs by content hash, and identical outputs of concurrent
     # requests rewrite one cached file while it is being sent (see the note in README, Serve).
-    images = [args.image] if args.image else _random_images(args.clients, Path(tempfile.mkdtemp(prefix="load-")))
+    folder = Path(tempfile.mkdtemp(prefix="load-"))
+    images = [args.image] if args.image else _random_images(args.clients, folder, tuple(args.size))
     r = run_load(args.url, args.clients, args.seconds, images, args.model, args.precision, args.backend)
     print("| clients | seconds | requests | requests/s | p50 ms | p99 ms | max ms | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
