@@ -46,8 +46,6 @@ class Segmenter:
         self.min_hw = tuple(max(m.shapes["min"][i] for m in manifests) for i in (1, 2))
         self.max_hw = tuple(min(m.shapes["max"][i] for m in manifests) for i in (1, 2))
         self.max_batch = min(m.shapes["max"][0] for m in manifests)
-        entry = engines[0].entry
-        self.variant, self.precision = entry.variant, entry.precision
 
     def fit(self, height: int, width: int) -> tuple[int, int]:
         """The size an image runs at: scaled (aspect kept) into [min, max], on the size multiple."""
