@@ -9,6 +9,7 @@ class's share of pixels and the latency of each stage. The same function is the 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio import processing_utils
 from PIL import Image
 
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
@@ -26,6 +28,24 @@ log = logging.getLogger(__name__)
 
 DISPLAY_SIDE = 1600  # the overlay is drawn at most this large; the class map keeps full size
 MODEL_LABELS = {"cnn": "CNN (DeepLabV3+ ResNet-18)", "vit": "ViT (SegFormer-B0)", "ensemble": "Ensemble (mean softmax)"}
+
+
+def _save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """Gradio's `processing_utils.save_pil_to_cache`, without its race: Gradio names the file by
+    its content hash and rewrote it in place on every call, so identical outputs of concurrent
+    requests truncated a file while it was being sent. Same content, same name: write once, atomically."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
+processing_utils.save_pil_to_cache = _save_pil_to_cache  # also serves save_img_array_to_cache
 
 
 def undecoded(upload: gr.Image) -> gr.Image:
