@@ -95,6 +95,9 @@ class TorchRunner:
     def __init__(self, students: list[torch.nn.Module], backend: str, device: torch.device) -> None:
         self.device, self.backend = device, backend
         self.models = [LogitsModel(s).eval().to(device) for s in students]
+        # On CUDA, NHWC as in training (cuDNN's fast kernels); uint8 NHWC input permuted is NHWC already.
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.models = [m.to(memory_format=self.memory_format) for m in self.models]
         if backend == "torch.compile":
             self.models = [torch.compile(m) for m in self.models]
         elif backend == "torch.cudagraphs":
@@ -122,7 +125,7 @@ class TorchRunner:
         return labels.cpu().numpy()
 
     def prepare(self, images: np.ndarray) -> None:
-        self.x = self._normalised(images).contiguous()
+        self.x = self._normalised(images).contiguous(memory_format=self.memory_format)
 
     def compute(self) -> None:
         self.logits(self.x)
@@ -391,16 +394,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default: RUN/bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if not (args.run / "export").is_dir():
-        print(f"error: {args.run}/export has no engines: run python -m export --run {args.run} first", file=sys.stderr)
+    backends = list(dict.fromkeys([BASELINE, *(args.backends or default_backends(torch.cuda.is_available()))]))
+    manifests = sorted((args.run / "export").glob("*/manifest.json"))
+    engine_backends = [b for b in backends if BACKENDS[b][0] != "torch"]
+    if engine_backends and not manifests:  # the PyTorch rows alone need no export
+        print(f"error: {args.run}/export has no engines for {' '.join(engine_backends)}: "
+              f"run python -m export --run {args.run} first", file=sys.stderr)  # fmt: skip
         return 2
     sizes = args.sizes
     if not sizes:
-        opt = read_manifest(next(p for p in (args.run / "export").iterdir() if (p / "manifest.json").is_file()))
-        sizes = list(dict.fromkeys([tuple(opt.shapes["opt"][1:]), (512, 1024)]))
+        opt = tuple(read_manifest(manifests[0].parent).shapes["opt"][1:]) if manifests else None
+        sizes = list(dict.fromkeys([s for s in (opt, (512, 1024)) if s]))
     settings = Settings(
         models=args.models,
-        backends=list(dict.fromkeys([BASELINE, *(args.backends or default_backends(torch.cuda.is_available()))])),
+        backends=backends,
         batch_sizes=args.batch_sizes,
         sizes=sizes,
         seconds=args.seconds,

@@ -109,7 +109,20 @@ def measure(args: argparse.Namespace) -> dict:
         }
     if "independent" in times and "full" in times:
         results["overhead"] = results["full"]["step_ms"]["median"] / results["independent"]["step_ms"]["median"] - 1
+    if args.profile:
+        for preset, trainer in trainers.items():
+            results[preset]["profile"] = profile_step(trainer, images, labels, args.profile)
     return results
+
+
+def profile_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, rows: int) -> str:
+    """The ops of one step that take the most time on the device (self time), as torch.profiler's table."""
+    cuda = trainer.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        time_steps(trainer, images, labels, 2)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def format_table(results: dict) -> str:
@@ -150,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per preset")
     parser.add_argument("--rounds", type=int, default=4, help="alternations between presets")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print each preset's N costliest ops")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. cnn.output_stride=8")
     args = parser.parse_args(argv)
     args.overrides = [*args.overrides, f"device={args.device}", "iterations=1000000"]
     if args.amp:
         args.overrides.append(f"amp={args.amp}")
     results = measure(args)
+    for preset in args.presets if args.profile else []:
+        print(f"## {preset}: one step, profiled\n{results[preset]['profile']}")
     print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

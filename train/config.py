@@ -108,6 +108,8 @@ class Config:
     log_interval: int = 50
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA only; CPU always runs fp32
     channels_last: bool = True  # CUDA only
+    cudnn_benchmark: bool = True  # CUDA only: autotuned convolutions (false: bitwise-repeatable GPU runs)
+    compile_losses: bool = True  # CUDA only: torch.compile fuses the loss terms' full-resolution element-wise work
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

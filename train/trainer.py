@@ -136,6 +136,9 @@ class Trainer:
                 f"does not split evenly over {self.dist.world} processes"
             )
         torch.manual_seed(cfg.seed)
+        if self.cuda:  # TF32 matmuls for fp32 (cuDNN's convolutions use TF32 by default already)
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = True
 
         self.train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
         self.eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
@@ -157,6 +160,8 @@ class Trainer:
             module.to(self.device)
             if self.cuda and cfg.channels_last:
                 module.to(memory_format=torch.channels_last)
+        if self.cuda and cfg.compile_losses:
+            self.objective.compile_terms()
         projectors = {"cnn": self.objective.cnn_to_vit, "vit": self.objective.vit_to_cnn}
         self.optimizers = {
             name: build_optimizer(self.students[name], getattr(cfg, name).optimizer, projectors[name])

@@ -79,3 +79,17 @@ def test_report_numbers_are_the_json_numbers(bench):
         assert float(cells["mIoU"]) == pytest.approx(row["miou"], abs=6e-5)
         assert float(re.sub("x$", "", cells["speed-up"])) == pytest.approx(row["speedup"], abs=0.006)
     assert "trt.fp32" in report.split("## Failed", 1)[1]
+
+
+def test_pytorch_rows_need_no_export_and_engine_rows_name_the_missing_step(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "cnn.safetensors", "vit.safetensors"):
+        (run / name).write_bytes((trained_run / name).read_bytes())
+    small = ["--models", "cnn", "--batch-sizes", "1", "--sizes", "40x56", "--seconds", "0.05", "--min-runs", "2",
+             "--warmup", "0", "--eval-images", "1", "--out", str(tmp_path / "bench")]  # fmt: skip
+    assert main(["--run", str(run), "--backends", "torch", *small]) == 0
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("torch", "ok")]
+    assert main(["--run", str(run), "--backends", "ort.cpu.fp32", *small]) == 2
+    assert f"python -m export --run {run}" in capsys.readouterr().err

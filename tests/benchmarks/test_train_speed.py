@@ -20,3 +20,12 @@ def test_train_speed_times_both_presets_and_writes_json(synthetic_root, tmp_path
     assert r["overhead"] == pytest.approx(ratio - 1)
     table = capsys.readouterr().out
     assert "| independent |" in table and "| full |" in table and "overhead" in table
+
+
+def test_profile_names_the_costliest_ops_of_each_preset(synthetic_root, capsys):
+    args = ["--crop", "32", "48", "--batch", "2", "--warmup", "1", "--steps", "1", "--rounds", "1", "--device", "cpu"]
+    assert main([*args, "--profile", "5", f"data.root={synthetic_root}"]) == 0
+    out = capsys.readouterr().out
+    for preset in ("independent", "full"):
+        section = out.split(f"## {preset}: one step, profiled", 1)[1]
+        assert "aten::convolution_backward" in section.split("## ", 1)[0]  # the students' own cost is there

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from train.losses import (
     dml_loss,
     hfd_loss,
     pixel_bsd_loss,
+    pixel_ce,
     region_bsd_loss,
 )
 from train.models import StudentOutput
@@ -113,6 +116,19 @@ def test_pixel_bsd_reliable_teacher_and_no_transfer_where_both_are_wrong():
     assert gc[3] == 0 and gv[3] == 0
 
 
+def test_pixel_bsd_with_the_ce_terms_per_pixel_ce_is_the_same_loss():
+    """The objective hands pixel BSD the CE terms' own per-pixel CE (with its graph) instead of a second
+    pass: same directions, same value, and no gradient through the masks."""
+    labels, zc, zv = pixel_case()
+    own, own_stats = pixel_bsd_loss(zc, zv, labels)
+    shared, shared_stats = pixel_bsd_loss(zc, zv, labels, ce=(pixel_ce(zc, labels), pixel_ce(zv, labels)))
+    torch.testing.assert_close(shared, own)
+    assert floats(shared_stats) == floats(own_stats)
+    shared.backward()
+    gc, gv = zc.grad.abs().sum(1)[0, 0], zv.grad.abs().sum(1)[0, 0]
+    assert gc[0] == 0 and gv[1] == 0  # the teacher side of each pixel still gets nothing
+
+
 def test_pixel_bsd_ce_criterion_teaches_everywhere_labelled():
     labels, zc, zv = pixel_case()
     _, stats = pixel_bsd_loss(zc, zv, labels, criterion="ce")
@@ -196,3 +212,21 @@ def test_objective_explicit_terms_and_stage_list():
     assert objective.cnn_to_vit["2"][0].weight.shape == (64, 128, 1, 1)
     with pytest.raises(ValueError, match="stage 5 does not exist"):
         Objective(MethodConfig(terms=["hfd"], hfd_stages=[5]), [64, 128, 256, 512], [32, 64, 160, 256])
+
+
+def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
+    """CUDA training compiles the terms (`compile_losses`); the ramp stays outside the compiled code."""
+    import torch._dynamo
+
+    cnn, vit, labels = student_pair()
+    eager = Objective(MethodConfig(preset="full", warmup=0.1), [64, 128, 256, 512], [32, 64, 160, 256])
+    compiled = copy.deepcopy(eager)
+    compiled.compile_terms()
+    for i, progress in enumerate((0.0, 0.03, 0.07, 0.5)):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got, got_stats = compiled(cnn, vit, labels, progress=progress)
+        want, want_stats = eager(cnn, vit, labels, progress=progress)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_stats, want_stats)
+    (grad,) = torch.autograd.grad(sum(got.values()), cnn.low[0])
+    torch.testing.assert_close(grad, torch.autograd.grad(sum(want.values()), cnn.low[0])[0], rtol=1e-4, atol=1e-6)
