@@ -96,7 +96,7 @@ def measure(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "crop": [h, w],
         "batch": batch,
-        "amp": cfg.amp if device.type == "cuda" else "none",
+        "amp": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(first.amp_dtype, "none"),
         "channels_last": bool(cfg.channels_last and device.type == "cuda"),
     }
     for preset, ts in times.items():
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="default: the config's crop")
     parser.add_argument("--batch", type=int, help="default: the config's batch size")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], help="default: the config's (CUDA only)")
+    parser.add_argument(
+        "--amp", choices=["none", "bf16", "fp16"], help="default: the config's (on a CPU: bf16 where native)"
+    )
     parser.add_argument("--presets", nargs="+", default=["independent", "full"])
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per preset")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per preset")

@@ -48,6 +48,7 @@ class OptimizerConfig:
     head_lr_mult: float = 1.0  # decoder/classifier lr = lr * head_lr_mult
     warmup_iters: int = 0  # linear warm-up, then poly decay
     poly_power: float = 0.9
+    grad_clip: float = 0.0  # max global gradient norm of this student's step (0: no clipping)
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Config:
     eval_interval: int = 4_000
     checkpoint_interval: int = 1_000
     log_interval: int = 50
-    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA only; CPU always runs fp32
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA; on a CPU bf16 where native (AVX512-BF16, AMX), else fp32
     channels_last: bool = True  # CUDA only
     cudnn_benchmark: bool = True  # CUDA only: autotuned convolutions (false: bitwise-repeatable GPU runs)
     compile_losses: bool = True  # CUDA only: torch.compile fuses the loss terms' full-resolution element-wise work

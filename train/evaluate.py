@@ -6,7 +6,6 @@ python -m train.evaluate --run runs/<name> [--split val] [--device cpu] [--json 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -58,9 +57,10 @@ def evaluate(
     device: torch.device,
     eval_cfg: EvalConfig | None = None,
     crop: list[int] = (512, 512),
-    autocast=contextlib.nullcontext,
 ) -> dict[str, dict]:
-    """Metrics of each student and, for two or more, of their ensemble (mean of softmax)."""
+    """Metrics of each student and, for two or more, of their ensemble (mean of softmax). Always in
+    fp32, also during mixed-precision training: the numbers then match `train.evaluate` and the
+    fp32 engines the export checks against."""
     eval_cfg = eval_cfg or EvalConfig()
     names = list(students) + (["ensemble"] if len(students) > 1 else [])
     matrices = {name: ConfusionMatrix(num_classes, device) for name in names}
@@ -71,8 +71,7 @@ def evaluate(
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         probs = 0
         for name, model in students.items():
-            with autocast():
-                logits = predict_logits(model, images, eval_cfg, list(crop))
+            logits = predict_logits(model, images, eval_cfg, list(crop))
             matrices[name].update(logits.argmax(1), labels)
             probs = probs + logits.softmax(1)
         if "ensemble" in matrices:

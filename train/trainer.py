@@ -122,6 +122,19 @@ class Collaboration(nn.Module):
         return self.objective(cnn, vit, labels, progress=progress)
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 or fp16 on CUDA; on a CPU bf16 only, and only where it is native."""
+    if device.type == "cuda":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.bfloat16 if amp == "bf16" and cpu_has_bf16() else None
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -167,7 +180,7 @@ class Trainer:
             name: build_optimizer(self.students[name], getattr(cfg, name).optimizer, projectors[name])
             for name in STUDENTS
         }
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if self.cuda else None
+        self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.iteration = 0
@@ -194,7 +207,7 @@ class Trainer:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- one training step -------------------------------------------------------------------
 
@@ -211,13 +224,19 @@ class Trainer:
         total = sum(losses.values())
 
         self.scaler.scale(total).backward()
-        for optimizer in self.optimizers.values():
+        norms = {}
+        for name, optimizer in self.optimizers.items():
+            clip = getattr(self.cfg, name).optimizer.grad_clip
+            if clip > 0:
+                self.scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                norms[f"grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(params, clip)
             self.scaler.step(optimizer)
         self.scaler.update()
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}, **stats}
+        return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}, **stats, **norms}
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -306,9 +325,7 @@ class Trainer:
         d = self.cfg.data
         self._sync_buffers()
         loader = self._eval_loader(d.eval_max_images)
-        results = evaluate(
-            dict(self.students), loader, d.num_classes, self.device, self.cfg.eval, d.crop_size, self.autocast
-        )
+        results = evaluate(dict(self.students), loader, d.num_classes, self.device, self.cfg.eval, d.crop_size)
         improved = [name for name in STUDENTS if results[name]["miou"] > self.best[name]["miou"]]
         for name in improved:
             self.best[name] = {"miou": results[name]["miou"], "iteration": self.iteration}
@@ -329,9 +346,7 @@ class Trainer:
         d = self.cfg.data
         distributed.barrier()  # rank 0 has written the best weights
         best = {name: m.to(self.device) for name, m in load_students(self.run_dir, self.cfg).items()}
-        results = evaluate(
-            best, self._eval_loader(), d.num_classes, self.device, self.cfg.eval, d.crop_size, self.autocast
-        )
+        results = evaluate(best, self._eval_loader(), d.num_classes, self.device, self.cfg.eval, d.crop_size)
         for name in STUDENTS:
             results[name]["iteration"] = self.best[name]["iteration"]
         metrics = {"dataset": d.root, "split": d.eval_split, "iteration": self.iteration, **results}

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from benchmarks.train_speed import main
+from train.trainer import cpu_has_bf16
 
 
 def test_train_speed_times_both_presets_and_writes_json(synthetic_root, tmp_path, capsys):
@@ -11,7 +12,7 @@ def test_train_speed_times_both_presets_and_writes_json(synthetic_root, tmp_path
     assert main([*args, "--json", str(out), f"data.root={synthetic_root}"]) == 0
 
     r = json.loads(out.read_text())
-    assert r["crop"] == [32, 48] and r["batch"] == 2 and r["amp"] == "none"
+    assert r["crop"] == [32, 48] and r["batch"] == 2 and r["amp"] == ("bf16" if cpu_has_bf16() else "none")
     assert "CPU" in r["device"] or "threads" in r["device"]
     for preset in ("independent", "full"):
         assert r[preset]["steps"] == 2

@@ -17,9 +17,9 @@ from safetensors import safe_open
 
 from tests.conftest import REPO, run_module, tiny_run_args
 from train.checkpoint import load_state, load_weights
-from train.config import OptimizerConfig
+from train.config import OptimizerConfig, load_config
 from train.data.synthetic import CLASS_NAMES
-from train.trainer import ResumableSampler, lr_factor
+from train.trainer import ResumableSampler, Trainer, amp_dtype, cpu_has_bf16, lr_factor
 
 
 def test_sampler_resumes_mid_stream_and_crosses_epochs():
@@ -40,6 +40,14 @@ def test_sampler_shards_global_batches_across_ranks():
         assert merged == single[4 * batch : 4 * batch + 4]
 
 
+def test_amp_on_cpu_is_bf16_only_where_native():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("bf16", cpu) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert amp_dtype("fp16", cpu) is None and amp_dtype("none", cpu) is None
+    assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("bf16", cuda) == torch.bfloat16
+    assert amp_dtype("none", cuda) is None
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     cfg = OptimizerConfig(warmup_iters=10, poly_power=1.0)
     assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
@@ -47,6 +55,25 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(50, 100, cfg) == pytest.approx(0.5)
     assert lr_factor(99, 100, cfg) == pytest.approx(0.01)
     assert lr_factor(0, 100, OptimizerConfig(poly_power=0.9)) == 1.0
+
+
+def test_grad_clip_bounds_one_students_step(synthetic_root, tmp_path):
+    # Plain SGD (no momentum, no decay, no warm-up): the step is lr x the clipped gradient.
+    sgd = ["optimizer.momentum=0", "optimizer.weight_decay=0", "optimizer.poly_power=0"]
+    overrides = [*tiny_run_args(synthetic_root), "data.verify=false", "amp=none", "method.preset=independent"]
+    overrides += [f"{s}.{o}" for s in ("cnn",) for o in sgd] + ["cnn.optimizer.grad_clip=1e-3"]
+    trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", overrides), tmp_path / "run")
+    before = {k: v.detach().clone() for k, v in trainer.students.named_parameters()}
+    images, labels = next(iter(trainer.train_loader()))
+    logs = trainer.step(images, labels)
+
+    assert logs["grad_norm_cnn"] > 1e-3 and "grad_norm_vit" not in logs  # clipped; the ViT is not
+    after = {k: v.detach() for k, v in trainer.students.named_parameters()}
+    step = {
+        s: torch.cat([(after[k] - v).flatten() for k, v in before.items() if k.startswith(s)]) for s in ("cnn", "vit")
+    }
+    assert step["cnn"].norm() == pytest.approx(0.01 * 1e-3, rel=0.01)  # lr x clip (fp32 weight differences)
+    assert step["vit"].norm() > 1e-3  # AdamW, unclipped: a full-size step
 
 
 def train_cli(run_dir: Path, data_root: Path, *extra: str, iterations: int = 6) -> subprocess.CompletedProcess:
