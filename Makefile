@@ -12,7 +12,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,export,serve,bench,cpu,dev]'
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,bench,cpu,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 # A CUDA host: onnxruntime-gpu and pycuda in place of the CPU wheel (both install one module)
 setup-gpu: setup
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,export,serve,bench,gpu,dev]'
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,bench,gpu,dev]'
 
 data: setup
 	$(PY) -m train.data.synthetic --out data/synthetic

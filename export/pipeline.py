@@ -163,8 +163,7 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
             log.info("%s: int8.cpu not shipped: %s", name, verdict)
 
     candidates = [
-        parity.Candidate(e.file, e.io, e.precision, OnnxRuntimeEngine(tmp / e.file, device="cpu", spin=False).run)
-        for e in entries
+        parity.Candidate(e.file, e.io, e.precision, OnnxRuntimeEngine(tmp / e.file, device="cpu").run) for e in entries
     ]
     reports = parity.check(student, candidates, eval_set, opts.parity_images, opts.batch_sizes, opts.thresholds)
     for e in entries:
