@@ -168,9 +168,18 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
     reports = parity.check(student, candidates, eval_set, opts.parity_images, opts.batch_sizes, opts.thresholds)
     for e in entries:
         e.parity = reports[e.file]
-    failed = parity.failures(reports)
-    if failed:
-        raise parity.ParityError(f"{name}: the parity gate failed (nothing written):\n  " + "\n  ".join(failed))
+    # fp32 is the reference every engine derives from: its failure stops the export. A reduced
+    # precision that fails is not shipped (both I/O modes), with the reason in the manifest.
+    failed = {e.variant: parity.failures({e.file: e.parity}) for e in entries if not e.parity["passed"]}
+    if "fp32" in failed:
+        lines = [line for variant in failed.values() for line in variant]
+        raise parity.ParityError(f"{name}: the parity gate failed (nothing written):\n  " + "\n  ".join(lines))
+    for variant, lines in failed.items():
+        for e in [e for e in entries if e.variant == variant]:
+            (tmp / e.file).unlink()
+            entries.remove(e)
+        skipped.append({"variant": variant, "reason": "failed the parity gate: " + "; ".join(lines)})
+        log.warning("%s: %s not shipped, it failed the parity gate: %s", name, variant, "; ".join(lines))
 
     h, w = size
     return Manifest(

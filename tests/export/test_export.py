@@ -67,7 +67,7 @@ def test_engines_run_odd_sizes_and_labels_equal_argmax_of_logits(exported_run, s
         assert (single[0] == labels[1]).mean() >= 0.999, variant
 
 
-def test_gate_fails_on_a_perturbed_engine_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):
+def test_gate_keeps_a_perturbed_reduced_precision_engine_out(trained_run, tmp_path, monkeypatch, capsys):
     honest_fp16 = export.pipeline.precision.to_fp16
 
     def perturbed_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -85,9 +85,24 @@ def test_gate_fails_on_a_perturbed_engine_and_writes_nothing(trained_run, tmp_pa
     out = tmp_path / "engines"
     code = main(["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "fp16",
                  *TEST_EXPORT_ARGS])  # fmt: skip
+    assert code == 0  # fp32 passed: the export ships what passed
+    manifest = read_manifest(out / "cnn")
+    assert {e.variant for e in manifest.engines} == {"fp32"}
+    assert sorted(p.name for p in (out / "cnn").glob("*.onnx")) == ["model.fp32.logits.onnx", "model.fp32.onnx"]
+    (skipped,) = manifest.skipped
+    assert (
+        skipped["variant"] == "fp16" and "parity gate" in skipped["reason"] and "model.fp16.onnx" in skipped["reason"]
+    )
+    assert "not shipped: fp16: failed the parity gate" in capsys.readouterr().out
+
+
+def test_failed_fp32_gate_exits_1_and_writes_nothing(trained_run, tmp_path, capsys):
+    out = tmp_path / "engines"
+    code = main(["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32",
+                 "--fp32-agreement", "1.01", *TEST_EXPORT_ARGS])  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err
-    assert "parity gate failed" in err and "model.fp16.onnx" in err and "model.fp32.onnx" not in err
+    assert "parity gate failed" in err and "model.fp32.onnx" in err
     assert list(out.iterdir()) == []  # no engine dir, no temp dir left behind
 
 
