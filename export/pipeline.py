@@ -170,7 +170,10 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
         e.parity = reports[e.file]
     # fp32 is the reference every engine derives from: its failure stops the export. A reduced
     # precision that fails is not shipped (both I/O modes), with the reason in the manifest.
-    failed = {e.variant: parity.failures({e.file: e.parity}) for e in entries if not e.parity["passed"]}
+    failed: dict[str, list[str]] = {}
+    for e in entries:
+        failed.setdefault(e.variant, []).extend(parity.failures({e.file: e.parity}))
+    failed = {variant: lines for variant, lines in failed.items() if lines}
     if "fp32" in failed:
         lines = [line for variant in failed.values() for line in variant]
         raise parity.ParityError(f"{name}: the parity gate failed (nothing written):\n  " + "\n  ".join(lines))
