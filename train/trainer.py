@@ -166,6 +166,12 @@ class Trainer:
         students = nn.ModuleDict({name: build_student(getattr(cfg, name), k) for name in STUDENTS})
         channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
         objective = Objective(cfg.method, channels["cnn"], channels["vit"])
+        if "region_bsd" in objective.terms and cfg.cnn.decoder_channels != cfg.vit.decoder_channels:
+            raise ConfigError(
+                "region-wise BSD compares the two decoder features channel by channel: "
+                f"cnn.decoder_channels ({cfg.cnn.decoder_channels}) must equal "
+                f"vit.decoder_channels ({cfg.vit.decoder_channels})"
+            )
         if self.dist.enabled and self.cuda:  # a few images per GPU: batch statistics over all of them
             students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
             objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)

@@ -89,3 +89,10 @@ def test_missing_or_wrong_weights_are_reported(tmp_path):
     save_file({"nonsense": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match=r"do not fit timm model 'resnet18': .* missing"):
         build_student(StudentConfig(weights=str(path)), 3)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3plus-r18-os8", "segformer-b0"])
+def test_decoder_width_is_configurable(name):
+    cfg = StudentConfig(**{**STUDENTS[name].__dict__, "decoder_channels": 48})
+    out = build_student(cfg, num_classes=5).eval()(torch.randn(1, 3, 64, 64))
+    assert out.feat.shape == (1, 48, 16, 16) and out.logits.shape == (1, 5, 16, 16)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from tests.conftest import REPO, run_module, tiny_run_args
 from train.checkpoint import load_state, load_weights
-from train.config import OptimizerConfig, load_config
+from train.config import ConfigError, OptimizerConfig, load_config
 from train.data.synthetic import CLASS_NAMES
 from train.trainer import ResumableSampler, Trainer, amp_dtype, cpu_has_bf16, lr_factor
 
@@ -74,6 +74,15 @@ def test_grad_clip_bounds_one_students_step(synthetic_root, tmp_path):
     }
     assert step["cnn"].norm() == pytest.approx(0.01 * 1e-3, rel=0.01)  # lr x clip (fp32 weight differences)
     assert step["vit"].norm() > 1e-3  # AdamW, unclipped: a full-size step
+
+
+def test_region_bsd_needs_decoder_features_of_one_width(synthetic_root, tmp_path):
+    widths = [*tiny_run_args(synthetic_root), "data.verify=false", "cnn.decoder_channels=32", "vit.decoder_channels=48"]
+    with pytest.raises(ConfigError, match=r"cnn.decoder_channels \(32\) must equal vit.decoder_channels \(48\)"):
+        Trainer(load_config(REPO / "configs/synthetic.yaml", [*widths, "method.preset=full"]), tmp_path / "a")
+    trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", [*widths, "method.preset=hfd"]), tmp_path / "b")
+    images, labels = next(iter(trainer.train_loader()))
+    assert torch.isfinite(trainer.step(images, labels)["hfd"])  # only region-wise BSD compares decoder features
 
 
 def train_cli(run_dir: Path, data_root: Path, *extra: str, iterations: int = 6) -> subprocess.CompletedProcess:

@@ -12,9 +12,11 @@ from train.models.segformer import SegFormer
 
 def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
     if cfg.arch == "deeplabv3plus":
-        return DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride or 8, cfg.pretrained, cfg.weights)
+        return DeepLabV3Plus(
+            num_classes, cfg.backbone, cfg.output_stride or 8, cfg.pretrained, cfg.weights, cfg.decoder_channels
+        )
     if cfg.arch == "segformer":
-        return SegFormer(num_classes, cfg.backbone, cfg.pretrained, cfg.weights)
+        return SegFormer(num_classes, cfg.backbone, cfg.pretrained, cfg.weights, cfg.decoder_channels)
     raise ValueError(f"unknown student arch '{cfg.arch}' (deeplabv3plus or segformer)")
 
 

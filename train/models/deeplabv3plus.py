@@ -25,12 +25,14 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3PlusHead(nn.Module):
-    def __init__(self, low_ch: int, high_ch: int, num_classes: int, rates: tuple[int, int, int]) -> None:
+    def __init__(
+        self, low_ch: int, high_ch: int, num_classes: int, rates: tuple[int, int, int], dim: int = 256
+    ) -> None:
         super().__init__()
-        self.aspp = ASPP(high_ch, 256, rates)
+        self.aspp = ASPP(high_ch, dim, rates)
         self.low_proj = ConvBNReLU(low_ch, 48, 1)
-        self.fuse = nn.Sequential(ConvBNReLU(256 + 48, 256, 3), ConvBNReLU(256, 256, 3))
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+        self.fuse = nn.Sequential(ConvBNReLU(dim + 48, dim, 3), ConvBNReLU(dim, dim, 3))
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(dim, num_classes, 1))
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Resize to the low-level map's actual size (not a fixed x4), so any input size works.
@@ -47,6 +49,7 @@ class DeepLabV3Plus(nn.Module):
         output_stride: int = 8,
         pretrained: bool = False,
         weights: str | None = None,
+        decoder_channels: int = 256,
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
@@ -56,7 +59,7 @@ class DeepLabV3Plus(nn.Module):
         )
         channels = self.encoder.feature_info.channels()
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
-        self.decoder = DeepLabV3PlusHead(channels[0], channels[-1], num_classes, rates)
+        self.decoder = DeepLabV3PlusHead(channels[0], channels[-1], num_classes, rates, decoder_channels)
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
         stages = self.encoder(x)

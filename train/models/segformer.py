@@ -38,11 +38,12 @@ class SegFormer(nn.Module):
         backbone: str = "pvt_v2_b0",
         pretrained: bool = False,
         weights: str | None = None,
+        decoder_channels: int = 256,
     ) -> None:
         super().__init__()
         extra = {"mlp_ratios": (4, 4, 4, 4)} if backbone.startswith("pvt_v2") else {}
         self.encoder = create_encoder(backbone, pretrained, weights, **extra)
-        self.decoder = AllMLPHead(self.encoder.feature_info.channels(), num_classes)
+        self.decoder = AllMLPHead(self.encoder.feature_info.channels(), num_classes, decoder_channels)
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
         stages = self.encoder(x)
