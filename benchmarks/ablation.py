@@ -1,11 +1,23 @@
-"""The comparison run: every method preset trained on the same data, seed and budget.
+"""The method's comparison protocol: arms x paired seeds, checkpoints picked on val, numbers from test.
 
 python -m benchmarks.ablation [--config configs/synthetic.yaml] [--out runs/ablation]
-    [--presets independent dml hfd bsd full] [overrides]
+    [--arms independent dml full] [--arm NAME "key=value ..."] [--seeds 0 1 2] [--jobs 2]
+    [--baseline independent] [overrides]
 
-Each preset trains in its own run dir `<out>/<preset>` (a killed ablation resumes where it stopped;
-finished presets are not trained again), then `<out>/table.md` gets one row per preset with the
-val mIoU of the CNN, the ViT and their ensemble.
+An arm is a method preset (`independent dml hfd bsd full`), one term alone (`region_bsd pixel_bsd`),
+or a named set of overrides (`--arm gentle "method.preset=full method.pixel_weight=0.3"`). Every arm
+trains once per seed in `<out>/<arm>/seed<k>`; within a seed every arm starts from the same student
+initialisation and sees the same batches in the same order (both follow the seed alone). A killed
+ablation resumes where it stopped; finished runs are not trained again.
+
+`--jobs N` trains N runs at once with cores/N threads each: the small steps of the synthetic set use
+cores poorly, so on 2 cores two 1-thread runs finish 1.4x as many runs per hour as one 2-thread run.
+
+The report (`<out>/table.md`, `results.json`, `curves.png`): held-out test mIoU of the best weights
+(picked on the eval split) and of the last weights, mean +- SD over seeds; the paired difference of
+each arm to the baseline (and to `dml`) per seed, with its mean, SD and worst seed; the val learning
+curves; and per distillation term its value, the ratio of its gradient norm to CE's at the student
+tensor it acts on, and the direction shares, averaged over the second half of training.
 """
 
 from __future__ import annotations
@@ -13,55 +25,237 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import shlex
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.train_speed import cpu_model
 from train.config import load_config
-from train.losses import PRESETS
+from train.losses import PRESETS, WEIGHTS
 from train.run_dir import CHECKPOINT_FILE, METRICS_FILE
 
 MODELS = ("cnn", "vit", "ensemble")
+TERMS = list(WEIGHTS)
+DEFAULT_ARMS = ["independent", "dml", "full"]
 
 
-def train(preset: str, config: Path, run_dir: Path, overrides: list[str]) -> None:
-    if (run_dir / METRICS_FILE).is_file():
-        print(f"[{preset}] done before: {run_dir / METRICS_FILE}", flush=True)
-        return
+def arm_overrides(name: str, custom: dict[str, list[str]]) -> list[str]:
+    if name in custom:
+        return custom[name]
+    if name in PRESETS:
+        return [f"method.preset={name}"]
+    if name in TERMS:
+        return [f"method.terms=[{name}]"]
+    raise SystemExit(f"unknown arm '{name}': a preset ({', '.join(PRESETS)}), a term ({', '.join(TERMS)}), or --arm")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def command(config: Path, run_dir: Path, overrides: list[str]) -> list[str]:
     if (run_dir / CHECKPOINT_FILE).is_file():
-        cmd = ["--resume", str(run_dir)]
-    else:
-        cmd = ["--config", str(config), "--run-dir", str(run_dir), f"name={run_dir.name}", *overrides]
-    print(f"[{preset}] training in {run_dir}", flush=True)
-    subprocess.run([sys.executable, "-m", "train", *cmd, f"method.preset={preset}"], check=True)
+        return [sys.executable, "-m", "train", "--resume", str(run_dir)]
+    args = ["--config", str(config), "--run-dir", str(run_dir), f"name={run_dir.parent.name}", *overrides]
+    return [sys.executable, "-m", "train", *args]
 
 
-def table(out: Path, presets: list[str], config: Path, overrides: list[str]) -> str:
-    cfg = load_config(config, overrides)
-    d = cfg.data
-    init = "ImageNet/local encoder weights" if any(s.pretrained or s.weights for s in (cfg.cnn, cfg.vit)) else "random"
+def train_all(runs: list[tuple[Path, list[str]]], config: Path, jobs: int) -> list[Path]:
+    """Train the runs not finished yet, `jobs` at a time; returns the run dirs that failed."""
+    todo = [(d, o) for d, o in runs if not (d / METRICS_FILE).is_file()]
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    running: dict[Path, tuple[subprocess.Popen, float]] = {}
+    failed = []
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs done before; {len(todo)} to train, {jobs} at a time")
+    while todo or running:
+        while todo and len(running) < jobs:
+            run_dir, overrides = todo.pop(0)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            with open(run_dir.with_suffix(".log"), "a") as log:
+                proc = subprocess.Popen(command(config, run_dir, overrides), stdout=log, stderr=log, env=env)
+            running[run_dir] = (proc, time.monotonic())
+            print(f"[{run_dir.parent.name}/{run_dir.name}] training ({run_dir.with_suffix('.log')})", flush=True)
+        time.sleep(1)
+        for run_dir, (proc, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[run_dir]
+            name, took = f"{run_dir.parent.name}/{run_dir.name}", f"{(time.monotonic() - started) / 60:.1f} min"
+            if proc.returncode:
+                failed.append(run_dir)
+                print(f"[{name}] failed (exit {proc.returncode}) after {took}", flush=True)
+            else:
+                print(f"[{name}] done in {took}", flush=True)
+    return failed
+
+
+# --- reading a finished run ----------------------------------------------------------------------
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run as (step, value) pairs (a resumed run's overlap purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_run(run_dir: Path, iterations: int) -> dict:
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    tb = scalars(run_dir)
+    late = lambda tag: [v for step, v in tb.get(tag, []) if step > iterations / 2]  # noqa: E731
+    terms = {}
+    for tag in tb:
+        key = tag.removeprefix("train/")
+        if tag.startswith("train/") and key.split("_")[0] in ("ratio", "region", "pixel", *TERMS) and late(tag):
+            terms[key] = statistics.fmean(late(tag))
+    return {
+        "val": {m: metrics[m]["miou"] for m in MODELS},
+        "test_best": {m: metrics["test"]["best"][m]["miou"] for m in MODELS} if "test" in metrics else None,
+        "test_last": {m: metrics["test"]["last"][m]["miou"] for m in MODELS} if "test" in metrics else None,
+        "best_iteration": {m: metrics[m]["iteration"] for m in ("cnn", "vit")},
+        "curve": {m: tb.get(f"val/{m}/miou", []) for m in MODELS},
+        "terms": terms,
+    }
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(results: dict, arm: str, base: str, key: str) -> dict[str, list[float]] | None:
+    """Per model, the per-seed differences arm - base (percentage points) over the seeds both have."""
+    seeds = [s for s in results[arm] if s in results.get(base, {}) and results[arm][s][key]]
+    if not seeds or arm == base:
+        return None
+    return {m: [100 * (results[arm][s][key][m] - results[base][s][key][m]) for s in seeds] for m in MODELS}
+
+
+def fmt(values: list[float], signed: bool = False) -> str:
+    mean, sd = mean_sd(values)
+    if not signed:
+        return f"{mean:.2f} ± {sd:.2f}"
+    return f"{mean:+.2f} ± {sd:.2f} (min {min(values):+.2f})"
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "---:") -> list[str]:
+    """Markdown table lines; the first column left-aligned."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    return [line(header), "|---|" + "|".join([align] * (len(header) - 1)) + "|", *map(line, rows)]
+
+
+def helps(p: dict[str, list[float]]) -> bool:
+    """The target: a paired mean of at least +1.0 point for every model, and no seed below -1.0."""
+    return all(statistics.fmean(p[m]) >= 1.0 and min(p[m]) >= -1.0 for m in MODELS)
+
+
+def term_rows(results: dict) -> list[list[str]]:
+    """Per arm and distillation term: value, gradient ratios and direction shares (mean over seeds)."""
     rows = []
-    for preset in presets:
-        metrics = json.loads((out / preset / METRICS_FILE).read_text())
-        rows.append(f"| {preset} | " + " | ".join(f"{100 * metrics[m]['miou']:.2f}" for m in MODELS) + " |")
-    command = " ".join(["python -m benchmarks.ablation", "--config", str(config), *overrides])
-    return "\n".join(
-        [
-            f"# Ablation on {d.root} ({d.eval_split} split), val mIoU in %",
-            "",
-            f"- Command: `{command}`",
-            f"- Budget per preset: {cfg.iterations} iterations, batch {d.batch_size}, crop "
-            f"{d.crop_size[0]}x{d.crop_size[1]}, seed {cfg.seed}, encoders from {init} initialisation",
-            f"- Machine: {cpu_model()}; device `{cfg.device}`; {datetime.date.today()}",
-            "- Best weights of each student over the run (evaluated every "
-            f"{cfg.eval_interval} iterations); ensemble = mean of the two best students' softmax",
-            "",
-            "| preset | CNN | ViT | ensemble |",
-            "|---|---:|---:|---:|",
-            *rows,
+    for arm, runs in results.items():
+        logged: dict[str, list[float]] = {}
+        for r in runs.values():
+            for k, v in r["terms"].items():
+                logged.setdefault(k, []).append(v)
+        mean = {k: statistics.fmean(v) for k, v in logged.items()}
+        for term in (t for t in TERMS if t in mean):
+            kind = term.split("_")[0]
+            keys = [f"ratio_{term}_cnn", f"ratio_{term}_vit", f"{kind}_vit_to_cnn", f"{kind}_cnn_to_vit"]
+            rows.append([arm, term, f"{mean[term]:.4f}", *(f"{mean[k]:.2f}" if k in mean else "-" for k in keys)])
+    return rows
+
+
+def report(results: dict, args, cfg) -> str:
+    d = cfg.data
+    seeds = sorted({s for r in results.values() for s in r})
+    split = d.test_split or d.eval_split
+    command = " ".join(shlex.quote(a) for a in args.argv)
+    arms = "; ".join(f"`{a}`: {' '.join(arm_overrides(a, args.custom)) or '(config)'}" for a in results)
+    lines = [
+        f"# Method comparison on {d.root}: {split} mIoU (%), {len(seeds)} paired seeds",
+        "",
+        f"- Command: `python -m benchmarks.ablation {command}`",
+        f"- Budget per run: {cfg.iterations} iterations, batch {d.batch_size}, crop {d.crop_size[0]}x{d.crop_size[1]}; "
+        f"seeds {', '.join(map(str, seeds))}; checkpoints picked on `{d.eval_split}` every {cfg.eval_interval} "
+        f"iterations, numbers from `{split}`",
+        f"- Machine: {cpu_model()}, {args.jobs} run(s) at a time; {datetime.date.today()}",
+        f"- Arms: {arms}",
+        "",
+    ]
+    titles = {"test_best": "best weights (picked on val)", "test_last": "last weights (final iteration)"}
+    for key, title in titles.items():
+        if not any(r[key] for runs in results.values() for r in runs.values()):
+            continue
+        rows = [
+            [arm, *(fmt([100 * r[key][m] for r in runs.values()]) for m in MODELS)] for arm, runs in results.items()
         ]
-    )
+        lines += [f"## {split}, {title}: mean ± SD over seeds", "", *table(["arm", "CNN", "ViT", "ensemble"], rows)]
+        for base in dict.fromkeys([args.baseline, "dml"]):
+            deltas = [(arm, p) for arm in results if (p := paired(results, arm, base, key))]
+            if deltas:
+                rows = [
+                    [arm, *(fmt(p[m], signed=True) for m in MODELS), "yes" if helps(p) else "no"] for arm, p in deltas
+                ]
+                header = ["arm", "ΔCNN", "ΔViT", "Δensemble", "≥ +1.0 mean, ≥ −1.0 every seed"]
+                lines += ["", f"Paired Δ to `{base}` (points; mean ± SD over seeds, worst seed):", ""]
+                lines += table(header, rows)
+        lines.append("")
+
+    def triple(r: dict | None) -> str:
+        return " / ".join(f"{100 * r[m]:.2f}" for m in MODELS) if r else "-"
+
+    def at(r: dict) -> str:
+        return " / ".join(str(r["best_iteration"][m]) for m in ("cnn", "vit"))
+
+    rows = [
+        [arm, str(seed), triple(r["test_best"]), triple(r["test_last"]), triple(r["val"]), at(r)]
+        for arm, runs in results.items()
+        for seed, r in sorted(runs.items())
+    ]
+    header = ["arm", "seed", "test best CNN / ViT / ens", "test last", "val best", "best at it. CNN / ViT"]
+    lines += ["## Per seed", "", *table(header, rows, "---")]
+    if terms := term_rows(results):
+        lines += [
+            "",
+            "## Distillation terms over the second half of training (mean over seeds)",
+            "",
+            "Value: the weighted term in the loss. Ratio: its gradient norm over CE's at the tensor it acts on",
+            "(HFD: the distilled encoder stages; region BSD: the decoder feature; pixel BSD, DML: the logits).",
+            "Shares: of the labelled regions / pixels where the ViT teaches the CNN (v→c) and the CNN the ViT (c→v).",
+            "",
+            *table(["arm", "term", "value", "ratio CNN", "ratio ViT", "v→c", "c→v"], terms),
+        ]
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, model in zip(axes, MODELS, strict=True):
+        for arm, runs in results.items():
+            curves = [dict(r["curve"][model]) for r in runs.values() if r["curve"][model]]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if steps:
+                ax.plot(steps, [100 * statistics.fmean(c[s] for c in curves) for s in steps], label=arm)
+        ax.set(title=f"{model}: val mIoU, mean over seeds", xlabel="iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mIoU (%)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,18 +264,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, default=Path("configs/synthetic.yaml"))
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to every preset")
+    parser.add_argument("--arms", nargs="+", default=None, help=f"presets or terms (default: {' '.join(DEFAULT_ARMS)})")
+    parser.add_argument("--arm", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (cores are split between them)")
+    parser.add_argument("--baseline", default="independent")
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every arm (e.g. iterations=3000)")
     args = parser.parse_args(argv)
-    for preset in args.presets:
-        try:
-            train(preset, args.config, args.out / preset, args.overrides)
-        except subprocess.CalledProcessError as e:
-            print(f"[{preset}] training failed (exit {e.returncode})", file=sys.stderr)
-            return e.returncode
-    text = table(args.out, args.presets, args.config, args.overrides)
-    (args.out / "table.md").write_text(text + "\n")
-    print(text)
+    args.argv = sys.argv[1:] if argv is None else argv
+    args.custom = {name: shlex.split(overrides) for name, overrides in args.arm}
+    arms = list(dict.fromkeys((args.arms or ([] if args.custom else DEFAULT_ARMS)) + list(args.custom)))
+    for arm in arms:
+        arm_overrides(arm, args.custom)  # unknown names fail before anything trains
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+
+    runs = [
+        (args.out / arm / f"seed{seed}", [*args.overrides, *arm_overrides(arm, args.custom), f"seed={seed}"])
+        for seed in args.seeds
+        for arm in arms
+    ]
+    failed = train_all(runs, args.config, args.jobs)
+    results = {
+        arm: {seed: read_run(args.out / arm / f"seed{seed}", cfg.iterations) for seed in args.seeds}
+        for arm in arms
+        if all((args.out / arm / f"seed{s}" / METRICS_FILE).is_file() for s in args.seeds)
+    }
+    if results:
+        text = report(results, args, cfg)
+        (args.out / "table.md").write_text(text + "\n")
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        plot_curves(results, args.out / "curves.png")
+        print(text)
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + ", ".join(str(d) for d in failed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,7 +15,8 @@ def synthetic_root(tmp_path_factory) -> Path:
     """A tiny copy of the embedded dataset, written through the real generator."""
     from train.data.synthetic import generate
 
-    return generate(tmp_path_factory.mktemp("synthetic"), num_train=16, num_val=4, height=40, width=56, seed=1)
+    root = tmp_path_factory.mktemp("synthetic")
+    return generate(root, num_train=16, num_val=4, height=40, width=56, seed=1, num_test=3)
 
 
 def tiny_run_args(data_root: Path, iterations: int = 6) -> list[str]:

@@ -25,7 +25,8 @@ class DataConfig:
     format: Literal["folder", "cityscapes", "camvid", "voc"] = "folder"
     root: str = "data/synthetic"
     train_split: str = "train"
-    eval_split: str = "val"
+    eval_split: str = "val"  # evaluated during training: picks each student's best weights
+    test_split: str | None = None  # held out: evaluated once at the end (best and last weights), for reporting
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # H, W
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     batch_size: int = 8
@@ -82,21 +83,44 @@ class EvalConfig:
 
 @dataclass
 class MethodConfig:
-    """The collaborative objective (METHOD.md §3-6): a preset, or an explicit list of terms."""
+    """The collaborative objective (docs/method.md): a preset, or an explicit list of terms, and each
+    term's options. Distillation runs from `start` on, ramped up linearly over `warmup` (shares of
+    training)."""
 
     preset: Literal["independent", "dml", "hfd", "bsd", "full"] = "full"
     terms: list[Literal["hfd", "region_bsd", "pixel_bsd", "dml"]] | None = None  # overrides the preset
+    start: float = 0.0  # share of iterations before any distillation (CE alone)
     warmup: float = 0.05  # share of iterations over which every distillation weight ramps up from 0
     hfd_weight: float = 1.0
     hfd_stages: list[int] = field(default_factory=lambda: [1])  # encoder stages, 1 = stride 4
-    hfd_distance: Literal["mse", "cosine"] = "mse"
+    hfd_distance: Literal["mse", "cosine", "cwd"] = "mse"
+    hfd_decay: Literal["none", "linear", "cosine"] = "none"  # HFD's weight decays to 0 at the end of training
     region_weight: float = 1.0
     region_size: int = 8  # k x k cells of the stride-4 grid
     region_criterion: Literal["ce", "entropy"] = "ce"
+    region_distance: Literal["mse", "cosine", "cwd"] = "mse"
+    region_margin: float = 0.0  # the teacher's mean CE (or entropy) in a region must be lower by this (nats)
+    region_adapter: bool = False  # learner-side 1x1 conv + BN from a student's decoder feature to the other's
     pixel_weight: float = 1.0
     pixel_criterion: Literal["correct_then_ce", "ce"] = "correct_then_ce"
+    pixel_margin: float = 0.0  # where both students are right, the teacher's CE must be lower by this (nats)
+    pixel_norm: Literal["active", "valid"] = "active"  # average each direction over its own pixels, or all labelled
     temperature: float = 1.0
     dml_weight: float = 1.0
+    cwd_temperature: float = 4.0  # softmax temperature of the `cwd` feature distance
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"method.{name}={getattr(self, name)!r}: {what}")
+
+        need(0 <= self.start < 1, "start", "distillation must start before the end of training (0 <= start < 1)")
+        need(0 <= self.warmup <= 1, "warmup", "a share of training (0-1)")
+        for name in ("region_margin", "pixel_margin", "hfd_weight", "region_weight", "pixel_weight", "dml_weight"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("temperature", "cwd_temperature"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        need(self.region_size >= 1, "region_size", "must be >= 1")
 
 
 @dataclass

@@ -120,7 +120,8 @@ class Collaboration(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: float):
         cnn, vit = self.students["cnn"](images), self.students["vit"](images)
-        return self.objective(cnn, vit, labels, progress=progress)
+        losses, stats = self.objective(cnn, vit, labels, progress=progress)
+        return losses, stats, (cnn, vit)
 
 
 def cpu_has_bf16() -> bool:
@@ -156,21 +157,24 @@ class Trainer:
 
         self.train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
         self.eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
+        self.test_set = build_dataset(cfg.data, cfg.data.test_split, train=False) if cfg.data.test_split else None
         self._record_classes(self.train_set)
         if cfg.data.verify:
-            log.info("checking every mask of %s and %s", self.train_set.name, self.eval_set.name)
-            self.train_set.verify()
-            self.eval_set.verify()
+            splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
+            log.info("checking every mask of %s", ", ".join(s.name for s in splits))
+            for split in splits:
+                split.verify()
 
         k = cfg.data.num_classes
         students = nn.ModuleDict({name: build_student(getattr(cfg, name), k) for name in STUDENTS})
         channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
-        objective = Objective(cfg.method, channels["cnn"], channels["vit"])
-        if "region_bsd" in objective.terms and cfg.cnn.decoder_channels != cfg.vit.decoder_channels:
+        widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
+        objective = Objective(cfg.method, channels["cnn"], channels["vit"], widths)
+        if "region_bsd" in objective.terms and not cfg.method.region_adapter and widths[0] != widths[1]:
             raise ConfigError(
-                "region-wise BSD compares the two decoder features channel by channel: "
-                f"cnn.decoder_channels ({cfg.cnn.decoder_channels}) must equal "
-                f"vit.decoder_channels ({cfg.vit.decoder_channels})"
+                "region-wise BSD without adapters compares the two decoder features channel by channel: "
+                f"cnn.decoder_channels ({widths[0]}) must equal vit.decoder_channels ({widths[1]}), "
+                "or set method.region_adapter=true"
             )
         if self.dist.enabled and self.cuda:  # a few images per GPU: batch statistics over all of them
             students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
@@ -182,9 +186,10 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)
         if self.cuda and cfg.compile_losses:
             self.objective.compile_terms()
-        projectors = {"cnn": self.objective.cnn_to_vit, "vit": self.objective.vit_to_cnn}
         self.optimizers = {
-            name: build_optimizer(self.students[name], getattr(cfg, name).optimizer, projectors[name])
+            name: build_optimizer(
+                self.students[name], getattr(cfg, name).optimizer, self.objective.learner_modules(name)
+            )
             for name in STUDENTS
         }
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
@@ -218,17 +223,20 @@ class Trainer:
 
     # --- one training step -------------------------------------------------------------------
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, diagnose: bool = False) -> dict[str, torch.Tensor]:
         """One optimisation step; returns detached scalar tensors (read them only when logging: on a
-        GPU every `.item()` waits for the step to finish)."""
+        GPU every `.item()` waits for the step to finish). `diagnose` adds each distillation term's
+        gradient-norm ratio to CE (`Objective.grad_ratios`: extra backward passes, for log steps)."""
         for name, optimizer in self.optimizers.items():
             factor = lr_factor(self.iteration, self.cfg.iterations, getattr(self.cfg, name).optimizer)
             for group in optimizer.param_groups:
                 group["lr"] = getattr(self.cfg, name).optimizer.lr * group["lr_mult"] * factor
 
         with self.autocast():
-            losses, stats = self.model(images, labels, progress=self.iteration / self.cfg.iterations)
+            losses, stats, outputs = self.model(images, labels, progress=self.iteration / self.cfg.iterations)
         total = sum(losses.values())
+        if diagnose and len(losses) > 2:
+            stats = {**stats, **self.objective.grad_ratios(*outputs, losses)}
 
         self.scaler.scale(total).backward()
         norms = {}
@@ -279,8 +287,9 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             if self.cuda and cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            logs = self.step(images, labels.to(self.device, non_blocking=True))
-            it = self.iteration
+            it = self.iteration + 1
+            diagnose = main and it % cfg.log_interval == 0
+            logs = self.step(images, labels.to(self.device, non_blocking=True), diagnose)
             bar.update(1)
             log_now = it % cfg.log_interval == 0 or it == cfg.iterations
             if main and (log_now or (show_bar and it % _BAR_INTERVAL == 0)):
@@ -323,9 +332,10 @@ class Trainer:
             for buffer in self.students.buffers():
                 torch.distributed.broadcast(buffer, 0)
 
-    def _eval_loader(self, max_images: int | None = None) -> torch.utils.data.DataLoader:
+    def _eval_loader(self, max_images: int | None = None, dataset=None) -> torch.utils.data.DataLoader:
         d = self.cfg.data
-        return eval_loader(self.eval_set, d.eval_batch_size, d.num_workers, max_images, self.dist.rank, self.dist.world)
+        dataset = self.eval_set if dataset is None else dataset
+        return eval_loader(dataset, d.eval_batch_size, d.num_workers, max_images, self.dist.rank, self.dist.world)
 
     def evaluate_and_keep_best(self, writer: SummaryWriter | None) -> dict:
         """Every rank evaluates its share of the eval split; the confusion matrices are summed."""
@@ -349,17 +359,31 @@ class Trainer:
         return results
 
     def final_metrics(self) -> dict:
-        """Evaluate the best weights of both students (and their ensemble) on the full eval split."""
+        """Evaluate the best weights of both students (and their ensemble) on the full eval split. With a
+        test split (`data.test_split`), also the best weights (chosen on the eval split) and the last
+        ones on it: the held-out numbers to report."""
         d = self.cfg.data
         distributed.barrier()  # rank 0 has written the best weights
         best = {name: m.to(self.device) for name, m in load_students(self.run_dir, self.cfg).items()}
-        results = evaluate(best, self._eval_loader(), d.num_classes, self.device, self.cfg.eval, d.crop_size)
+
+        def run(students: dict, loader) -> dict:
+            return evaluate(students, loader, d.num_classes, self.device, self.cfg.eval, d.crop_size)
+
+        results = run(best, self._eval_loader())
         for name in STUDENTS:
             results[name]["iteration"] = self.best[name]["iteration"]
         metrics = {"dataset": d.root, "split": d.eval_split, "iteration": self.iteration, **results}
+        if self.test_set is not None:
+            self._sync_buffers()
+            test = self._eval_loader(dataset=self.test_set)
+            metrics["test"] = {"split": d.test_split, "best": run(best, test), "last": run(dict(self.students), test)}
         if self.dist.is_main:
             (self.run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
             log.info("best weights on %s:%s\n%s", d.root, d.eval_split, format_table(results, d.class_names))
+            if "test" in metrics:
+                log.info("on %s, best (by %s) and last weights:", d.test_split, d.eval_split)
+                for which in ("best", "last"):
+                    log.info("%s\n%s", which, format_table(metrics["test"][which], d.class_names))
         return metrics
 
     # --- resumable state ----------------------------------------------------------------------

@@ -1,25 +1,66 @@
 import json
 
+import pytest
+
 from benchmarks.ablation import main
 from tests.conftest import tiny_run_args
 from train.run_dir import CHECKPOINT_FILE
 
 
-def test_ablation_trains_each_preset_once_and_tabulates(synthetic_root, tmp_path):
+def rows_of(text: str, section: str) -> dict[str, list[str]]:
+    """The rows of the first table after `section`, by arm."""
+    lines = text.split(section, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| arm"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in rows}
+
+
+def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(synthetic_root, tmp_path):
     out = tmp_path / "ablation"
-    args = ["--out", str(out), *tiny_run_args(synthetic_root, iterations=2), "--presets", "independent", "dml"]
+    args = ["--out", str(out), "--seeds", "0", "1", "--jobs", "2", "--arms", "independent", "pixel_bsd"]
+    args += ["--arm", "gentle", "method.preset=dml method.dml_weight=0.5"]
+    args += [*tiny_run_args(synthetic_root, iterations=4), "method.warmup=0"]
     assert main(args) == 0
 
-    rows = {line.split("|")[1].strip(): line for line in (out / "table.md").read_text().splitlines() if "|" in line}
-    for preset in ("independent", "dml"):
-        metrics = json.loads((out / preset / "metrics.json").read_text())
-        cells = [c.strip() for c in rows[preset].split("|")[2:5]]
-        assert cells == [f"{100 * metrics[m]['miou']:.2f}" for m in ("cnn", "vit", "ensemble")]
-        # The preset flag reached the run (it overrides the shared overrides' preset).
-        assert f"preset: {preset}" in (out / preset / "config.yaml").read_text()
-    assert "2 iterations" in (out / "table.md").read_text()
+    metrics = {
+        (arm, seed): json.loads((out / arm / f"seed{seed}" / "metrics.json").read_text())
+        for arm in ("independent", "pixel_bsd", "gentle")
+        for seed in (0, 1)
+    }
+    # Each arm reached its run; within a seed every arm started from the same students.
+    assert "terms:\n  - pixel_bsd" in (out / "pixel_bsd" / "seed1" / "config.yaml").read_text()
+    assert "dml_weight: 0.5" in (out / "gentle" / "seed0" / "config.yaml").read_text()
+    assert "seed: 1" in (out / "independent" / "seed1" / "config.yaml").read_text()
+
+    text = (out / "table.md").read_text()
+    test_best = lambda arm, seed, m: 100 * metrics[arm, seed]["test"]["best"][m]["miou"]  # noqa: E731
+    means = rows_of(text, "## test, best weights")
+    want = (test_best("gentle", 0, "vit") + test_best("gentle", 1, "vit")) / 2
+    assert means["gentle"][1].startswith(f"{want:.2f} ±")
+    deltas = rows_of(text, "Paired Δ to `independent`")
+    assert set(deltas) == {"pixel_bsd", "gentle"}
+    diffs = [test_best("pixel_bsd", s, "cnn") - test_best("independent", s, "cnn") for s in (0, 1)]
+    assert deltas["pixel_bsd"][0].startswith(f"{sum(diffs) / 2:+.2f} ±")
+    assert f"(min {min(diffs):+.2f})" in deltas["pixel_bsd"][0]
+    assert "## test, last weights" in text and "| gentle | 1 |" in text
+
+    terms = rows_of(text, "## Distillation terms")
+    assert terms["pixel_bsd"][0] == "pixel_bsd" and terms["gentle"][0] == "dml"
+    assert all(c != "-" for c in terms["pixel_bsd"][2:6])  # ratios for both students and both directions
+    assert (out / "curves.png").stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["independent"]["0"]["curve"]["ensemble"]) >= 2  # evaluated at 3 and 4
 
     # A second call re-tabulates without training again.
-    stamp = (out / "dml" / CHECKPOINT_FILE).stat().st_mtime_ns
+    stamp = (out / "gentle" / "seed1" / CHECKPOINT_FILE).stat().st_mtime_ns
     assert main(args) == 0
-    assert (out / "dml" / CHECKPOINT_FILE).stat().st_mtime_ns == stamp
+    assert (out / "gentle" / "seed1" / CHECKPOINT_FILE).stat().st_mtime_ns == stamp
+
+
+def test_unknown_arm_fails_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="unknown arm 'nonsense'"):
+        main(["--out", str(tmp_path), "--arms", "nonsense"])

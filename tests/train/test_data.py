@@ -268,17 +268,27 @@ def test_synthetic_written_in_folder_format(synthetic_root):
     ds.verify()
     assert len(ds) == 4 and ds.classes.names == CLASS_NAMES
     assert ds[0][0].shape == (3, 40, 56)
+    assert len(load(synthetic_root, split="test")) == 3  # the held-out reporting split
     before = (synthetic_root / "images" / "val_00000.png").stat().st_mtime_ns
-    generate(synthetic_root, num_train=16, num_val=4, height=40, width=56, seed=1)  # same params: no rewrite
+    generate(synthetic_root, num_train=16, num_val=4, height=40, width=56, seed=1, num_test=3)  # no rewrite
     assert (synthetic_root / "images" / "val_00000.png").stat().st_mtime_ns == before
 
 
 def test_synthetic_rewrites_a_dataset_from_an_older_generator(tmp_path):
     import json
 
-    generate(tmp_path, num_train=2, num_val=1, height=16, width=16)
+    generate(tmp_path, num_train=2, num_val=1, height=16, width=16, num_test=1)
     stamp = tmp_path / "synthetic.json"
     stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "format": 1}))
     (tmp_path / "classes.json").write_text("{}")
-    generate(tmp_path, num_train=2, num_val=1, height=16, width=16)
+    generate(tmp_path, num_train=2, num_val=1, height=16, width=16, num_test=1)
     assert json.loads((tmp_path / "classes.json").read_text())["names"] == CLASS_NAMES
+
+
+def test_synthetic_splits_do_not_depend_on_each_other(tmp_path):
+    """Adding the test split (or resizing one split) leaves the images of the others as they were."""
+    generate(tmp_path / "a", num_train=2, num_val=2, height=16, width=16, num_test=0)
+    generate(tmp_path / "b", num_train=3, num_val=2, height=16, width=16, num_test=2)
+    for name in ("train_00001", "val_00001"):
+        a, b = (np.asarray(Image.open(tmp_path / r / "images" / f"{name}.png")) for r in "ab")
+        np.testing.assert_array_equal(a, b)

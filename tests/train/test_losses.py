@@ -14,6 +14,7 @@ from train.losses import (
     Objective,
     channel_norm,
     dml_loss,
+    feature_distance,
     hfd_loss,
     pixel_bsd_loss,
     pixel_ce,
@@ -230,3 +231,146 @@ def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
         torch.testing.assert_close(got_stats, want_stats)
     (grad,) = torch.autograd.grad(sum(got.values()), cnn.low[0])
     torch.testing.assert_close(grad, torch.autograd.grad(sum(want.values()), cnn.low[0])[0], rtol=1e-4, atol=1e-6)
+
+
+# --- method options -----------------------------------------------------------------------------
+
+
+def test_region_margin_suppresses_a_transfer_between_near_equal_students():
+    labels, left, cnn, vit = two_region_case()
+    # The ViT is right in the right region but barely surer than the CNN there: margin 0 transfers it,
+    # a margin of 1 nat does not; the CNN's clear lead on the left still transfers.
+    vit = outputs(vit.feat, torch.where(left[:, None], vit.logits, cnn.logits + confident(labels, 0.5)))
+    _, plain = region_bsd_loss(cnn, vit, labels, region_size=4)
+    loss, strict = region_bsd_loss(cnn, vit, labels, region_size=4, margin=1.0)
+    assert floats(plain) == {"region_vit_to_cnn": 0.5, "region_cnn_to_vit": 0.5}
+    assert floats(strict) == {"region_vit_to_cnn": 0.0, "region_cnn_to_vit": 0.5}
+    loss.backward()
+    assert cnn.feat.grad.abs().sum() == 0 and vit.feat.grad.abs().sum() > 0
+
+
+def test_region_adapters_train_only_the_learner_side():
+    """Each adapter maps its own student's feature to the other's width; in a region a student teaches,
+    neither its feature nor its adapter gets gradient."""
+    labels, _, cnn, vit = two_region_case()
+    vit = outputs(torch.randn(1, 10, 4, 8, requires_grad=True), vit.logits)  # another width: adapters bridge it
+    cnn_adapter, vit_adapter = nn.Conv2d(6, 10, 1), nn.Conv2d(10, 6, 1)
+    loss, _ = region_bsd_loss(cnn, vit, labels, region_size=4, adapters=(cnn_adapter, vit_adapter))
+    loss.backward()
+    grad_c, grad_v = cnn.feat.grad.abs().sum(1)[0], vit.feat.grad.abs().sum(1)[0]
+    assert grad_c[:, :4].sum() == 0 and grad_c[:, 4:].sum() > 0  # the CNN learns where the ViT teaches (right)
+    assert grad_v[:, 4:].sum() == 0 and grad_v[:, :4].sum() > 0
+    assert cnn_adapter.weight.grad.abs().sum() > 0 and vit_adapter.weight.grad.abs().sum() > 0
+    # Only the right region transfers ViT -> CNN: the ViT's adapter then gets nothing.
+    labels[..., :4] = 255
+    cnn_adapter.zero_grad(), vit_adapter.zero_grad()
+    region_bsd_loss(cnn, vit, labels, region_size=4, adapters=(cnn_adapter, vit_adapter))[0].backward()
+    assert cnn_adapter.weight.grad.abs().sum() > 0 and vit_adapter.weight.grad.abs().sum() == 0
+
+
+def test_feature_distances_are_zero_for_equal_maps_and_local_to_their_cells():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 8, 8, generator=g)
+    b = a.clone()
+    b[..., :4, :4] += torch.randn(2, 5, 4, 4, generator=g)  # differs in the top-left 4x4 cell only
+    for kind in ("mse", "cosine", "cwd"):
+        assert feature_distance(a, a, kind, cell=4).abs().max() < 1e-6
+        d = feature_distance(b, a, kind, cell=4)
+        assert d.shape == (2, 2, 2) and (d[:, 0, 0] > 1e-3).all()
+        assert d[:, 0, 1:].abs().max() < 1e-6 and d[:, 1].abs().max() < 1e-6
+        assert feature_distance(b, a, kind).shape == (2, 1, 1)  # no cell: the whole map
+    # cwd: a spatial softmax per channel, blind to a per-channel offset; a cell that does not divide the
+    # map is padded and the padding takes no probability.
+    torch.testing.assert_close(feature_distance(a + torch.randn(1, 5, 1, 1, generator=g), a, "cwd", 4), d * 0)
+    odd = feature_distance(b[..., :7, :7], a[..., :7, :7], "cwd", cell=4)
+    assert odd.shape == (2, 2, 2) and torch.isfinite(odd).all() and odd[:, 1, 1].abs().max() < 1e-6
+
+
+def test_pixel_margin_suppresses_transfer_between_two_right_students_only():
+    labels, zc, zv = pixel_case()
+    _, stats = pixel_bsd_loss(zc, zv, labels, margin=10.0)
+    # Pixel 0 (both right, CNN surer) no longer transfers; pixel 1 (only the ViT right) still does.
+    assert floats(stats) == {"pixel_vit_to_cnn": pytest.approx(1 / 3), "pixel_cnn_to_vit": 0.0}
+
+
+def test_pixel_valid_normalisation_is_invariant_to_the_share_of_active_pixels():
+    """Under `valid` a transferring pixel weighs the same whatever else transfers; under `active` its
+    weight is 1 / (pixels of that direction)."""
+    labels = torch.tensor([[[1, 1, 1, 1]]])
+    zc = torch.tensor([[2.0, 2, 2, 2], [0, 0, 0, 0]])[None, :, None, :]  # the CNN is wrong everywhere
+    zv_one = torch.tensor([[0.0, 2, 2, 2], [3, 0, 0, 0]])[None, :, None, :]  # the ViT right at pixel 0
+    zv_two = torch.tensor([[0.0, 0, 2, 2], [3, 3, 0, 0]])[None, :, None, :]  # ... and at pixel 1
+
+    def grad_at_pixel0(zv, norm):
+        z = zc.clone().requires_grad_(True)
+        pixel_bsd_loss(z, zv, labels, norm=norm)[0].backward()
+        return z.grad[..., 0]
+
+    torch.testing.assert_close(grad_at_pixel0(zv_one, "valid"), grad_at_pixel0(zv_two, "valid"))
+    torch.testing.assert_close(grad_at_pixel0(zv_one, "active"), 2 * grad_at_pixel0(zv_two, "active"))
+    torch.testing.assert_close(grad_at_pixel0(zv_one, "active"), 4 * grad_at_pixel0(zv_one, "valid"))
+
+
+def test_schedule_starts_late_ramps_and_decays_hfd():
+    cfg = MethodConfig(preset="full", start=0.2, warmup=0.2, hfd_decay="linear")
+    objective = Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256])
+    assert objective.schedule("pixel_bsd", 0.1) == 0 and objective.schedule("hfd", 0.19) == 0
+    assert objective.schedule("pixel_bsd", 0.3) == pytest.approx(0.5)
+    assert objective.schedule("pixel_bsd", 0.9) == 1.0
+    assert objective.schedule("hfd", 0.6) == pytest.approx(0.5)  # half-way through distillation (0.2 -> 1)
+    assert objective.schedule("hfd", 1.0) == pytest.approx(0.0)
+    cosine = Objective(MethodConfig(preset="hfd", hfd_decay="cosine"), [64, 128], [32, 64])
+    assert cosine.schedule("hfd", 0.5) == pytest.approx(0.5) and cosine.schedule("hfd", 0.25) > 0.75
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"start": 1.0}, r"method.start=1.0: distillation must start before the end of training"),
+        ({"region_margin": -0.1}, r"method.region_margin=-0.1: must be >= 0"),
+        ({"pixel_margin": -1.0}, r"method.pixel_margin=-1.0: must be >= 0"),
+        ({"warmup": 1.5}, r"method.warmup=1.5"),
+        ({"temperature": 0.0}, r"method.temperature=0.0: must be > 0"),
+    ],
+)
+def test_options_that_cannot_apply_fail_naming_the_field(override, message):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        MethodConfig(**override)
+
+
+def test_objective_region_adapters_bridge_widths_and_follow_the_learner():
+    cnn, vit, labels = student_pair()
+    vit = StudentOutput(vit.low, torch.randn(2, 12, 4, 4), vit.logits)  # decoder widths 8 and 12
+    cfg = MethodConfig(preset="bsd", region_adapter=True)
+    objective = Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256], decoder_channels=(8, 12))
+    losses, _ = objective(cnn, vit, labels, progress=0.5)
+    assert torch.isfinite(losses["region_bsd"])
+    assert objective.cnn_adapter[0].weight.shape == (12, 8, 1, 1)
+    cnn_side = {id(p) for p in objective.learner_modules("cnn").parameters()}
+    assert {id(p) for p in objective.cnn_adapter.parameters()} <= cnn_side
+    assert not {id(p) for p in objective.vit_adapter.parameters()} & cnn_side
+
+
+def test_grad_ratios_scale_with_the_weight_and_vanish_without_transfer():
+    cnn, vit, labels = student_pair()
+    cnn = StudentOutput(cnn.low, cnn.feat.requires_grad_(), cnn.logits.requires_grad_())
+    vit = StudentOutput(vit.low, vit.feat.requires_grad_(), vit.logits.requires_grad_())
+    ratios = {}
+    for weight in (1.0, 2.0):
+        cfg = MethodConfig(preset="full", pixel_weight=weight, warmup=0)
+        objective = Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256])
+        losses, _ = objective(cnn, vit, labels, progress=0.5)
+        ratios[weight] = objective.grad_ratios(cnn, vit, losses)
+    assert set(ratios[1.0]) == {f"ratio_{t}_{s}" for t in PRESETS["full"] for s in ("cnn", "vit")}
+    for student in ("cnn", "vit"):
+        assert ratios[1.0][f"ratio_pixel_bsd_{student}"] > 0
+        key = f"ratio_pixel_bsd_{student}"
+        torch.testing.assert_close(ratios[2.0][key], 2 * ratios[1.0][key])
+    # Both students wrong everywhere: pixel BSD transfers nothing, and its ratio says so.
+    wrong = (labels + 1) % K
+    flat = [StudentOutput(o.low, o.feat, confident(wrong).requires_grad_()) for o in (cnn, vit)]
+    objective = Objective(MethodConfig(terms=["pixel_bsd"], warmup=0), [64], [32])
+    losses, _ = objective(*flat, labels, progress=0.5)
+    assert objective.grad_ratios(*flat, losses)["ratio_pixel_bsd_cnn"] == 0

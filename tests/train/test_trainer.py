@@ -76,13 +76,24 @@ def test_grad_clip_bounds_one_students_step(synthetic_root, tmp_path):
     assert step["vit"].norm() > 1e-3  # AdamW, unclipped: a full-size step
 
 
-def test_region_bsd_needs_decoder_features_of_one_width(synthetic_root, tmp_path):
+def test_region_bsd_needs_decoder_features_of_one_width_or_adapters(synthetic_root, tmp_path):
     widths = [*tiny_run_args(synthetic_root), "data.verify=false", "cnn.decoder_channels=32", "vit.decoder_channels=48"]
-    with pytest.raises(ConfigError, match=r"cnn.decoder_channels \(32\) must equal vit.decoder_channels \(48\)"):
-        Trainer(load_config(REPO / "configs/synthetic.yaml", [*widths, "method.preset=full"]), tmp_path / "a")
+    plain = [*widths, "method.preset=full", "method.region_adapter=false"]
+    with pytest.raises(ConfigError, match=r"cnn.decoder_channels \(32\) must equal .* method.region_adapter=true"):
+        Trainer(load_config(REPO / "configs/synthetic.yaml", plain), tmp_path / "a")
     trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", [*widths, "method.preset=hfd"]), tmp_path / "b")
     images, labels = next(iter(trainer.train_loader()))
     assert torch.isfinite(trainer.step(images, labels)["hfd"])  # only region-wise BSD compares decoder features
+
+    adapted = [*widths, "method.preset=full", "method.region_adapter=true", "method.warmup=0"]
+    trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", adapted), tmp_path / "c")
+    adapter = trainer.objective.cnn_adapter[0].weight
+    in_cnn_optimizer = any(p is adapter for g in trainer.optimizers["cnn"].param_groups for p in g["params"])
+    assert adapter.shape == (48, 32, 1, 1) and in_cnn_optimizer  # the learner's optimizer trains its adapter
+    before = adapter.detach().clone()
+    logs = trainer.step(images, labels, diagnose=True)
+    assert torch.isfinite(logs["region_bsd"]) and not torch.equal(adapter, before)
+    assert {"ratio_region_bsd_cnn", "ratio_hfd_vit", "ratio_pixel_bsd_cnn"} <= set(logs)
 
 
 def train_cli(run_dir: Path, data_root: Path, *extra: str, iterations: int = 6) -> subprocess.CompletedProcess:
@@ -117,6 +128,10 @@ def test_training_writes_a_complete_run_dir(finished_run):
     for model in ("cnn", "vit", "ensemble"):
         assert 0.0 <= metrics[model]["miou"] <= 1.0 and len(metrics[model]["iou"]) == len(CLASS_NAMES)
         assert 0.0 <= metrics[model]["acc"] <= 1.0
+    # The held-out split: best weights (picked on val) and last weights, each model on all of its images.
+    assert metrics["test"]["split"] == "test"
+    for which in ("best", "last"):
+        assert all(0.0 <= metrics["test"][which][m]["miou"] <= 1.0 for m in ("cnn", "vit", "ensemble"))
 
     config = (finished_run / "config.yaml").read_text()
     assert f"num_classes: {len(CLASS_NAMES)}" in config and "- checker" in config  # resolved from the dataset
@@ -138,6 +153,12 @@ def test_evaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path):
     again, saved = json.loads(out.read_text()), json.loads((finished_run / "metrics.json").read_text())
     for model in ("cnn", "vit", "ensemble"):
         assert again[model]["miou"] == pytest.approx(saved[model]["miou"], abs=1e-9)
+    # The reported held-out numbers are the best weights' on the test split.
+    args = ("--run", str(finished_run), "--split", "test", "--json", str(out))
+    assert run_module("train.evaluate", *args, timeout=300).returncode == 0
+    test = json.loads(out.read_text())
+    for model in ("cnn", "vit", "ensemble"):
+        assert test[model]["miou"] == pytest.approx(saved["test"]["best"][model]["miou"], abs=1e-9)
 
 
 def test_existing_run_is_not_overwritten(finished_run, synthetic_root):
@@ -199,6 +220,8 @@ def test_resume_after_sigkill_reaches_the_same_weights(synthetic_root, tmp_path)
         (["data.root=/no/such/dataset"], "dataset root not found: /no/such/dataset"),
         (["data.batch_size=lots"], "data.batch_size: expected int"),
         (["data.batch_size=64"], "fewer than one batch of 64"),
+        (["method.start=1.5"], "method.start=1.5: distillation must start before the end of training"),
+        (["method.pixel_margin=-0.5"], "method.pixel_margin=-0.5: must be >= 0"),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(synthetic_root, tmp_path, args, message):

@@ -11,7 +11,10 @@ tells apart stayed below 0.2 IoU (ResNet-18 DeepLabV3+, 600 iterations), and fou
 two-colour textures (stripes, checker, dots, grid) stayed confused with each other; textures of
 different statistics are learnt from local evidence, as road, vegetation and sky are.
 
-    python -m train.data.synthetic --out data/synthetic [--train 800 --val 100 --height 64 --width 64]
+    python -m train.data.synthetic --out data/synthetic [--train 800 --val 100 --test 500 --height 64 --width 64]
+
+Three splits: `train`; `val`, which training evaluates to pick each student's best weights; and
+`test`, held out for the numbers a comparison reports (`data.test_split`).
 """
 
 from __future__ import annotations
@@ -133,17 +136,25 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
 
 
 def generate(
-    out: str | Path, num_train: int = 800, num_val: int = 100, height: int = 64, width: int = 64, seed: int = 0
+    out: str | Path,
+    num_train: int = 800,
+    num_val: int = 100,
+    height: int = 64,
+    width: int = 64,
+    seed: int = 0,
+    num_test: int = 500,
 ) -> Path:
-    """Write the dataset; a second call with the same parameters (and generator format) does nothing."""
+    """Write the dataset; a second call with the same parameters (and generator format) does nothing.
+    A split's images depend only on (seed, split, index), so adding a split leaves the others as they were."""
     out = Path(out)
-    params = {"format": FORMAT, "num_train": num_train, "num_val": num_val, "height": height, "width": width, "seed": seed}
+    params = {"format": FORMAT, "num_train": num_train, "num_val": num_val, "num_test": num_test}
+    params |= {"height": height, "width": width, "seed": seed}
     stamp = out / "synthetic.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return out
     for sub in ("images", "masks", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", num_train), ("val", num_val)):
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
         ids = [f"{split}_{i:05d}" for i in range(count)]
         for i, sample_id in enumerate(ids):
             image, mask = render(np.random.default_rng([seed, SPLIT_IDS[split], i]), height, width)
@@ -160,12 +171,16 @@ def main() -> None:
     parser.add_argument("--out", default="data/synthetic")
     parser.add_argument("--train", type=int, default=800)
     parser.add_argument("--val", type=int, default=100)
+    parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = generate(args.out, args.train, args.val, args.height, args.width, args.seed)
-    print(f"synthetic dataset: {args.train} train + {args.val} val images ({args.height}x{args.width}) in {out}")
+    out = generate(args.out, args.train, args.val, args.height, args.width, args.seed, args.test)
+    print(
+        f"synthetic dataset: {args.train} train + {args.val} val + {args.test} test images "
+        f"({args.height}x{args.width}) in {out}"
+    )
 
 
 if __name__ == "__main__":
