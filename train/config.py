@@ -85,13 +85,14 @@ class EvalConfig:
 class MethodConfig:
     """The collaborative objective (docs/method.md): a preset, or an explicit list of terms, and each
     term's options. Distillation runs from `start` on, ramped up linearly over `warmup` (shares of
-    training)."""
+    training). The defaults are the measured ones (benchmarks/results/ablation-synthetic.md); the first
+    design was start 0, warmup 0.05, hfd_weight 1, no margins, no adapters, pixel_norm `active`."""
 
     preset: Literal["independent", "dml", "hfd", "bsd", "full"] = "full"
     terms: list[Literal["hfd", "region_bsd", "pixel_bsd", "dml"]] | None = None  # overrides the preset
-    start: float = 0.0  # share of iterations before any distillation (CE alone)
-    warmup: float = 0.05  # share of iterations over which every distillation weight ramps up from 0
-    hfd_weight: float = 1.0
+    start: float = 0.25  # share of iterations before any distillation (CE alone)
+    warmup: float = 0.1  # share of iterations over which every distillation weight ramps up from 0
+    hfd_weight: float = 0.2
     hfd_stages: list[int] = field(default_factory=lambda: [1])  # encoder stages, 1 = stride 4
     hfd_distance: Literal["mse", "cosine", "cwd"] = "mse"
     hfd_decay: Literal["none", "linear", "cosine"] = "none"  # HFD's weight decays to 0 at the end of training
@@ -99,12 +100,12 @@ class MethodConfig:
     region_size: int = 8  # k x k cells of the stride-4 grid
     region_criterion: Literal["ce", "entropy"] = "ce"
     region_distance: Literal["mse", "cosine", "cwd"] = "mse"
-    region_margin: float = 0.0  # the teacher's mean CE (or entropy) in a region must be lower by this (nats)
-    region_adapter: bool = False  # learner-side 1x1 conv + BN from a student's decoder feature to the other's
+    region_margin: float = 0.1  # the teacher's mean CE (or entropy) in a region must be lower by this (nats)
+    region_adapter: bool = True  # learner-side 1x1 conv + BN from a student's decoder feature to the other's
     pixel_weight: float = 1.0
     pixel_criterion: Literal["correct_then_ce", "ce"] = "correct_then_ce"
-    pixel_margin: float = 0.0  # where both students are right, the teacher's CE must be lower by this (nats)
-    pixel_norm: Literal["active", "valid"] = "active"  # average each direction over its own pixels, or all labelled
+    pixel_margin: float = 0.5  # where both students are right, the teacher's CE must be lower by this (nats)
+    pixel_norm: Literal["active", "valid"] = "valid"  # average each direction over all labelled pixels, or its own
     temperature: float = 1.0
     dml_weight: float = 1.0
     cwd_temperature: float = 4.0  # softmax temperature of the `cwd` feature distance

@@ -169,7 +169,11 @@ class Trainer:
         students = nn.ModuleDict({name: build_student(getattr(cfg, name), k) for name in STUDENTS})
         channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
         widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
-        objective = Objective(cfg.method, channels["cnn"], channels["vit"], widths)
+        # The objective's own modules draw from a generator of their own, so every method arm of one seed
+        # trains with the same random stream (dropout) as `independent`: paired comparisons stay paired.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            objective = Objective(cfg.method, channels["cnn"], channels["vit"], widths)
         if "region_bsd" in objective.terms and not cfg.method.region_adapter and widths[0] != widths[1]:
             raise ConfigError(
                 "region-wise BSD without adapters compares the two decoder features channel by channel: "

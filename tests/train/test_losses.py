@@ -174,6 +174,11 @@ def test_hfd_targets_are_detached_and_normalised():
     torch.testing.assert_close(n.square().mean(1), torch.ones(2, 3, 3), atol=1e-3, rtol=0)
 
 
+def objective_of(cfg: MethodConfig) -> Objective:
+    """The objective for `student_pair`'s students (ResNet-18 / MiT-B0 stage widths, 8-wide decoders)."""
+    return Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256], decoder_channels=(8, 8))
+
+
 def student_pair(labels_hw=(16, 16)):
     g = torch.Generator().manual_seed(1)
     h, w = labels_hw[0] // 4, labels_hw[1] // 4
@@ -189,7 +194,7 @@ def student_pair(labels_hw=(16, 16)):
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_objective_presets_name_their_terms(preset):
     cnn, vit, labels = student_pair()
-    objective = Objective(MethodConfig(preset=preset), [64, 128, 256, 512], [32, 64, 160, 256])
+    objective = objective_of(MethodConfig(preset=preset))
     losses, stats = objective(cnn, vit, labels, progress=0.5)
     assert set(losses) == {"ce_cnn", "ce_vit", *PRESETS[preset]}
     assert all(torch.isfinite(v) for v in losses.values())
@@ -199,7 +204,7 @@ def test_objective_presets_name_their_terms(preset):
 
 def test_objective_warmup_ramps_distillation_only():
     cnn, vit, labels = student_pair()
-    objective = Objective(MethodConfig(preset="full", warmup=0.1), [64, 128, 256, 512], [32, 64, 160, 256])
+    objective = objective_of(MethodConfig(preset="full", start=0, warmup=0.1))
     start, _ = objective(cnn, vit, labels, progress=0.0)
     half, _ = objective(cnn, vit, labels, progress=0.05)
     full, _ = objective(cnn, vit, labels, progress=0.5)
@@ -208,11 +213,11 @@ def test_objective_warmup_ramps_distillation_only():
 
 
 def test_objective_explicit_terms_and_stage_list():
-    objective = Objective(MethodConfig(terms=["hfd"], hfd_stages=[1, 2]), [64, 128, 256, 512], [32, 64, 160, 256])
+    objective = objective_of(MethodConfig(terms=["hfd"], hfd_stages=[1, 2]))
     assert objective.terms == ["hfd"] and set(objective.cnn_to_vit) == {"1", "2"}
     assert objective.cnn_to_vit["2"][0].weight.shape == (64, 128, 1, 1)
     with pytest.raises(ValueError, match="stage 5 does not exist"):
-        Objective(MethodConfig(terms=["hfd"], hfd_stages=[5]), [64, 128, 256, 512], [32, 64, 160, 256])
+        objective_of(MethodConfig(terms=["hfd"], hfd_stages=[5]))
 
 
 def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
@@ -220,7 +225,7 @@ def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
     import torch._dynamo
 
     cnn, vit, labels = student_pair()
-    eager = Objective(MethodConfig(preset="full", warmup=0.1), [64, 128, 256, 512], [32, 64, 160, 256])
+    eager = objective_of(MethodConfig(preset="full", start=0, warmup=0.1))
     compiled = copy.deepcopy(eager)
     compiled.compile_terms()
     for i, progress in enumerate((0.0, 0.03, 0.07, 0.5)):
@@ -313,13 +318,13 @@ def test_pixel_valid_normalisation_is_invariant_to_the_share_of_active_pixels():
 
 def test_schedule_starts_late_ramps_and_decays_hfd():
     cfg = MethodConfig(preset="full", start=0.2, warmup=0.2, hfd_decay="linear")
-    objective = Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256])
+    objective = objective_of(cfg)
     assert objective.schedule("pixel_bsd", 0.1) == 0 and objective.schedule("hfd", 0.19) == 0
     assert objective.schedule("pixel_bsd", 0.3) == pytest.approx(0.5)
     assert objective.schedule("pixel_bsd", 0.9) == 1.0
     assert objective.schedule("hfd", 0.6) == pytest.approx(0.5)  # half-way through distillation (0.2 -> 1)
     assert objective.schedule("hfd", 1.0) == pytest.approx(0.0)
-    cosine = Objective(MethodConfig(preset="hfd", hfd_decay="cosine"), [64, 128], [32, 64])
+    cosine = Objective(MethodConfig(preset="hfd", start=0, warmup=0, hfd_decay="cosine"), [64, 128], [32, 64])
     assert cosine.schedule("hfd", 0.5) == pytest.approx(0.5) and cosine.schedule("hfd", 0.25) > 0.75
 
 
@@ -360,7 +365,7 @@ def test_grad_ratios_scale_with_the_weight_and_vanish_without_transfer():
     ratios = {}
     for weight in (1.0, 2.0):
         cfg = MethodConfig(preset="full", pixel_weight=weight, warmup=0)
-        objective = Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256])
+        objective = objective_of(cfg)
         losses, _ = objective(cnn, vit, labels, progress=0.5)
         ratios[weight] = objective.grad_ratios(cnn, vit, losses)
     assert set(ratios[1.0]) == {f"ratio_{t}_{s}" for t in PRESETS["full"] for s in ("cnn", "vit")}

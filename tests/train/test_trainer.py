@@ -85,7 +85,7 @@ def test_region_bsd_needs_decoder_features_of_one_width_or_adapters(synthetic_ro
     images, labels = next(iter(trainer.train_loader()))
     assert torch.isfinite(trainer.step(images, labels)["hfd"])  # only region-wise BSD compares decoder features
 
-    adapted = [*widths, "method.preset=full", "method.region_adapter=true", "method.warmup=0"]
+    adapted = [*widths, "method.preset=full", "method.region_adapter=true", "method.start=0", "method.warmup=0"]
     trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", adapted), tmp_path / "c")
     adapter = trainer.objective.cnn_adapter[0].weight
     in_cnn_optimizer = any(p is adapter for g in trainer.optimizers["cnn"].param_groups for p in g["params"])
@@ -142,7 +142,18 @@ def test_training_writes_a_complete_run_dir(finished_run):
     assert any(k.startswith("encoder.") for k in state)
     assert not any(k.startswith(("cnn_to_vit", "vit_to_cnn")) for k in state)  # projectors are training-only
     checkpoint = load_state(finished_run / "checkpoint" / "last.safetensors")
-    assert set(checkpoint["objective"]) >= {"cnn_to_vit.1.0.weight", "vit_to_cnn.1.0.weight"}
+    assert set(checkpoint["objective"]) >= {"cnn_to_vit.1.0.weight", "vit_to_cnn.1.0.weight", "cnn_adapter.0.weight"}
+
+
+def test_the_default_method_trains_end_to_end_and_logs_each_term(finished_run):
+    """The tiny run trains `full` with the default options: CE alone for the first quarter, then every
+    term, with its gradient ratio to CE and the direction shares in TensorBoard."""
+    from benchmarks.ablation import scalars
+
+    tb = {tag: dict(points) for tag, points in scalars(finished_run).items()}
+    assert tb["train/hfd"][1] == 0 and tb["train/hfd"][6] > 0  # progress 0 is before method.start
+    assert tb["train/ratio_hfd_cnn"][6] > 0 and tb["train/ratio_region_bsd_vit"][6] >= 0
+    assert {"train/region_vit_to_cnn", "train/pixel_cnn_to_vit", "train/ratio_pixel_bsd_cnn"} <= set(tb)
 
 
 def test_evaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path):
@@ -233,3 +244,19 @@ def test_bad_input_exits_with_a_clear_message(synthetic_root, tmp_path, args, me
 def test_resume_without_checkpoint_is_explained(tmp_path):
     result = run_module("train", "--resume", str(tmp_path))
     assert result.returncode == 2 and "not a run dir" in result.stderr
+
+
+def test_every_method_arm_of_a_seed_shares_the_students_and_the_random_stream(synthetic_root, tmp_path):
+    """Paired comparisons: the projectors and adapters of a method do not shift the global RNG, so the
+    students' initial weights and every later random draw (dropout) are those of `independent`."""
+    base = [*tiny_run_args(synthetic_root), "data.verify=false", "seed=3"]
+    arms = {"independent": ["method.preset=independent"], "full": ["method.preset=full", "method.region_adapter=true"]}
+    states, streams = {}, {}
+    for name, extra in arms.items():
+        trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", [*base, *extra]), tmp_path / name)
+        states[name] = trainer.students.state_dict()
+        streams[name] = torch.get_rng_state()
+    assert len(trainer.objective.learner_modules("cnn")) == 2  # full built its projectors and an adapter
+    assert torch.equal(streams["independent"], streams["full"])
+    for key, value in states["independent"].items():
+        assert torch.equal(value, states["full"][key]), key
