@@ -69,7 +69,8 @@ bench: setup
 load: setup
 	$(PY) -m benchmarks.load $(ARGS)
 
-# Every method preset on the synthetic set, same seed and budget: runs/ablation/table.md
+# independent / dml / full over 3 paired seeds, test-split numbers: runs/ablation/table.md
+# make ablation ARGS="--jobs 2 iterations=6000" is the protocol of benchmarks/results/ablation-synthetic.md
 ablation: data
 	$(PY) -m benchmarks.ablation --config $(CONFIG) $(ARGS)
 

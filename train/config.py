@@ -57,7 +57,7 @@ class StudentConfig:
     arch: Literal["deeplabv3plus", "segformer"] = "deeplabv3plus"
     backbone: str = "resnet18"
     output_stride: int | None = 8  # CNN encoders only; pvt_v2 has a fixed stride of 32
-    decoder_channels: int = 256  # width of the decoder feature `feat` (ASPP / All-MLP), METHOD.md §2
+    decoder_channels: int = 256  # width of the decoder feature `feat` (ASPP / All-MLP), docs/method.md
     pretrained: bool = False  # ImageNet weights through timm's hub (needs network)
     weights: str | None = None  # local encoder weights (.safetensors/.pth), used instead of the hub
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

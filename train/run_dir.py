@@ -1,4 +1,4 @@
-"""The run dir contract (ARCHITECTURE.md): what `train/` writes and what later stages read back."""
+"""The run dir contract (README, "A run dir holds"): what `train/` writes and what later stages read back."""
 
 from __future__ import annotations
 
