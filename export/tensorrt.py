@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,12 @@ def cache_file(root: Path, target: Target) -> Path:
     return root / f"timing-cache.trt{target.version}.{gpu}.sm{target.compute_capability.replace('.', '')}.bin"
 
 
+def uses_tf32(variant: str) -> bool:
+    """TF32 (on by default) computes fp32 GEMMs and convolutions with a 10-bit mantissa: an fp32 plan
+    is built without it so that it computes what its name and its fp32 parity gate say."""
+    return variant != "fp32"
+
+
 def rebuild_reason(plan: EngineEntry | None, onnx_entry: EngineEntry, onnx_sha: str, target: Target, dir_: Path):
     """Why a plan must be (re)built, or None when the existing one is valid here."""
     if plan is None or not (dir_ / plan.file).is_file():
@@ -94,6 +101,8 @@ def rebuild_reason(plan: EngineEntry | None, onnx_entry: EngineEntry, onnx_sha: 
     ):
         if built.get(key) != want:
             return f"built for {key} {built.get(key)!r}, this machine has {want!r}"
+    if built.get("tf32") != (tf32 := uses_tf32(onnx_entry.variant)):
+        return f"built with tf32={built.get('tf32')}, the {onnx_entry.variant} variant needs {tf32}"
     if built.get("onnx_sha256") != onnx_sha:
         return f"{onnx_entry.file} changed since the plan was built"
     return None
@@ -115,7 +124,9 @@ def detect_target(trt_version: str) -> Target:
     return Target(trt_version, name, cc)
 
 
-def build_with_api(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape, Shape], cache: Path) -> None:
+def build_with_api(
+    onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape, Shape], cache: Path, tf32: bool
+) -> None:
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -127,6 +138,8 @@ def build_with_api(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape,
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}:\n  {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     timing_cache = config.create_timing_cache(cache.read_bytes() if cache.is_file() else b"")
     config.set_timing_cache(timing_cache, False)
     profile = builder.create_optimization_profile()
@@ -139,7 +152,9 @@ def build_with_api(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape,
     cache.write_bytes(bytes(timing_cache.serialize()))
 
 
-def trtexec_command(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape, Shape], cache: Path, name: str):
+def trtexec_command(
+    onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape, Shape], cache: Path, name: str, tf32: bool
+) -> list[str]:
     def fmt(shape: Shape) -> str:
         return f"{name}:{'x'.join(map(str, shape))}"
 
@@ -154,6 +169,7 @@ def trtexec_command(onnx_path: Path, plan_path: Path, shapes: tuple[Shape, Shape
         f"--timingCacheFile={cache}",
         "--stronglyTyped",  # honoured on 10.x, a no-op on 11.x
         "--skipInference",
+        *([] if tf32 else ["--noTF32"]),
     ]
 
 
@@ -163,7 +179,7 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
     try:
         import tensorrt as trt
 
-        version, use_api = trt.__version__, True
+        version, use_api = release(trt.__version__), True
     except ImportError:
         if shutil.which("trtexec") is None:
             raise TensorRTUnavailable(INSTALL_HINT) from None
@@ -183,11 +199,12 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
         shapes = profile_shapes(manifest, entry.io)
         cache = cache_file(cache_root, target)
         tmp = engine_dir / f".{name}.tmp"
+        tf32 = uses_tf32(entry.variant)
         started = time.perf_counter()
         if use_api:
-            build_with_api(onnx_path, tmp, shapes, cache)
+            build_with_api(onnx_path, tmp, shapes, cache, tf32)
         else:
-            subprocess.run(trtexec_command(onnx_path, tmp, shapes, cache, "image"), check=True)
+            subprocess.run(trtexec_command(onnx_path, tmp, shapes, cache, "image", tf32), check=True)
         build_s = time.perf_counter() - started
         plan = EngineEntry(
             file=name,
@@ -204,6 +221,7 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
                 "compute_capability": target.compute_capability,
                 "onnx_sha256": onnx_sha,
                 "builder": "python-api" if use_api else "trtexec",
+                "tf32": tf32,
                 "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
             },
         )
@@ -219,21 +237,19 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
     return manifest
 
 
-def plan_agreement(reference: Engine, candidate: Engine, images: list[np.ndarray]) -> float:
-    """Share of pixels on which `candidate`'s class maps equal `reference`'s, image by image (batch 1)
-    and in batches up to the profile's maximum (TensorRT has returned wrong SegFormer results at
-    batch > 1 while reporting success)."""
+def plan_agreement(reference: Engine, candidate: Engine, images: list[np.ndarray]) -> dict[str, float]:
+    """Share of pixels on which `candidate`'s class maps equal `reference`'s, image by image (`batch1`)
+    and in batches up to the profile's maximum (`batched`), each on its own: TensorRT has returned wrong
+    SegFormer results at batch > 1 while reporting success, and a pooled ratio would halve that signal."""
     ref, cand = Segmenter("reference", [reference]), Segmenter("candidate", [candidate])
-    same = total = 0
-    for predict in ("predict_batch", "single"):
-        if predict == "single":
-            pairs = [(ref.predict(im), cand.predict(im)) for im in images]
-        else:
-            pairs = list(zip(ref.predict_batch(images), cand.predict_batch(images), strict=True))
-        for a, b in pairs:
-            same += int((a.labels == b.labels).sum())
-            total += a.labels.size
-    return same / max(total, 1)
+    pairs = {
+        "batch1": [(ref.predict(im), cand.predict(im)) for im in images],
+        "batched": list(zip(ref.predict_batch(images), cand.predict_batch(images), strict=True)),
+    }
+    return {
+        mode: sum(int((a.labels == b.labels).sum()) for a, b in p) / max(sum(a.labels.size for a, _ in p), 1)
+        for mode, p in pairs.items()
+    }
 
 
 class PlanParityError(RuntimeError):
@@ -256,21 +272,41 @@ def _check_plan(engine_dir, manifest, onnx_entry, plan_path, plan, examples: Pat
         raise PlanParityError(f"cannot run {plan.file} to check it ({e}); --no-check keeps it unchecked") from None
     agreement = plan_agreement(reference, candidate, images)
     needed = threshold_for(plan.precision).agreement
-    log.info("%s/%s: %.4f%% of pixels agree with %s", engine_dir.name, plan.file, 100 * agreement, onnx_entry.file)
-    if agreement < needed:
+    shown = ", ".join(f"{mode} {100 * v:.4f}%" for mode, v in agreement.items())
+    log.info("%s/%s: pixels agreeing with %s: %s", engine_dir.name, plan.file, onnx_entry.file, shown)
+    if failed := [mode for mode, v in agreement.items() if v < needed]:
         raise PlanParityError(
-            f"{engine_dir.name}/{plan.file}: {100 * agreement:.3f}% of pixels agree with {onnx_entry.file}, "
+            f"{engine_dir.name}/{plan.file}: pixels agreeing with {onnx_entry.file}: {shown}; {' and '.join(failed)} "
             f"below the {100 * needed:.1f}% gate (plan deleted)"
         )
-    return {"reference": onnx_entry.file, "images": len(images), "agreement": agreement, "threshold": needed}
+    return {
+        "reference": onnx_entry.file,
+        "images": len(images),
+        "agreement": min(agreement.values()),
+        "agreement_by_batch": agreement,
+        "threshold": needed,
+    }
+
+
+def release(version: str) -> str:
+    """`major.minor.patch` of a TensorRT version as the module states it (`10.16.0.72`) or trtexec's
+    banner (`[TensorRT v101600]`: major*10000 + minor*100 + patch since 10.0, `v8601` before).
+    Plans and timing caches are bound to the release, so both build paths must name it alike."""
+    banner = re.search(r"\[TensorRT v([\d.]+)\]", version)
+    token = banner.group(1) if banner else version.strip()
+    if re.fullmatch(r"\d+", token):
+        n = int(token)
+        major, minor = (n // 10000, n // 100 % 100) if n >= 10000 else (n // 1000, n // 100 % 10)
+        return f"{major}.{minor}.{n % 100}"
+    if match := re.match(r"(\d+)\.(\d+)\.(\d+)", token):
+        return ".".join(str(int(g)) for g in match.groups())
+    raise TensorRTUnavailable(f"cannot read a TensorRT version from {version[:200]!r}")
 
 
 def _trtexec_version() -> str:
-    out = subprocess.run(["trtexec", "--help"], capture_output=True, text=True).stdout
-    for token in out.split():
-        if token.startswith("[TensorRT") and "#" in token:
-            return token.split("#", 1)[1].rstrip("]")
-    return "unknown"
+    """From the banner trtexec prints first (`&&&& RUNNING TensorRT.trtexec [TensorRT v101600] [b72] # ...`)."""
+    done = subprocess.run(["trtexec", "--help"], capture_output=True, text=True, timeout=60)
+    return release(done.stdout + done.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ through TensorRT and pycuda, serve/tensorrt.py).
 
 from __future__ import annotations
 
+import logging
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,8 @@ BACKENDS = ("onnxruntime", "tensorrt")
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_NAMES = {"tensorrt": PROVIDER_ORDER[0], "cuda": PROVIDER_ORDER[1], "cpu": PROVIDER_ORDER[2]}
 ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu")
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -89,10 +92,25 @@ class OnnxRuntimeEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=onnxruntime_providers(device))
+        requested = onnxruntime_providers(device)
+        self.session = ort.InferenceSession(source, options, providers=requested)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()
+        # ONNX Runtime opens a session without a provider that failed to load (a missing libnvinfer or
+        # cuDNN, a CUDA mismatch) and says so only in a log line hidden above: check what is active.
+        if dropped := [p for p in requested if p not in self.providers]:
+            name = source if isinstance(source, str) else "the graph"
+            what = (
+                f"ONNX Runtime could not enable {', '.join(dropped)} for {name}"
+                f" (active: {', '.join(self.providers)}). Its libraries (CUDA, cuDNN, TensorRT) must be installed and "
+                "match the onnxruntime-gpu build; ONNX Runtime's log says which failed: "
+                'python -c "import onnxruntime as o; o.set_default_logger_severity(0); '
+                f"o.InferenceSession('MODEL.onnx', providers={dropped!r})\""
+            )
+            if device != "auto":
+                raise RuntimeError(what)
+            log.warning("%s; running on %s", what, self.providers[0])
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -43,6 +44,7 @@ def test_rebuild_decisions(exported_run, tmp_path):
     onnx_sha = sha256(engine_dir / onnx_entry.file)
     (tmp_path / "model.fp32.plan").write_bytes(b"plan")
     built = {"version": TARGET.version, "gpu": TARGET.gpu, "compute_capability": "9.0", "onnx_sha256": onnx_sha}
+    built["tf32"] = False
     plan = EngineEntry("model.fp32.plan", "plan", "labels", "fp32", "fp32", "tensorrt", tensorrt=built)
 
     assert trt_export.rebuild_reason(plan, onnx_entry, onnx_sha, TARGET, tmp_path) is None
@@ -52,15 +54,39 @@ def test_rebuild_decisions(exported_run, tmp_path):
     newer = trt_export.Target("11.1.0", TARGET.gpu, "9.0")
     assert "version" in trt_export.rebuild_reason(plan, onnx_entry, onnx_sha, newer, tmp_path)
     assert "changed" in trt_export.rebuild_reason(plan, onnx_entry, "0" * 64, TARGET, tmp_path)
+    with_tf32 = dataclasses.replace(plan, tensorrt={**built, "tf32": True})  # an fp32 plan built before
+    assert "tf32" in trt_export.rebuild_reason(with_tf32, onnx_entry, onnx_sha, TARGET, tmp_path)
     (tmp_path / "model.fp32.plan").unlink()
     assert trt_export.rebuild_reason(plan, onnx_entry, onnx_sha, TARGET, tmp_path) == "no plan yet"
 
 
-def test_trtexec_command_builds_the_same_profile():
+def test_trtexec_command_builds_the_same_profile_and_fp32_without_tf32():
     shapes = ((1, 32, 32, 3), (1, 64, 64, 3), (8, 128, 128, 3))
-    cmd = trt_export.trtexec_command(Path("m.onnx"), Path("m.plan"), shapes, Path("c.bin"), "image")
+    cmd = trt_export.trtexec_command(Path("m.onnx"), Path("m.plan"), shapes, Path("c.bin"), "image", tf32=False)
     assert cmd[0] == "trtexec" and "--minShapes=image:1x32x32x3" in cmd and "--maxShapes=image:8x128x128x3" in cmd
-    assert "--saveEngine=m.plan" in cmd and "--timingCacheFile=c.bin" in cmd
+    assert "--saveEngine=m.plan" in cmd and "--timingCacheFile=c.bin" in cmd and "--noTF32" in cmd
+    assert "--noTF32" not in trt_export.trtexec_command(Path("m.onnx"), Path("m.plan"), shapes, Path("c"), "x", True)
+    assert [trt_export.uses_tf32(v) for v in ("fp32", "fp16", "int8.qdq")] == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    ("text", "release"),
+    [
+        ("&&&& RUNNING TensorRT.trtexec [TensorRT v101600] [b72] # trtexec --help\n=== Model Options ===", "10.16.0"),
+        ("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # /usr/src/tensorrt/bin/trtexec --help", "10.3.0"),
+        ("&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b12] # trtexec --help", "11.1.0"),
+        ("&&&& RUNNING TensorRT.trtexec [TensorRT v8601] # trtexec --help", "8.6.1"),
+        ("10.16.0.72", "10.16.0"),  # tensorrt.__version__: the Python API names the same release alike
+        ("11.1.0.5", "11.1.0"),
+    ],
+)
+def test_the_tensorrt_release_from_trtexecs_banner_and_the_module(text, release):
+    assert trt_export.release(text) == release
+
+
+def test_an_unreadable_trtexec_banner_is_an_error_not_a_version():
+    with pytest.raises(trt_export.TensorRTUnavailable, match="cannot read a TensorRT version"):
+        trt_export.release("trtexec: error while loading shared libraries: libnvinfer.so.10")
 
 
 @pytest.mark.skipif(HAVE_TRT or shutil.which("trtexec"), reason="TensorRT is installed here")
@@ -89,5 +115,6 @@ def test_plan_agreement_is_the_share_of_equal_pixels_at_batch_1_and_batched(expo
     images = [read_image(p) for p in sorted((root / "examples").glob("*.png"))]
     assert images, "the export writes example images for the plan gate and the demo"
     cnn, vit = open_engine(root / "cnn", device="cpu"), open_engine(root / "vit", device="cpu")
-    assert trt_export.plan_agreement(cnn, cnn, images) == 1.0
-    assert trt_export.plan_agreement(cnn, vit, images) < trt_export.plan_agreement(cnn, cnn, images)
+    assert trt_export.plan_agreement(cnn, cnn, images) == {"batch1": 1.0, "batched": 1.0}
+    other = trt_export.plan_agreement(cnn, vit, images)
+    assert set(other) == {"batch1", "batched"} and all(v < 1.0 for v in other.values())

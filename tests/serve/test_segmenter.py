@@ -104,6 +104,20 @@ def test_cpu_engines_run_without_io_binding(engines):
     assert isinstance(engine, OnnxRuntimeEngine) and not engine.on_gpu and engine.device == "cpu"
 
 
+@pytest.mark.parametrize("device", ["cuda", "tensorrt"])
+def test_a_gpu_provider_that_fails_to_load_raises_instead_of_running_on_the_cpu(engines, monkeypatch, device):
+    # onnxruntime-gpu lists its providers even where their libraries are missing; the CPU wheel, told
+    # they are available, opens the session without them exactly as such a host does.
+    import onnxruntime
+
+    listed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: listed)
+    with pytest.raises(RuntimeError, match=f"could not enable {listed[device == 'cuda']}.*model.*active: CPU"):
+        open_engine(engines / "cnn", device=device)
+    engine = open_engine(engines / "cnn", device="auto")  # auto falls back, says so, and reports the truth
+    assert engine.device == "cpu" and not engine.on_gpu
+
+
 SERVE_WITHOUT_TORCH = """
 import json, sys
 import numpy as np
