@@ -98,7 +98,10 @@ def labels_model(logits: onnx.ModelProto, mean: list[float], std: list[float]) -
     post = helper.make_graph(
         [
             helper.make_node("ArgMax", ["scores"], ["index"], axis=1, keepdims=0),
-            helper.make_node("Cast", ["index"], ["labels"], to=TensorProto.UINT8),
+            # TensorRT casts to UINT8 only from FP32/FP16, never from ArgMax's INT64: through float,
+            # exact for class ids < 2^24 (and a uint8 map holds < 256 anyway).
+            helper.make_node("Cast", ["index"], ["index_float"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["index_float"], ["labels"], to=TensorProto.UINT8),
         ],
         "postprocess",
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [n, k.dim_value or "classes", h, w])],

@@ -119,6 +119,8 @@ def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], qdq: bool) -> o
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=INT8_OPS,
-            extra_options={"ActivationSymmetric": qdq, "WeightSymmetric": True},
+            # QuantizeBias=False keeps biases in float: TensorRT's parser takes only 8-bit Q/DQ inputs,
+            # and ONNX Runtime would quantize them to INT32 behind a DequantizeLinear.
+            extra_options={"ActivationSymmetric": qdq, "WeightSymmetric": True, "QuantizeBias": False},
         )
         return onnx.load_model(str(out))

@@ -12,6 +12,7 @@ import torch
 import export.pipeline
 from export.__main__ import main
 from export.parity import normalise
+from export.tensorrt import PLAN_VARIANTS
 from serve.manifest import read_manifest
 from serve.runtime import OnnxRuntimeEngine, open_engine
 from tests.conftest import TEST_EXPORT_ARGS
@@ -41,6 +42,33 @@ def test_engine_dir_is_complete_and_gated(exported_run, student):
         assert model.opset_import[0].version >= 18
         dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
         assert dims[:1] == ["batch"] and "height" in dims and "width" in dims  # dynamic N, H, W
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    return types | {i.name: i.data_type for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_graphs_hold_only_what_tensorrt_parses(exported_run, student):
+    """In the graphs TensorRT builds, Q/DQ on 8-bit tensors only (ONNX Runtime would quantize biases to
+    INT32, which TensorRT's parser refuses); everywhere, casts to UINT8 only from float (TensorRT has
+    no INT64 -> UINT8 cast)."""
+    engine_dir = exported_run / "export" / student
+    entries = read_manifest(engine_dir).engines
+    for e in entries:
+        model = onnx.load(str(engine_dir / e.file))
+        types = _tensor_types(model)
+        for node in model.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and e.variant in PLAN_VARIANTS:
+                quantized = node.input[0] if node.op_type == "DequantizeLinear" else node.output[0]
+                assert types[quantized] == onnx.TensorProto.INT8, (e.file, node.name, types[quantized])
+            if node.op_type == "Cast" and node.attribute[0].i == onnx.TensorProto.UINT8:
+                assert types[node.input[0]] in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16), (e.file, node.name)
+    qdq = [e for e in entries if e.variant == "int8.qdq"]
+    assert qdq and all(e.parity["passed"] for e in qdq)  # float biases keep the int8 gate
 
 
 @pytest.mark.parametrize("student", ["cnn", "vit"])
