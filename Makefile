@@ -17,10 +17,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# A CUDA host: onnxruntime-gpu and pycuda in place of the CPU wheel (both install one module)
+# A CUDA host: onnxruntime-gpu and pycuda in place of the CPU wheel (both install one module).
+# pycuda (a source build) comes first, so a host without the CUDA toolkit keeps its working ONNX
+# Runtime; the CPU wheel comes back if onnxruntime-gpu cannot be installed.
 setup-gpu: setup
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt 'pycuda>=2024.1' || { echo "error: pycuda did \
+	not build: it needs the CUDA toolkit (nvcc and headers; CUDA_ROOT=/usr/local/cuda or where it lies). \
+	Nothing was changed: onnxruntime (CPU) is still installed." >&2; exit 1; }
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,bench,gpu,dev]'
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,bench,gpu,dev]' || { \
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[cpu]'; echo "error: onnxruntime-gpu \
+	could not be installed; the CPU onnxruntime is back" >&2; exit 1; }
 
 data: setup
 	$(PY) -m train.data.synthetic --out data/synthetic

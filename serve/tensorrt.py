@@ -40,16 +40,24 @@ class TensorRTEngine:
             self.engine = self.runtime.deserialize_cuda_engine(Path(plan).read_bytes())
             if self.engine is None:
                 raise RuntimeError(f"{plan}: TensorRT {trt.__version__} could not deserialize this plan")
+            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+            inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            outputs = [n for n in names if n not in inputs]
+            if len(inputs) != 1 or len(outputs) != 1:
+                raise RuntimeError(f"{plan}: expected one input and one output, got {inputs} and {outputs}")
+            (self.input_name,), (self.output_name,) = inputs, outputs
+            self.profile = [tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0)]
             self.context = self.engine.create_execution_context()
+            if self.context is None:  # its device memory is sized for the profile's largest input
+                free, total = cuda.mem_get_info()
+                raise RuntimeError(
+                    f"{plan}: TensorRT could not create an execution context on GPU {gpu} ({free / 2**30:.1f} of "
+                    f"{total / 2**30:.1f} GiB free); its memory is sized for the profile's largest input "
+                    f"{self.profile[2]}: free the GPU, or re-export with a smaller --max-batch / --size and "
+                    "rebuild the plans"
+                )
             self.stream = cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise RuntimeError(f"{plan}: expected one input and one output, got {inputs} and {outputs}")
-        (self.input_name,), (self.output_name,) = inputs, outputs
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.profile = [tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0)]
         self.buffers: dict[str, tuple] = {}
         self.shape: tuple[int, ...] | None = None
 
