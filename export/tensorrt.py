@@ -57,15 +57,6 @@ class Target:
 Shape = tuple[int, ...]
 
 
-def profile_shapes(manifest: Manifest, io: str) -> tuple[Shape, Shape, Shape]:
-    """min / opt / max input shapes of one profile, in the I/O mode's layout (opt = serving shape)."""
-    shapes = []
-    for key in ("min", "opt", "max"):
-        n, h, w = manifest.shapes[key]
-        shapes.append((n, h, w, 3) if io == "labels" else (n, 3, h, w))
-    return shapes[0], shapes[1], shapes[2]
-
-
 def network_flags(trt, major: int) -> int:
     """0 on TensorRT 11 (always strongly typed); STRONGLY_TYPED on 10 so the ONNX types are obeyed."""
     if major >= 11:
@@ -196,7 +187,7 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
             log.info("%s/%s is up to date", engine_dir.name, name)
             continue
         log.info("building %s/%s (%s)", engine_dir.name, name, reason)
-        shapes = profile_shapes(manifest, entry.io)
+        shapes = manifest.profile(entry.io)
         cache = cache_file(cache_root, target)
         tmp = engine_dir / f".{name}.tmp"
         tf32 = uses_tf32(entry.variant)

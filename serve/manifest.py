@@ -81,6 +81,14 @@ class Manifest:
         have = ", ".join(e.key for e in self.engines) or "none"
         raise ManifestError(f"no {variant} {io} {fmt} engine for {self.student} (have: {have})")
 
+    def profile(self, io: IoMode) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """min / opt / max input shapes of the TensorRT profile in the I/O mode's layout (opt = serving)."""
+        shapes = []
+        for key in ("min", "opt", "max"):
+            n, h, w = self.shapes[key]
+            shapes.append((n, h, w, 3) if io == "labels" else (n, 3, h, w))
+        return shapes[0], shapes[1], shapes[2]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

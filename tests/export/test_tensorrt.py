@@ -20,8 +20,8 @@ TARGET = trt_export.Target("10.16.1", "NVIDIA H100 80GB HBM3", "9.0")
 def test_profile_shapes_follow_the_manifest_in_each_layout(exported_run):
     manifest = read_manifest(exported_run / "export" / "cnn")
     assert manifest.shapes == {"min": [1, 32, 32], "opt": [1, 40, 56], "max": [4, 80, 112]}
-    assert trt_export.profile_shapes(manifest, "labels") == ((1, 32, 32, 3), (1, 40, 56, 3), (4, 80, 112, 3))
-    assert trt_export.profile_shapes(manifest, "logits") == ((1, 3, 32, 32), (1, 3, 40, 56), (4, 3, 80, 112))
+    assert manifest.profile("labels") == ((1, 32, 32, 3), (1, 40, 56, 3), (4, 80, 112, 3))
+    assert manifest.profile("logits") == ((1, 3, 32, 32), (1, 3, 40, 56), (4, 3, 80, 112))
 
 
 def test_network_flags_strongly_typed_on_10_and_zero_on_11():

@@ -118,6 +118,22 @@ def test_a_gpu_provider_that_fails_to_load_raises_instead_of_running_on_the_cpu(
     assert engine.device == "cpu" and not engine.on_gpu
 
 
+
+def test_onnxruntimes_tensorrt_provider_gets_the_manifests_profile_and_caches(engines):
+    from serve.runtime import tensorrt_provider_options
+
+    manifest = read_manifest(engines / "cnn")
+    for entry in manifest.engines:
+        opts = tensorrt_provider_options(engines / "cnn" / entry.file, manifest, entry)
+        low, _, high = manifest.profile(entry.io)
+        assert opts["trt_profile_min_shapes"] == "image:" + "x".join(map(str, low))
+        assert opts["trt_profile_max_shapes"] == "image:" + "x".join(map(str, high))
+        assert opts["trt_engine_cache_enable"] == "True" and opts["trt_engine_cache_path"].startswith(str(engines))
+        assert opts["trt_fp16_enable"] == str(entry.variant == "fp16")
+    n, h, w = manifest.shapes["max"]
+    assert manifest.profile("labels")[2] == (n, h, w, 3) and manifest.profile("logits")[2] == (n, 3, h, w)
+
+
 SERVE_WITHOUT_TORCH = """
 import json, sys
 import numpy as np
