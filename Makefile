@@ -43,8 +43,10 @@ eval: setup
 export: setup
 	$(PY) -m export --run $(RUN) $(ARGS)
 
-# TensorRT plans from the ONNX engines (needs an NVIDIA GPU and the `trt` extra, or trtexec on PATH)
-export-trt: export
+# TensorRT plans from the ONNX engines (needs an NVIDIA GPU and the `trt` extra, or trtexec on PATH).
+# Exports first only where no engine dir is there yet; plans are rebuilt only when their ONNX changed.
+export-trt: setup
+	@test -f $(RUN)/export/cnn/manifest.json -a -f $(RUN)/export/vit/manifest.json || $(PY) -m export --run $(RUN) $(ARGS)
 	$(PY) -m export.tensorrt --run $(RUN)
 
 # A Triton Inference Server model repository from the engine dirs: runs/<name>/triton

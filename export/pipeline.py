@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from export import graphs, parity, precision
-from serve.manifest import VARIANTS, EngineEntry, Manifest, sha256, write_manifest
+from serve.manifest import VARIANTS, EngineEntry, Manifest, ManifestError, read_manifest, sha256, write_manifest
 from serve.runtime import OnnxRuntimeEngine
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -103,12 +103,34 @@ def _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) ->
         (tmp / "parity.json").write_text(json.dumps({e.file: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
         if final.exists():
+            _keep_plans(final, tmp, manifest)
             shutil.rmtree(final)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %d engines in %s", name, len(manifest.engines), final)
     return manifest
+
+
+def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
+    """Carry the TensorRT plans of a previous export over when their ONNX source is byte-identical
+    (a plan build takes minutes); the others are dropped, and the log says so."""
+    try:
+        old = read_manifest(old_dir)
+    except ManifestError:
+        return
+    onnx_sha = {e.file: sha256(new_dir / e.file) for e in manifest.engines if e.format == "onnx"}
+    for plan in (e for e in old.engines if e.format == "plan"):
+        source = plan.file.removesuffix(".plan") + ".onnx"
+        if source in onnx_sha and (plan.tensorrt or {}).get("onnx_sha256") == onnx_sha[source]:
+            shutil.copy2(old_dir / plan.file, new_dir / plan.file)
+            manifest.engines.append(plan)
+            log.info("%s: kept %s (its ONNX is unchanged)", manifest.student, plan.file)
+        else:
+            log.warning(
+                "%s: dropped %s, its ONNX changed (python -m export.tensorrt rebuilds it)", manifest.student, plan.file
+            )
+    write_manifest(manifest, new_dir)
 
 
 def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, tmp: Path) -> Manifest:

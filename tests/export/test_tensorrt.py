@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from export import tensorrt as trt_export
-from serve.manifest import EngineEntry, read_manifest, sha256
+from serve.manifest import EngineEntry, read_manifest, sha256, write_manifest
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 TARGET = trt_export.Target("10.16.1", "NVIDIA H100 80GB HBM3", "9.0")
@@ -118,3 +118,24 @@ def test_plan_agreement_is_the_share_of_equal_pixels_at_batch_1_and_batched(expo
     assert trt_export.plan_agreement(cnn, cnn, images) == {"batch1": 1.0, "batched": 1.0}
     other = trt_export.plan_agreement(cnn, vit, images)
     assert set(other) == {"batch1", "batched"} and all(v < 1.0 for v in other.values())
+
+
+def test_a_new_export_keeps_the_plans_whose_onnx_is_unchanged(exported_run, tmp_path, caplog):
+    from export.pipeline import _keep_plans
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(exported_run / "export" / "cnn", old)
+    shutil.copytree(exported_run / "export" / "cnn", new)
+    manifest = read_manifest(old)
+    for variant, sha in (("fp32", sha256(old / "model.fp32.onnx")), ("fp16", "0" * 64)):  # fp16 "changed"
+        (old / f"model.{variant}.plan").write_bytes(b"plan " + variant.encode())
+        built = {"version": TARGET.version, "onnx_sha256": sha}
+        manifest.engines.append(
+            EngineEntry(f"model.{variant}.plan", "plan", "labels", variant, variant, "tensorrt", tensorrt=built)
+        )
+    write_manifest(manifest, old)
+
+    _keep_plans(old, new, read_manifest(new))
+    kept = [e.file for e in read_manifest(new).engines if e.format == "plan"]
+    assert kept == ["model.fp32.plan"] and (new / "model.fp32.plan").read_bytes() == b"plan fp32"
+    assert not (new / "model.fp16.plan").exists() and "dropped model.fp16.plan" in caplog.text

@@ -118,7 +118,6 @@ def test_a_gpu_provider_that_fails_to_load_raises_instead_of_running_on_the_cpu(
     assert engine.device == "cpu" and not engine.on_gpu
 
 
-
 def test_onnxruntimes_tensorrt_provider_gets_the_manifests_profile_and_caches(engines):
     from serve.runtime import tensorrt_provider_options
 
