@@ -7,6 +7,11 @@ One Triton model per engine: `<student>_<variant>[_logits][_trt]/config.pbtxt` a
 `<model>/1/model.onnx` (platform onnxruntime_onnx) or `model.plan` (tensorrt_plan). Batch is
 Triton's (max_batch_size from the manifest, dims without it), height and width are -1, requests
 of equal shape are batched dynamically. Everything comes from the manifests: no torch here.
+
+The int8.qdq ONNX graph is TensorRT's input (ONNX Runtime on a GPU runs its Q/DQ pairs as fake
+quantization, slower than fp32): on GPU its plan serves it, and only `--cpu` repositories hold it.
+A plan runs only on the TensorRT release and GPU it was built for: `--tensorrt RELEASE` (the
+server's, e.g. 10.16.0) leaves out plans built for another one.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ def write_repository(
     instances: int = 1,
     cpu_only: bool = False,
     delay_us: int = 100,
+    tensorrt: str | None = None,
 ) -> list[str]:
     """Write (replacing) the repository; returns the model names."""
     staged = out.with_name(f".{out.name}.tmp")
@@ -90,6 +96,21 @@ def write_repository(
                 continue
             if cpu_only and entry.format == "plan":
                 continue
+            if entry.format == "onnx" and entry.target == "tensorrt" and not cpu_only:
+                log.info("%s/%s: left out, TensorRT's graph (its plan serves it on GPU)", student, entry.file)
+                continue
+            if entry.format == "plan":
+                built = entry.tensorrt or {}
+                if tensorrt and built.get("version") != tensorrt:
+                    log.warning(
+                        "%s/%s: left out, built for TensorRT %s, the server runs %s (python -m export.tensorrt "
+                        "with TensorRT %s rebuilds it)", student, entry.file, built.get("version"), tensorrt, tensorrt,
+                    )  # fmt: skip
+                    continue
+                log.info(
+                    "%s/%s: runs only on TensorRT %s and a %s (compute %s)",
+                    student, entry.file, built.get("version"), built.get("gpu"), built.get("compute_capability"),
+                )  # fmt: skip
             kind = "KIND_CPU" if cpu_only or entry.target == "cpu" else "KIND_GPU"
             name = model_name(student, entry)
             version = staged / name / "1"
@@ -120,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="model instances per device")
     parser.add_argument("--cpu", action="store_true", help="every ONNX model on KIND_CPU; no plans")
     parser.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching wait")
+    parser.add_argument(
+        "--tensorrt", metavar="RELEASE", help="the server's TensorRT (e.g. 10.16.0): other plans left out"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = args.out or args.run / "triton"
     try:
         names = write_repository(
             args.run / "export", out, tuple(args.io), tuple(args.variants or ()), args.instances, args.cpu,
-            args.queue_delay_us,
+            args.queue_delay_us, args.tensorrt,
         )  # fmt: skip
     except (FileNotFoundError, ManifestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,7 +34,8 @@ def _check_against_onnx(config, model_file):
 def test_every_config_parses_and_matches_its_onnx(exported_run, tmp_path):
     out = tmp_path / "triton"
     names = write_repository(exported_run / "export", out, io=("labels", "logits"))
-    shipped = {(s, e.variant, e.io) for s in ("cnn", "vit") for e in read_manifest(exported_run / "export" / s).engines}
+    engines = [e for s in ("cnn", "vit") for e in read_manifest(exported_run / "export" / s).engines]
+    shipped = [e for e in engines if e.variant != "int8.qdq"]  # TensorRT's graph: on GPU its plan serves it
     assert len(names) == len(shipped) and sorted(p.name for p in out.iterdir()) == sorted(names)
     max_batch = read_manifest(exported_run / "export" / "cnn").shapes["max"][0]
     for name in names:
@@ -43,6 +44,7 @@ def test_every_config_parses_and_matches_its_onnx(exported_run, tmp_path):
         assert config.max_batch_size == max_batch
         assert config.HasField("dynamic_batching")
         expected_kind = "KIND_CPU" if "int8_cpu" in name else "KIND_GPU"
+        assert "int8_qdq" not in name
         assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == expected_kind
         _check_against_onnx(config, out / name / "1" / "model.onnx")
     assert {"cnn_fp32", "vit_fp32_logits"} <= set(names)
@@ -59,3 +61,28 @@ def test_cli_filters_variants_and_forces_cpu(exported_run, tmp_path, capsys):
     # Nothing matches: exit 2, and the previous repository is left as it was.
     assert main(["--run", str(exported_run), "--out", str(out), "--variants", "int4"]) == 2
     assert (out / "cnn_fp32" / "config.pbtxt").is_file()
+
+
+def test_plans_for_another_tensorrt_are_left_out_and_cpu_repos_hold_the_qdq_graph(exported_run, tmp_path, caplog):
+    import shutil
+
+    from serve.manifest import EngineEntry, write_manifest
+
+    root = tmp_path / "export"
+    shutil.copytree(exported_run / "export", root)
+    for student in ("cnn", "vit"):
+        manifest = read_manifest(root / student)
+        for release in ("10.16.0", "10.8.0"):
+            plan = f"model.fp32.{release}.plan"
+            (root / student / plan).write_bytes(b"plan")
+            built = {"version": release, "gpu": "NVIDIA L4", "compute_capability": "8.9"}
+            manifest.engines.append(EngineEntry(plan, "plan", "labels", "fp32", "fp32", "tensorrt", tensorrt=built))
+        write_manifest(manifest, root / student)
+    names = write_repository(root, tmp_path / "gpu", tensorrt="10.16.0")
+    plans = sorted(n for n in names if n.endswith("_trt"))
+    assert len(plans) == 2 and all((tmp_path / "gpu" / n / "1" / "model.plan").is_file() for n in plans)
+    assert "built for TensorRT 10.8.0, the server runs 10.16.0" in caplog.text
+    cpu = write_repository(root, tmp_path / "cpu", cpu_only=True)
+    assert {"cnn_int8_qdq", "vit_int8_qdq"} <= set(cpu) and not any(n.endswith("_trt") for n in cpu)
+    config = _parse(tmp_path / "cpu" / "cnn_int8_qdq" / "config.pbtxt")
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
