@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 # pycuda (a source build) comes first, so a host without the CUDA toolkit keeps its working ONNX
 # Runtime; the CPU wheel comes back if onnxruntime-gpu cannot be installed.
 setup-gpu: setup
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt 'pycuda>=2024.1' || { echo "error: pycuda did \
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt 'pycuda>=2025.1.2' || { echo "error: pycuda did \
 	not build: it needs the CUDA toolkit (nvcc and headers; CUDA_ROOT=/usr/local/cuda or where it lies). \
 	Nothing was changed: onnxruntime (CPU) is still installed." >&2; exit 1; }
 	$(PY) -m pip uninstall --quiet -y onnxruntime
