@@ -178,25 +178,42 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
     target = detect_target(version)
     manifest = read_manifest(engine_dir)
     plans = {e.file: e for e in manifest.engines if e.format == "plan"}
+    failed = []
     for entry in [e for e in manifest.engines if e.format == "onnx" and e.variant in variants]:
-        onnx_path = engine_dir / entry.file
         name = plan_file(entry.file)
-        onnx_sha = sha256(onnx_path)
+        onnx_sha = sha256(engine_dir / entry.file)
         reason = rebuild_reason(plans.get(name), entry, onnx_sha, target, engine_dir)
         if reason is None:
             log.info("%s/%s is up to date", engine_dir.name, name)
             continue
         log.info("building %s/%s (%s)", engine_dir.name, name, reason)
-        shapes = manifest.profile(entry.io)
-        cache = cache_file(cache_root, target)
-        tmp = engine_dir / f".{name}.tmp"
-        tf32 = uses_tf32(entry.variant)
-        started = time.perf_counter()
+        try:  # each plan on its own: one that fails leaves the others (and the other student) to build
+            plan = _build_plan(engine_dir, manifest, entry, onnx_sha, target, use_api, cache_root, check)
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            log.error("%s/%s not built: %s", engine_dir.name, name, e)
+            failed.append(f"{engine_dir.name}/{name}: {e}")
+            plan = None
+            (engine_dir / name).unlink(missing_ok=True)  # a stale plan is no fallback
+        manifest.engines = [e for e in manifest.engines if e.file != name] + ([plan] if plan else [])
+        write_manifest(manifest, engine_dir)
+    if failed:
+        raise PlanBuildError("; ".join(failed))
+    return manifest
+
+
+def _build_plan(engine_dir, manifest, entry, onnx_sha, target, use_api, cache_root, check) -> EngineEntry:
+    name = plan_file(entry.file)
+    shapes = manifest.profile(entry.io)
+    cache = cache_file(cache_root, target)
+    tmp = engine_dir / f".{name}.tmp"
+    tf32 = uses_tf32(entry.variant)
+    started = time.perf_counter()
+    try:
         if use_api:
-            build_with_api(onnx_path, tmp, shapes, cache, tf32)
+            build_with_api(engine_dir / entry.file, tmp, shapes, cache, tf32)
         else:
-            subprocess.run(trtexec_command(onnx_path, tmp, shapes, cache, "image", tf32), check=True)
-        build_s = time.perf_counter() - started
+            command = trtexec_command(engine_dir / entry.file, tmp, shapes, cache, "image", tf32)
+            subprocess.run(command, check=True)
         plan = EngineEntry(
             file=name,
             format="plan",
@@ -205,7 +222,7 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
             precision=entry.precision,
             target="tensorrt",
             size_bytes=tmp.stat().st_size,
-            build_s=round(build_s, 2),
+            build_s=round(time.perf_counter() - started, 2),
             tensorrt={
                 "version": target.version,
                 "gpu": target.gpu,
@@ -217,15 +234,11 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
             },
         )
         if check:
-            try:
-                plan.parity = _check_plan(engine_dir, manifest, entry, tmp, plan, cache_root / "examples")
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            plan.parity = _check_plan(engine_dir, manifest, entry, tmp, plan, cache_root / "examples")
         tmp.replace(engine_dir / name)
-        manifest.engines = [e for e in manifest.engines if e.file != name] + [plan]
-        write_manifest(manifest, engine_dir)
-    return manifest
+        return plan
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plan_agreement(reference: Engine, candidate: Engine, images: list[np.ndarray]) -> dict[str, float]:
@@ -245,6 +258,10 @@ def plan_agreement(reference: Engine, candidate: Engine, images: list[np.ndarray
 
 class PlanParityError(RuntimeError):
     pass
+
+
+class PlanBuildError(RuntimeError):
+    """Some plans of an engine dir were not built (each named, with why); the others were."""
 
 
 def _check_plan(engine_dir, manifest, onnx_entry, plan_path, plan, examples: Path) -> dict:
@@ -310,19 +327,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     root = args.out or args.run / "export"
-    try:
-        for student in args.students:
+    status = 0
+    for student in args.students:
+        try:
             build_engine_dir(root / student, args.variants, root, check=not args.no_check)
-    except TensorRTUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except PlanParityError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        except TensorRTUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        except PlanBuildError as e:  # the other plans were built and recorded
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+        except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return status
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,3 +140,42 @@ def test_a_new_export_keeps_the_plans_whose_onnx_is_unchanged(exported_run, tmp_
     kept = [e.file for e in read_manifest(new).engines if e.format == "plan"]
     assert kept == ["model.fp32.plan"] and (new / "model.fp32.plan").read_bytes() == b"plan fp32"
     assert not (new / "model.fp16.plan").exists() and "dropped model.fp16.plan" in caplog.text
+
+
+FAKE_TRTEXEC = """#!/bin/sh
+# trtexec's banner and exit codes; the "build" writes the plan file, or fails like a parser error on fp16
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v101600] [b72] # trtexec $*"
+for arg in "$@"; do
+  case $arg in
+    --onnx=*fp16*) echo "[E] unsupported node" >&2; exit 1;;
+    --saveEngine=*) echo plan > "${arg#--saveEngine=}";;
+  esac
+done
+"""
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="the tensorrt module would build instead of trtexec")
+def test_a_plan_that_fails_leaves_the_others_built_and_recorded(exported_run, tmp_path, monkeypatch, capsys):
+    """The build orchestration with stand-ins for trtexec and nvidia-smi (TensorRT is not installable
+    here): a failing variant is named, and every other plan of both students is built and recorded."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA L4, 8.9'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "export"
+    shutil.copytree(exported_run / "export", out)
+
+    args = ["--run", str(exported_run), "--out", str(out), "--variants", "fp32", "fp16", "--no-check"]
+    assert trt_export.main(args) == 1
+    err = capsys.readouterr().err
+    assert "cnn/model.fp16.plan" in err and "vit/model.fp16.plan" in err
+    for student in ("cnn", "vit"):
+        plans = {e.file: e for e in read_manifest(out / student).engines if e.format == "plan"}
+        assert set(plans) == {"model.fp32.plan", "model.fp32.logits.plan"}
+        assert (
+            plans["model.fp32.plan"].tensorrt["version"] == "10.16.0" and not plans["model.fp32.plan"].tensorrt["tf32"]
+        )
+        assert not list((out / student).glob(".*.tmp")) and not (out / student / "model.fp16.plan").exists()
