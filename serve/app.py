@@ -27,6 +27,7 @@ from serve.segmenter import Segmenter, choices, engine_dirs, load_segmenter
 log = logging.getLogger(__name__)
 
 DISPLAY_SIDE = 1600  # the overlay is drawn at most this large; the class map keeps full size
+KEEP_CLASS_FILES = 64  # class-map PNGs kept for download: Gradio copies each into its cache on return
 MODEL_LABELS = {"cnn": "CNN (DeepLabV3+ ResNet-18)", "vit": "ViT (SegFormer-B0)", "ensemble": "Ensemble (mean softmax)"}
 
 
@@ -131,8 +132,10 @@ class Demo:
             for c, name in enumerate(segmenter.classes)
             if counts[c]
         ]
-        class_file = self.outputs / f"classes-{time.time_ns()}.png"
+        class_file = self.outputs / f"classes-{time.time_ns()}-{threading.get_ident()}.png"
         Image.fromarray(labels).save(class_file)  # the raw class map: one uint8 class index per pixel
+        for old in sorted(self.outputs.glob("classes-*.png"))[:-KEEP_CLASS_FILES]:  # a long-running server
+            old.unlink(missing_ok=True)
         colors = list(self.color_map.values())
         legend = _legend(segmenter.classes, colors, shares)
         details = {
@@ -176,7 +179,8 @@ def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
     examples = examples or demo.engines / "examples"
     example_files = sorted(str(p) for p in examples.glob("*.png")) if examples.is_dir() else []
     first = demo.models[0]
-    with gr.Blocks(title="segdeploy: compact segmentation students") as app:
+    # delete_cache: Gradio's copies of uploads and outputs older than an hour go, checked every 10 min
+    with gr.Blocks(title="segdeploy: compact segmentation students", delete_cache=(600, 3600)) as app:
         gr.Markdown(
             "## Semantic segmentation with compact students\n"
             f"Engines: `{demo.engines}` · ONNX Runtime / TensorRT, no PyTorch on this host."

@@ -125,3 +125,14 @@ def test_a_browser_uploads_an_image_and_sees_the_overlay(server, tmp_path):
         finally:
             browser.close()
     assert Image.open(tmp_path / "demo.png").size[0] > 0
+
+
+def test_a_long_running_app_keeps_a_bounded_number_of_class_map_files(engines, tmp_path):
+    from serve.app import KEEP_CLASS_FILES, Demo
+
+    demo = Demo(engines)
+    path = str(_good_image(tmp_path))
+    written = [demo.segment(path, "cnn", "fp32", "onnxruntime", 0.5)[2] for _ in range(KEEP_CLASS_FILES + 6)]
+    kept = sorted(str(p) for p in demo.outputs.glob("classes-*.png"))
+    assert kept == written[-KEEP_CLASS_FILES:]  # the newest, each still readable
+    assert np.asarray(Image.open(kept[-1])).shape == (44, 60)
