@@ -50,7 +50,10 @@ def arm_overrides(name: str, custom: dict[str, list[str]]) -> list[str]:
         return [f"method.preset={name}"]
     if name in TERMS:
         return [f"method.terms=[{name}]"]
-    raise SystemExit(f"unknown arm '{name}': a preset ({', '.join(PRESETS)}), a term ({', '.join(TERMS)}), or --arm")
+    hint = " (config overrides go before --arms, or after --)" if "=" in name else ""
+    raise SystemExit(
+        f"unknown arm '{name}': a preset ({', '.join(PRESETS)}), a term ({', '.join(TERMS)}), or --arm{hint}"
+    )
 
 
 # --- training ------------------------------------------------------------------------------------

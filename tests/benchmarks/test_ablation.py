@@ -64,3 +64,6 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
 def test_unknown_arm_fails_before_training(tmp_path):
     with pytest.raises(SystemExit, match="unknown arm 'nonsense'"):
         main(["--out", str(tmp_path), "--arms", "nonsense"])
+    with pytest.raises(SystemExit, match="overrides go before --arms"):  # argparse took it for an arm
+        main(["--out", str(tmp_path), "--arms", "dml", "iterations=10"])
+    assert not any(tmp_path.iterdir())
