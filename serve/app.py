@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -73,6 +75,7 @@ class Demo:
         self.segmenters: dict[tuple[str, str, str], Segmenter] = {}
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="segdeploy-"))
+        weakref.finalize(self, shutil.rmtree, self.outputs, True)  # gone with the app (or at exit)
         manifest = read_manifest(next(iter(engine_dirs(self.engines).values())))
         self.color_map = {name: _hex(rgb) for name, rgb in zip(manifest.classes, manifest.palette, strict=True)}
 

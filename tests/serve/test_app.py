@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 
 import numpy as np
@@ -136,3 +137,7 @@ def test_a_long_running_app_keeps_a_bounded_number_of_class_map_files(engines, t
     kept = sorted(str(p) for p in demo.outputs.glob("classes-*.png"))
     assert kept == written[-KEEP_CLASS_FILES:]  # the newest, each still readable
     assert np.asarray(Image.open(kept[-1])).shape == (44, 60)
+    outputs = demo.outputs
+    del demo
+    gc.collect()
+    assert not outputs.exists()  # the app's temp dir goes with it
