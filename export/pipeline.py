@@ -121,7 +121,7 @@ def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
         return
     onnx_sha = {e.file: sha256(new_dir / e.file) for e in manifest.engines if e.format == "onnx"}
     for plan in (e for e in old.engines if e.format == "plan"):
-        source = plan.file.removesuffix(".plan") + ".onnx"
+        source = engine_file(plan.variant, plan.io)
         if source in onnx_sha and (plan.tensorrt or {}).get("onnx_sha256") == onnx_sha[source]:
             shutil.copy2(old_dir / plan.file, new_dir / plan.file)
             manifest.engines.append(plan)
