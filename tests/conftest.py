@@ -36,8 +36,8 @@ def tiny_run_args(data_root: Path, iterations: int = 6) -> list[str]:
     ]
 
 
-def run_module(*args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_module(*args: str, cwd: Path = REPO, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 

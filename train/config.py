@@ -58,8 +58,11 @@ class StudentConfig:
     backbone: str = "resnet18"
     output_stride: int | None = 8  # CNN encoders only; pvt_v2 has a fixed stride of 32
     decoder_channels: int = 256  # width of the decoder feature `feat` (ASPP / All-MLP), docs/method.md
-    pretrained: bool = False  # ImageNet weights through timm's hub (needs network)
-    weights: str | None = None  # local encoder weights (.safetensors/.pth), used instead of the hub
+    # Initial encoder weights (train/models/pretrained.py): ImageNet weights from the Hugging Face hub
+    # (timm's for CNNs, nvidia/mit-bN for the SegFormer), or a local file/folder (timm, torchvision,
+    # transformers or NVlabs MiT form), which wins over `pretrained`. Only a new run reads them.
+    pretrained: bool = False
+    weights: str | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 

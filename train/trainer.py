@@ -27,7 +27,7 @@ from train.config import Config, ConfigError, OptimizerConfig, save_config
 from train.data import DatasetError, SegmentationDataset, build_dataset
 from train.evaluate import eval_loader, evaluate, format_table
 from train.losses import Objective
-from train.models import build_student
+from train.models import build_student, locate
 from train.run_dir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -155,10 +155,14 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = True
 
+        # Initial weights first (a hub download, a file check): a missing one fails before any data is read.
+        # A resumed run takes every weight from its checkpoint.
+        init = {name: None if resume else locate(getattr(cfg, name), name) for name in STUDENTS}
         self.train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
         self.eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
         self.test_set = build_dataset(cfg.data, cfg.data.test_split, train=False) if cfg.data.test_split else None
         self._record_classes(self.train_set)
+        self._describe(init, resume)
         if cfg.data.verify:
             splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
             log.info("checking every mask of %s", ", ".join(s.name for s in splits))
@@ -166,7 +170,7 @@ class Trainer:
                 split.verify()
 
         k = cfg.data.num_classes
-        students = nn.ModuleDict({name: build_student(getattr(cfg, name), k) for name in STUDENTS})
+        students = nn.ModuleDict({name: build_student(getattr(cfg, name), k, init[name]) for name in STUDENTS})
         channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
         widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
         # The objective's own modules draw from a generator of their own, so every method arm of one seed
@@ -256,6 +260,18 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}, **stats, **norms}
+
+    def _describe(self, init: dict, resume: bool) -> None:
+        """What a long run is about to train on, before its first step."""
+        cfg = self.cfg
+        splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
+        counts = ", ".join(f"{s.name.rsplit(':', 1)[-1]} {len(s)}" for s in splits)
+        log.info("dataset %s (%s): %s images", cfg.data.root, cfg.data.format, counts)
+        log.info("%d classes: %s", cfg.data.num_classes, ", ".join(cfg.data.class_names))
+        for name in STUDENTS:
+            student = getattr(cfg, name)
+            source = "from the checkpoint" if resume else f"encoder from {init[name]}" if init[name] else "random init"
+            log.info("%s: %s on %s, %s", name, student.arch, student.backbone, source)
 
     # --- the loop ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from train.config import Config, StudentConfig
-from train.models import StudentOutput, build_student
+from train.models import StudentOutput, WeightsError, build_student, locate
 
 CFG = Config()
 STUDENTS = {
@@ -74,7 +74,7 @@ def test_local_encoder_weights_are_loaded(tmp_path, cfg):
     path = tmp_path / "encoder.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
     torch.manual_seed(0)
-    model = build_student(StudentConfig(**{**cfg.__dict__, "weights": str(path)}), num_classes=3)
+    model = build_student(cfg, num_classes=3, init=path)
     source_values = [v for v in source.state_dict().values() if v.is_floating_point()]
     for name, value in model.encoder.named_parameters():  # the feature wrapper renames modules: match values
         assert any(v.shape == value.shape and torch.equal(v, value) for v in source_values), name
@@ -83,12 +83,12 @@ def test_local_encoder_weights_are_loaded(tmp_path, cfg):
 
 
 def test_missing_or_wrong_weights_are_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="encoder weights not found"):
-        build_student(StudentConfig(weights=str(tmp_path / "none.safetensors")), 3)
+    with pytest.raises(WeightsError, match=r"cnn\.weights: encoder weights not found"):
+        locate(StudentConfig(weights=str(tmp_path / "none.safetensors")), "cnn")
     path = tmp_path / "bad.safetensors"
     save_file({"nonsense": torch.zeros(2)}, path)
-    with pytest.raises(ValueError, match=r"do not fit timm model 'resnet18': .* missing"):
-        build_student(StudentConfig(weights=str(path)), 3)
+    with pytest.raises(WeightsError, match=r"do not fit timm model 'resnet18': .* missing"):
+        build_student(StudentConfig(), 3, init=path)
 
 
 @pytest.mark.parametrize("name", ["deeplabv3plus-r18-os8", "segformer-b0"])

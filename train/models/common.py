@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import NamedTuple
 
 import timm
@@ -29,16 +28,14 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-def create_encoder(name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
-    """A timm `features_only` encoder. `weights` is a local classification checkpoint (.safetensors, or
-    .pth read with weights_only) loaded through timm's own key filter, instead of the model hub."""
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"encoder weights not found: {weights}")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-    encoder = timm.create_model(name, features_only=True, pretrained=pretrained or weights is not None, **kwargs)
-    if weights is not None:
-        _check_loaded(encoder, name, Path(weights))
+def create_encoder(name: str, state: dict[str, torch.Tensor] | None = None, **kwargs) -> nn.Module:
+    """A timm `features_only` encoder, randomly initialised or loaded from `state` (timm's key names,
+    from train.models.pretrained) through timm's own loader."""
+    if state is None:
+        return timm.create_model(name, features_only=True, **kwargs)
+    overlay = {"state_dict": state}
+    encoder = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    _check_loaded(encoder, name, state)
     return encoder
 
 
@@ -46,17 +43,16 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     return tuple(t.shape), hashlib.sha1(t.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _check_loaded(encoder: nn.Module, name: str, path: Path) -> None:
-    """timm loads into a features_only encoder non-strictly (the classifier is dropped), so a file for
-    another model would silently leave random weights. Every encoder parameter must come from the file
+def _check_loaded(encoder: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """timm loads into a features_only encoder non-strictly (the classifier is dropped), so a state for
+    another model would silently leave random weights. Every encoder parameter must come from the state
     (compared by value: the feature wrapper renames modules)."""
-    in_file = {_fingerprint(t) for t in timm.models.load_state_dict(str(path)).values()}
+    given = {_fingerprint(t) for t in state.values()}
     params = dict(encoder.named_parameters())
-    missing = [k for k, v in params.items() if _fingerprint(v) not in in_file]
-    if missing:
+    if missing := [k for k, v in params.items() if _fingerprint(v) not in given]:
         raise ValueError(
-            f"encoder weights {path} do not fit timm model '{name}': {len(missing)} of {len(params)} tensors "
-            f"missing, e.g. {', '.join(missing[:3])}"
+            f"the weights given for timm model '{name}' left {len(missing)} of {len(params)} encoder tensors "
+            f"unloaded, e.g. {', '.join(missing[:3])}"
         )
 
 

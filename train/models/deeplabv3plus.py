@@ -47,16 +47,13 @@ class DeepLabV3Plus(nn.Module):
         num_classes: int,
         backbone: str = "resnet18",
         output_stride: int = 8,
-        pretrained: bool = False,
-        weights: str | None = None,
         decoder_channels: int = 256,
+        encoder_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
-        self.encoder = create_encoder(
-            backbone, pretrained, weights, out_indices=(1, 2, 3, 4), output_stride=output_stride
-        )
+        self.encoder = create_encoder(backbone, encoder_state, out_indices=(1, 2, 3, 4), output_stride=output_stride)
         channels = self.encoder.feature_info.channels()
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
         self.decoder = DeepLabV3PlusHead(channels[0], channels[-1], num_classes, rates, decoder_channels)

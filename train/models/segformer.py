@@ -1,8 +1,8 @@
 """SegFormer (Xie et al., 2021): a MiT encoder with the All-MLP decoder.
 
 timm's `pvt_v2_b0` with `mlp_ratios=(4, 4, 4, 4)` is MiT-B0 (same depths, widths, heads,
-reduction ratios, overlapping patch embeddings, conv FFN) and loads MiT-B0 weights through
-timm's PVTv2 checkpoint filter; likewise pvt_v2_b1/b2 for MiT-B1/B2.
+reduction ratios, overlapping patch embeddings, conv FFN) and loads MiT-B0 weights (NVlabs or
+transformers naming, train.models.pretrained); likewise pvt_v2_b1..b5 for MiT-B1..B5.
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 from train.models.common import ConvBNReLU, StudentOutput, create_encoder, upsample_like
+
+
+def encoder_args(backbone: str) -> dict:
+    """timm arguments that make `backbone` the MiT of that size (pvt_v2_bN -> MiT-BN)."""
+    return {"mlp_ratios": (4, 4, 4, 4)} if backbone.startswith("pvt_v2") else {}
 
 
 class AllMLPHead(nn.Module):
@@ -36,13 +41,11 @@ class SegFormer(nn.Module):
         self,
         num_classes: int,
         backbone: str = "pvt_v2_b0",
-        pretrained: bool = False,
-        weights: str | None = None,
         decoder_channels: int = 256,
+        encoder_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        extra = {"mlp_ratios": (4, 4, 4, 4)} if backbone.startswith("pvt_v2") else {}
-        self.encoder = create_encoder(backbone, pretrained, weights, **extra)
+        self.encoder = create_encoder(backbone, encoder_state, **encoder_args(backbone))
         self.decoder = AllMLPHead(self.encoder.feature_info.channels(), num_classes, decoder_channels)
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
