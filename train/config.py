@@ -22,13 +22,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: Literal["folder", "cityscapes", "camvid", "voc"] = "folder"
+    format: Literal["folder", "cityscapes", "camvid", "voc", "ade20k"] = "folder"
     root: str = "data/synthetic"
     train_split: str = "train"
     eval_split: str = "val"  # evaluated during training: picks each student's best weights
     test_split: str | None = None  # held out: evaluated once at the end (best and last weights), for reporting
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # H, W
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    base_size: list[int] | None = None  # [long, short]: the scale_range ratio applies to the image fitted to it
+    cat_max_ratio: float = 1.0  # < 1: redraw a crop (up to 10 times) while one class covers more of it
+    photometric: bool = False  # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)
     batch_size: int = 8
     eval_batch_size: int = 1
     num_workers: int = 2
@@ -82,6 +85,7 @@ class EvalConfig:
     mode: Literal["whole", "slide"] = "whole"
     crop_size: list[int] | None = None  # slide window size (H, W); defaults to the train crop
     stride: list[int] | None = None  # slide step; defaults to 2/3 of the window
+    scale: list[int] | None = None  # [long, short]: images rescaled to fit it; predictions resized back to the labels
 
 
 @dataclass

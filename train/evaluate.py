@@ -6,6 +6,7 @@ python -m train.evaluate --run runs/<name> [--split val] [--device cpu] [--json 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from torch import nn
 
 from train.config import EvalConfig
 from train.data import build_dataset, pad_collate
+from train.data.transforms import fit_scale
 from train.metrics import ConfusionMatrix
 from train.run_dir import load_run_config, load_students, resolve_device
 
@@ -29,8 +31,15 @@ def _windows(size: int, window: int, stride: int) -> list[int]:
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, eval_cfg: EvalConfig, crop: list[int]) -> torch.Tensor:
-    """Logits at input resolution (fp32): whole image, or averaged over overlapping windows."""
+    """Logits at input resolution (fp32): whole image, or averaged over overlapping windows; with
+    `eval_cfg.scale`, predicted on the image rescaled to fit it and resized back."""
     h, w = images.shape[-2:]
+    if eval_cfg.scale:
+        factor = fit_scale(h, w, tuple(eval_cfg.scale))
+        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        resized = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        logits = predict_logits(model, resized, dataclasses.replace(eval_cfg, scale=None), crop)
+        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
     if eval_cfg.mode == "whole":
         return F.interpolate(model(images).logits.float(), size=(h, w), mode="bilinear", align_corners=False)
     wh, ww = eval_cfg.crop_size or crop

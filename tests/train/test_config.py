@@ -1,16 +1,28 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from train.config import Config, ConfigError, load_config, save_config
 
-REPO_CONFIGS = ["synthetic", "cityscapes", "camvid", "voc"]
+REPO_CONFIGS = sorted(p.stem for p in Path("configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", REPO_CONFIGS)
 def test_shipped_configs_load(name):
     cfg = load_config(f"configs/{name}.yaml")
     assert cfg.cnn.arch == "deeplabv3plus" and cfg.vit.arch == "segformer"
+
+
+@pytest.mark.parametrize("name", [n for n in REPO_CONFIGS if n != "synthetic"])
+def test_real_dataset_configs_start_from_imagenet_with_the_reference_pipeline(name):
+    from train.models.pretrained import hub_source
+
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.cnn.pretrained and cfg.vit.pretrained  # fine-tuning learning rates need ImageNet encoders
+    assert hub_source(cfg.vit).startswith("nvidia/mit-b") and hub_source(cfg.cnn).startswith("timm/")
+    assert cfg.data.photometric and cfg.data.cat_max_ratio == 0.75 and cfg.vit.optimizer.warmup_iters == 1500
 
 
 def test_overrides_are_typed_and_nested():

@@ -13,7 +13,7 @@ from PIL import Image
 from train.config import DataConfig
 from train.data import DatasetError, build_dataset, pad_collate
 from train.data.synthetic import CLASS_NAMES, generate, render
-from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, fit_scale, photometric_distortion
 from train.data.voc import CLASSES as VOC_CLASSES
 
 
@@ -292,3 +292,68 @@ def test_synthetic_splits_do_not_depend_on_each_other(tmp_path):
     for name in ("train_00001", "val_00001"):
         a, b = (np.asarray(Image.open(tmp_path / r / "images" / f"{name}.png")) for r in "ab")
         np.testing.assert_array_equal(a, b)
+
+
+def test_base_size_scales_from_the_fitted_image(monkeypatch):
+    """mmseg's RandomResize: the image is fitted to (long, short) = (2048, 512), then scaled by the ratio."""
+    sizes, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a))
+    t = TrainTransform((4, 4), (2.0, 2.0), base_size=(2048, 512))
+    t(rgb(1000, 3000), np.zeros((1000, 3000), np.uint8), np.random.default_rng(0))
+    assert sizes[0] == (2 * 1536, 2 * 512)  # the short side binds: 1000 -> 512, then x2
+    assert fit_scale(500, 3000, (2048, 512)) == pytest.approx(2048 / 3000)  # a panorama: the long side binds
+    assert fit_scale(375, 500, (512, 2048)) == pytest.approx(512 / 375)  # the order of the pair does not matter
+
+
+def test_cat_max_ratio_avoids_crops_of_one_class():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 48:] = 1  # class 1 only in the right quarter
+    image = rgb(64, 64)
+    plain, balanced = TrainTransform((16, 16), (1.0, 1.0)), TrainTransform((16, 16), (1.0, 1.0), cat_max_ratio=0.75)
+
+    def mixed(t):
+        crops = [t(image, mask, np.random.default_rng(seed))[1] for seed in range(40)]
+        return np.mean([len(torch.unique(y)) > 1 for y in crops])
+
+    assert mixed(balanced) > mixed(plain) + 0.3
+
+
+def test_photometric_distortion_changes_colour_only_and_is_seeded():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    outputs = [photometric_distortion(image, np.random.default_rng(seed)) for seed in range(8)]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outputs)
+    assert sum(not np.array_equal(o, image) for o in outputs) >= 6  # each step has probability 0.5
+    assert np.array_equal(photometric_distortion(image, np.random.default_rng(3)), outputs[3])
+    t = TrainTransform((20, 30), (1.0, 1.0), photometric=True)
+    x1, y1 = t(image, np.ones((20, 30), np.uint8), np.random.default_rng(5))
+    x2, y2 = t(image, np.ones((20, 30), np.uint8), np.random.default_rng(5))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and (y1 == 1).all()  # masks untouched
+
+
+# --- ADE20K ----------------------------------------------------------------------------------------
+
+
+def make_ade20k(root: Path) -> Path:
+    ade = root / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        for name, mask in (("ADE_a", np.zeros((2, 3), np.uint8)), ("ADE_b", np.array([[0, 1, 150], [12, 255, 3]]))):
+            (ade / "images" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb(2, 3)).save(ade / "images" / split / f"{name}.jpg")
+            save_png(ade / "annotations" / split / f"{name}.png", mask.astype(np.uint8))
+    return root
+
+
+def test_ade20k_reduces_the_zero_label(tmp_path):
+    ds = load(make_ade20k(tmp_path), "ade20k", split="validation")  # the archive's parent is accepted
+    assert len(ds) == 2 and ds.classes.num_classes == 150 and ds.classes.names[:3] == ["wall", "building", "sky"]
+    assert ds[1][1].tolist() == [[255, 0, 149], [11, 255, 2]]  # 0 "other" -> ignore, k -> k - 1
+
+
+def test_ade20k_label_above_150_is_rejected_and_missing_folders_are_named(tmp_path):
+    root = make_ade20k(tmp_path) / "ADEChallengeData2016"
+    save_png(root / "annotations" / "training" / "ADE_a.png", np.full((2, 3), 151, np.uint8))
+    with pytest.raises(DatasetError, match=r"label values \[150\].*ADE_a\.png"):
+        load(root, "ade20k", split="training").verify()
+    with pytest.raises(DatasetError, match=r"ADE20K images \(ADEChallengeData2016/images/<split>\) not found: .*test"):
+        load(root, "ade20k", split="test")

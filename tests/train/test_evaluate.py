@@ -40,3 +40,19 @@ def test_ensemble_combines_both_students():
     r = evaluate({"a": PixelModel(), "b": Leaning()}, [(x, labels)], 2, torch.device("cpu"))
     assert r["a"]["acc"] == 0.5 and r["b"]["acc"] == 0.5
     assert r["ensemble"]["acc"] == 1.0  # mean of softmax: (1.0 + 0.12) / 2 > 0.5 at pixel 0, (0.5 + 0.88) / 2 at 1
+
+
+def test_eval_scale_predicts_on_the_fitted_image_and_answers_at_label_size():
+    seen = []
+
+    class Recording(PixelModel):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    x = torch.zeros(1, 3, 40, 60)
+    x[..., :, 30:] = 1.0  # right half: class 0 wins
+    logits = predict_logits(Recording(), x, EvalConfig(scale=[30, 10]), [8, 8])
+    assert seen == [(10, 15)]  # fitted to (long 30, short 10): the short side binds
+    assert logits.shape == (1, 2, 40, 60)
+    assert (logits[0, 0, :, 35:] > 5).all() and (logits[0, 0, :, :25] < 5).all()

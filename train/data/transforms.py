@@ -27,16 +27,78 @@ def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch
     return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(mask.astype(np.int64))
 
 
-class TrainTransform:
-    """Random scale, random crop (padding the mask with ignore), horizontal flip, ImageNet normalisation."""
+def fit_scale(h: int, w: int, scale: tuple[int, int]) -> float:
+    """The factor that rescales an h x w image to fit `scale` = (long, short), keeping its aspect ratio
+    (mmseg's `Resize(keep_ratio=True)`)."""
+    long, short = max(scale), min(scale)
+    return min(long / max(h, w), short / min(h, w))
 
-    def __init__(self, crop_size: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0)) -> None:
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion with its defaults, each step with probability 0.5: brightness
+    +-32, contrast x0.5-1.5 (before or after the colour steps), saturation x0.5-1.5, hue +-18 degrees
+    of 180. Not torchvision's ColorJitter: its brightness and contrast are other operations (a factor,
+    a blend with the mean), and it draws from torch's global RNG, while every draw here comes from the
+    sample's own generator, which keeps a resumed run on the very same batches."""
+    x = image.astype(np.float32)
+    if rng.random() < 0.5:
+        x = x + rng.uniform(-32, 32)
+    contrast_first = rng.random() < 0.5
+    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    if contrast is not None and contrast_first:
+        x = x * contrast
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    hue = int(rng.integers(-18, 19)) if rng.random() < 0.5 else None
+    if saturation is not None or hue is not None:
+        hsv = np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).convert("HSV")).astype(np.float32)
+        if saturation is not None:
+            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+        if hue is not None:  # PIL's hue runs 0-255 for the full circle
+            hsv[..., 0] = (hsv[..., 0] + hue * 256 / 180) % 256
+        x = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
+    if contrast is not None and not contrast_first:
+        x = x * contrast
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+class TrainTransform:
+    """Random scale, random crop (padding the mask with ignore), horizontal flip, optional photometric
+    distortion, ImageNet normalisation: mmseg's training pipeline.
+
+    base_size (long, short): the random ratio applies to the image rescaled to fit it (mmseg's
+    RandomResize scale), else to the image itself. cat_max_ratio < 1: up to 10 crops are drawn until no
+    class covers more than that share of the crop's labelled pixels (mmseg's RandomCrop)."""
+
+    def __init__(
+        self,
+        crop_size: tuple[int, int],
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        base_size: tuple[int, int] | None = None,
+        cat_max_ratio: float = 1.0,
+        photometric: bool = False,
+    ) -> None:
         self.crop_h, self.crop_w = crop_size
-        self.scale_range = scale_range
+        self.scale_range, self.base_size = scale_range, base_size
+        self.cat_max_ratio, self.photometric = cat_max_ratio, photometric
+
+    def _crop_origin(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        for _ in range(10 if self.cat_max_ratio < 1 else 1):
+            top = int(rng.integers(0, mask.shape[0] - self.crop_h + 1))
+            left = int(rng.integers(0, mask.shape[1] - self.crop_w + 1))
+            if self.cat_max_ratio >= 1:
+                break
+            crop = mask[top : top + self.crop_h, left : left + self.crop_w]
+            counts = np.bincount(crop[crop != IGNORE_INDEX].ravel())
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return top, left
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         scale = rng.uniform(*self.scale_range)
         h, w = mask.shape
+        if self.base_size is not None:
+            scale *= fit_scale(h, w, self.base_size)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
         mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
@@ -46,12 +108,13 @@ class TrainTransform:
         if ph or pw:
             image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
             mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
-        top = rng.integers(0, mask.shape[0] - self.crop_h + 1)
-        left = rng.integers(0, mask.shape[1] - self.crop_w + 1)
+        top, left = self._crop_origin(mask, rng)
         image = image[top : top + self.crop_h, left : left + self.crop_w]
         mask = mask[top : top + self.crop_h, left : left + self.crop_w]
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
+        if self.photometric:
+            image = photometric_distortion(image, rng)
         return to_tensors(image, mask)
 
 
