@@ -7,7 +7,7 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup setup-gpu data train eval export export-trt triton-repo serve demo ablation bench bench-train load test lint format clean
+.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo serve demo ablation bench bench-train load test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ setup-gpu: setup
 
 data: setup
 	$(PY) -m train.data.synthetic --out data/synthetic
+
+# Every image and mask of the config's splits read once: counts, class shares, problems by file.
+# make check-data CONFIG=configs/cityscapes.yaml ARGS="data.root=/data/cityscapes"
+check-data: setup $(if $(findstring synthetic,$(CONFIG)),data)
+	$(PY) -m train.data.check --config $(CONFIG) $(ARGS)
 
 # make train CONFIG=configs/cityscapes.yaml ARGS="iterations=1000 data.root=/data/cityscapes"
 train: setup $(if $(findstring synthetic,$(CONFIG)),data)

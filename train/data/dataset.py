@@ -72,6 +72,25 @@ def read_image(path: Path) -> np.ndarray:
         raise DatasetError(f"cannot read {path}: {e}") from None
 
 
+def read_mask(path: Path, label_map: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """HxW uint8 class indices (255 = ignore) from a single-channel mask, mapped through the layout's
+    `label_map`; values outside 0..num_classes-1 fail, naming the file."""
+    try:
+        with _open(path) as m:
+            if m.mode not in ("L", "P"):
+                raise DatasetError(f"mask must be single-channel 8-bit (mode L or P), got {m.mode}: {path}")
+            mask = np.asarray(m)
+    except OSError as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+    if label_map is not None:
+        mask = label_map[mask]
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        values = sorted(set(np.unique(mask[bad]).tolist()))
+        raise DatasetError(f"label values {values} outside 0..{num_classes - 1} (255 = ignore): {path}")
+    return mask
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Pairs of image and mask files; `dataset[i]` or `dataset[(i, seed)]` -> (image, mask) tensors.
 
@@ -115,24 +134,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def read_mask(self, index: int) -> np.ndarray:
         """HxW uint8 class indices (255 = ignore), validated against the class table."""
-        path = self.samples[index].mask
-        try:
-            with _open(path) as m:
-                if m.mode not in ("L", "P"):
-                    raise DatasetError(f"mask must be single-channel 8-bit (mode L or P), got {m.mode}: {path}")
-                mask = np.asarray(m)
-        except OSError as e:
-            raise DatasetError(f"cannot read {path}: {e}") from None
-        if self.label_map is not None:
-            mask = self.label_map[mask]
-        bad = (mask >= self.classes.num_classes) & (mask != IGNORE_INDEX)
-        if bad.any():
-            values = sorted(set(np.unique(mask[bad]).tolist()))
-            raise DatasetError(
-                f"label values {values} outside 0..{self.classes.num_classes - 1} "
-                f"(255 = ignore): {path}"
-            )
-        return mask
+        return read_mask(self.samples[index].mask, self.label_map, self.classes.num_classes)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return read_image(self.samples[index].image), self.read_mask(index)
