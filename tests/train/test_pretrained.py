@@ -158,7 +158,11 @@ def test_export_needs_only_the_run_dir(synthetic_root, tmp_path):
     overrides = [*tiny_run_args(synthetic_root, iterations=2), f"cnn.weights={cnn_file}"]
     result = run_module("train", *args, *overrides, f"vit.weights={tmp_path / 'mit-b0'}", env_extra=OFFLINE)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"encoder from {tmp_path / 'mit-b0'}" in result.stderr  # said before the first step
+    log = result.stderr  # what the run trains on, said before the first step
+    assert "train 16, val 4, test 3 images" in log and "5 classes: background, solid" in log
+    assert f"cnn: deeplabv3plus on resnet18, encoder from {cnn_file}" in log
+    assert f"vit: segformer on pvt_v2_b0, encoder from {tmp_path / 'mit-b0'}" in log
+    assert log.index("encoder from") < log.index("it 1/2")
 
     cnn_file.unlink()
     for f in (tmp_path / "mit-b0").iterdir():
