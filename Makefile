@@ -7,12 +7,12 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo serve demo ablation bench bench-train load test lint format clean
+.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve demo ablation bench bench-train load test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,bench,cpu,dev]'
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,video,bench,cpu,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,7 +25,7 @@ setup-gpu: setup
 	not build: it needs the CUDA toolkit (nvcc and headers; CUDA_ROOT=/usr/local/cuda or where it lies). \
 	Nothing was changed: onnxruntime (CPU) is still installed." >&2; exit 1; }
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,bench,gpu,dev]' || { \
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,video,bench,gpu,dev]' || { \
 	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[cpu]'; echo "error: onnxruntime-gpu \
 	could not be installed; the CPU onnxruntime is back" >&2; exit 1; }
 
@@ -57,6 +57,10 @@ export-trt: setup
 # A Triton Inference Server model repository from the engine dirs: runs/<name>/triton
 triton-repo: setup
 	$(PY) -m export.triton --run $(RUN) $(ARGS)
+
+# Class maps of images, folders, globs and videos on disk: make predict RUN=runs/demo ARGS="--out masks photos/"
+predict: setup
+	$(PY) -m serve.predict --engines $(RUN)/export $(ARGS)
 
 # The Gradio demo on a run's engines: make serve RUN=runs/demo ARGS="--host 0.0.0.0 --port 7860"
 serve: setup

@@ -139,6 +139,7 @@ import numpy as np
 from serve.app import Demo, build_app
 from serve.segmenter import load_segmenter
 from serve.runtime import open_engine
+import serve.predict  # the batch CLI too
 engines = sys.argv[1]
 labels = load_segmenter(engines, "ensemble").predict(np.zeros((40, 56, 3), np.uint8)).labels
 build_app(Demo(engines))

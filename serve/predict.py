@@ -1,0 +1,333 @@
+"""Segment images, folders and videos with a run's engines and write the masks to disk (no PyTorch).
+
+python -m serve.predict --engines runs/<name>/export --out OUT [--model cnn|vit|ensemble]
+    [--variant fp32] [--backend onnxruntime] [--overlay] [--force] INPUT...
+
+INPUT: an image, a folder (searched recursively), a glob ('photos/**/*.jpg', quoted) or a video.
+- An image gives OUT/<path>.png: a palette PNG whose pixel values are class ids (palette = the
+  dataset's colours), at the image's own size; with --overlay also OUT/overlay/<path>.jpg.
+- A video gives OUT/<path>/<frame>.png (exact class ids; a lossy video would blur them) and with
+  --overlay OUT/overlay/<path>.mp4 (H.264). Videos are read and written with PyAV, whose wheels ship
+  FFmpeg (`pip install 'segdeploy[video]'`).
+- OUT/predictions.jsonl gets one JSON line per image or video: file, size, each class's share of the
+  pixels, timings. <path> is relative to the folder (or the glob's fixed part) the file was found in.
+
+Images of one size run in batches up to the engines' max batch, while the next ones are decoded.
+Bad files (unreadable, truncated, not an image, over --max-pixels) are skipped with a message naming
+each; the exit status is 1 when any input failed. A second run on the same OUT skips what is done
+unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
+from serve.runtime import BACKENDS
+from serve.segmenter import MODELS, Prediction, Segmenter, load_segmenter
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
+RESULTS_FILE = "predictions.jsonl"
+OVERLAY_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class Item:
+    source: Path
+    rel: Path  # where its outputs go under OUT, suffix removed
+
+    @property
+    def video(self) -> bool:
+        return self.source.suffix.lower() in VIDEO_SUFFIXES
+
+
+def collect(inputs: list[str]) -> tuple[list[Item], list[str]]:
+    """Every file the inputs name, with its output path; and the inputs that named nothing."""
+    items, missing = [], []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = [(f, f.relative_to(path)) for f in sorted(path.rglob("*")) if _media(f)]
+        elif path.is_file():
+            found = [(path, Path(path.name))]
+        elif glob.has_magic(raw):
+            base = Path(*[part for part in path.parts if not glob.has_magic(part)][: _fixed_parts(path)])
+            found = [(Path(f), Path(f).relative_to(base)) for f in sorted(glob.glob(raw, recursive=True))]
+            found = [(f, rel) for f, rel in found if f.is_file()]
+        else:
+            found = []
+        if not found:
+            missing.append(f"{raw}: no such file, or no image or video in it")
+        items += [Item(f, rel.with_suffix("")) for f, rel in found]
+    return items, missing
+
+
+def _media(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
+
+
+def _fixed_parts(path: Path) -> int:
+    """How many leading parts of a glob have no wildcard (its base folder)."""
+    for i, part in enumerate(path.parts):
+        if glob.has_magic(part):
+            return i
+    return len(path.parts)
+
+
+class Writer:
+    """Output paths and files of one OUT folder."""
+
+    def __init__(self, out: Path, segmenter: Segmenter, overlay: bool) -> None:
+        self.out, self.segmenter, self.overlay = out, segmenter, overlay
+        self.flat_palette = [c for colour in segmenter.palette.tolist() for c in colour]
+
+    def labels_path(self, item: Item) -> Path:
+        return self.out / (item.rel if item.video else item.rel.with_suffix(".png"))
+
+    def overlay_path(self, item: Item) -> Path:
+        return self.out / "overlay" / item.rel.with_suffix(".mp4" if item.video else ".jpg")
+
+    def done(self, item: Item) -> bool:
+        marker = self.labels_path(item) / "summary.json" if item.video else self.labels_path(item)
+        return marker.is_file() and (not self.overlay or self.overlay_path(item).is_file())
+
+    def class_map(self, labels: np.ndarray, path: Path) -> None:
+        img = Image.fromarray(labels, "P")
+        img.putpalette(self.flat_palette)
+        _atomic_save(img, path)
+
+    def blend(self, image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        colours = self.segmenter.colorize(labels).astype(np.float32)
+        return (image * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA).astype(np.uint8)
+
+    def image(self, item: Item, image: np.ndarray, prediction: Prediction) -> dict:
+        self.class_map(prediction.labels, self.labels_path(item))
+        if self.overlay:
+            _atomic_save(Image.fromarray(self.blend(image, prediction.labels)), self.overlay_path(item), quality=90)
+        return self.record(item, prediction.labels, prediction.timings, prediction.batch)
+
+    def record(self, item: Item, labels: np.ndarray, timings: dict, batch: int, **extra) -> dict:
+        counts = np.bincount(labels.ravel(), minlength=len(self.segmenter.classes))
+        shares = {
+            name: round(float(c) / labels.size, 6) for name, c in zip(self.segmenter.classes, counts, strict=True) if c
+        }
+        return {
+            "file": str(item.source),
+            "output": str(self.labels_path(item).relative_to(self.out)),
+            "height": int(labels.shape[0]),
+            "width": int(labels.shape[1]),
+            **extra,
+            "shares": shares,
+            "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+            "batch": batch,
+        }
+
+
+def _atomic_save(img: Image.Image, path: Path, **kwargs) -> None:
+    """Written under a temporary name and renamed: a killed run leaves no half file that counts as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format=Image.registered_extensions()[path.suffix.lower()], **kwargs)
+    os.replace(tmp, path)
+
+
+def read_ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int):
+    """(item, future of fn(item)) in order, with at most `depth` decodes in flight."""
+    pending: deque[tuple[Item, Future]] = deque()
+    upcoming = iter(items)
+    for item in upcoming:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= depth:
+            break
+    while pending:
+        item, future = pending.popleft()
+        if (following := next(upcoming, None)) is not None:
+            pending.append((following, pool.submit(fn, following)))
+        yield item, future
+
+
+def predict_images(items: list[Item], segmenter: Segmenter, writer: Writer, max_pixels: int, results) -> list[str]:
+    failures: list[str] = []
+    batch: list[tuple[Item, np.ndarray]] = []
+    bar = tqdm(total=len(items), unit="img", desc="images", file=sys.stderr, disable=not items)
+    with ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
+        writes: deque[Future] = deque()
+
+        def flush() -> None:
+            predictions = segmenter.predict_batch([image for _, image in batch])
+            for (item, image), prediction in zip(batch, predictions, strict=True):
+                writes.append(pool.submit(writer.image, item, image, prediction))
+            batch.clear()
+            while writes and (writes[0].done() or len(writes) > 4 * segmenter.max_batch):
+                results(writes.popleft().result())
+                bar.update(1)
+
+        decode = lambda item: read_image(item.source, max_pixels, name=str(item.source))  # noqa: E731
+        for item, future in read_ahead(pool, decode, items, depth=2 * segmenter.max_batch):
+            try:
+                batch.append((item, future.result()))
+            except ImageError as e:
+                failures.append(str(e))
+                bar.write(f"skipped: {e}", file=sys.stderr)
+                bar.update(1)
+                continue
+            if len(batch) == segmenter.max_batch:
+                flush()
+        if batch:
+            flush()
+        while writes:
+            results(writes.popleft().result())
+            bar.update(1)
+    bar.close()
+    return failures
+
+
+def predict_video(item: Item, segmenter: Segmenter, writer: Writer, max_pixels: int) -> dict:
+    """Frames in batches; a class-map PNG per frame and, with --overlay, an H.264 overlay video."""
+    import av
+
+    frames_dir = writer.labels_path(item)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    totals = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
+    counts, index, started = None, 0, time.perf_counter()
+    try:
+        with av.open(str(item.source)) as source:
+            stream = source.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w * h > max_pixels:
+                raise ImageError(f"{item.source}: {w}x{h} pixels is over the limit of {max_pixels:,} pixels")
+            sink = encoder = None
+            if writer.overlay:
+                path = writer.overlay_path(item)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sink = av.open(str(path.with_name(f".{path.name}.tmp")), "w", format="mp4")
+                encoder = sink.add_stream("libx264", rate=stream.average_rate or 25)
+                encoder.width, encoder.height, encoder.pix_fmt = w - w % 2, h - h % 2, "yuv420p"  # 4:2:0: even sides
+            bar = tqdm(total=stream.frames or None, unit="frame", desc=item.source.name, file=sys.stderr)
+            frames = (f.to_ndarray(format="rgb24") for f in source.decode(stream))
+            while chunk := list(itertools.islice(frames, segmenter.max_batch)):
+                for image, prediction in zip(chunk, segmenter.predict_batch(chunk), strict=True):
+                    writer.class_map(prediction.labels, frames_dir / f"{index:06d}.png")
+                    counts = np.bincount(prediction.labels.ravel(), minlength=len(segmenter.classes)) + (
+                        0 if counts is None else counts
+                    )
+                    if sink is not None:
+                        blended = writer.blend(image, prediction.labels)[: encoder.height, : encoder.width]
+                        for packet in encoder.encode(av.VideoFrame.from_ndarray(blended, format="rgb24")):
+                            sink.mux(packet)
+                    index += 1
+                for k in totals:
+                    totals[k] += prediction.timings[k]
+                bar.update(len(chunk))
+            bar.close()
+            if sink is not None:
+                for packet in encoder.encode():
+                    sink.mux(packet)
+                sink.close()
+                os.replace(path.with_name(f".{path.name}.tmp"), path)
+    except av.FFmpegError as e:
+        raise ImageError(f"{item.source}: not a video this build of FFmpeg reads ({e})") from None
+    if index == 0:
+        raise ImageError(f"{item.source}: the video holds no frames")
+    shares = {n: round(float(c) / counts.sum(), 6) for n, c in zip(segmenter.classes, counts, strict=True) if c}
+    line = {
+        "file": str(item.source),
+        "output": str(frames_dir.relative_to(writer.out)),
+        "height": h,
+        "width": w,
+        "frames": index,
+        "fps": round(index / (time.perf_counter() - started), 2),
+        "shares": shares,
+        "timings_ms": {k: round(v, 3) for k, v in totals.items()},
+    }
+    (frames_dir / "summary.json").write_text(json.dumps(line, indent=2))  # written last: marks the video done
+    return line
+
+
+def compact(path: Path) -> None:
+    """One line per output (the newest) after reruns with --force."""
+    if not path.is_file():
+        return
+    latest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            latest[json.loads(line)["output"]] = line
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in latest.values()))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, videos")
+    parser.add_argument("--engines", required=True, type=Path, help="a run's export dir (holding cnn/ and vit/)")
+    parser.add_argument("--out", required=True, type=Path, help="where the class maps go")
+    parser.add_argument("--model", default="cnn", choices=MODELS)
+    parser.add_argument("--variant", default="fp32", help="fp32, fp16, int8.cpu, int8.qdq (as exported)")
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt (ONNX Runtime's provider)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--overlay", action="store_true", help="also write colour overlays (JPEG / H.264)")
+    parser.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger inputs are skipped")
+    args = parser.parse_args(argv)
+
+    items, missing = collect(args.inputs)
+    try:
+        segmenter = load_segmenter(args.engines, args.model, args.variant, args.backend, args.device, args.threads)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    writer, outputs = Writer(args.out, segmenter, args.overlay), {}
+    for item in items:
+        if (other := outputs.setdefault(writer.labels_path(item), item)) is not item:
+            print(
+                f"error: {item.source} and {other.source} would both write {writer.labels_path(item)}", file=sys.stderr
+            )
+            return 2
+    for message in missing:
+        print(f"skipped: {message}", file=sys.stderr)
+    todo = [item for item in items if args.force or not writer.done(item)]
+    if skipped := len(items) - len(todo):
+        print(f"{skipped} of {len(items)} inputs already done in {args.out} (--force redoes them)", file=sys.stderr)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / RESULTS_FILE
+    with results_path.open("a") as results:
+
+        def record(line: dict) -> None:
+            results.write(json.dumps(line) + "\n")
+            results.flush()
+
+        failures = predict_images([i for i in todo if not i.video], segmenter, writer, args.max_pixels, record)
+        for item in (i for i in todo if i.video):
+            try:
+                record(predict_video(item, segmenter, writer, args.max_pixels))
+            except ImageError as e:
+                failures.append(str(e))
+                print(f"skipped: {e}", file=sys.stderr)
+    compact(results_path)
+    summary = f"{len(todo) - len(failures)} of {len(todo)} inputs segmented into {args.out}"
+    print(summary + (f"; {len(failures) + len(missing)} failed" if failures or missing else ""))
+    return 1 if failures or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

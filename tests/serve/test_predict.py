@@ -1,0 +1,134 @@
+"""`python -m serve.predict` over real files: folders, globs, videos, bad files, reruns."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.images import read_image
+from serve.predict import main
+from serve.segmenter import load_segmenter
+from tests.serve.conftest import bad_inputs
+
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def photos(engines, tmp_path_factory):
+    """The export's example images in a nested folder tree."""
+    root = tmp_path_factory.mktemp("photos")
+    examples = sorted((engines / "examples").glob("*.png"))
+    assert len(examples) >= 3
+    for i, src in enumerate(examples[:3]):
+        folder = root if i == 0 else root / "sub" / ("deeper" if i == 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.open(src).convert("RGB").save(folder / f"photo{i}.jpg" if i == 1 else folder / f"photo{i}.png")
+    return root
+
+
+def lines(out):
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_folder_gives_class_maps_equal_to_the_segmenter(engines, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--engines", str(engines), "--out", str(out), "--model", "vit", "--overlay", str(photos)]) == 0
+    segmenter = load_segmenter(engines, "vit")
+    sources = sorted(p for p in photos.rglob("*") if p.is_file())
+    for source in sources:
+        rel = source.relative_to(photos).with_suffix(".png")
+        with Image.open(out / rel) as class_map:
+            assert class_map.mode == "P"  # pixel values are class ids, the palette the dataset's colours
+            assert class_map.getpalette()[:6] == [c for rgb in segmenter.palette[:2].tolist() for c in rgb]
+            labels = np.asarray(class_map)
+        image = read_image(source)
+        assert labels.shape == image.shape[:2]
+        assert np.array_equal(labels, segmenter.predict(image).labels)
+        assert (out / "overlay" / rel.with_suffix(".jpg")).is_file()
+    records = lines(out)
+    assert sorted(r["output"] for r in records) == sorted(
+        str(p.relative_to(photos).with_suffix(".png")) for p in sources
+    )
+    for r in records:
+        assert abs(sum(r["shares"].values()) - 1) < 1e-3 and set(r["shares"]) <= set(segmenter.classes)
+        assert r["timings_ms"]["inference"] > 0 and r["height"] > 0
+    assert f"3 of 3 inputs segmented into {out}" in capsys.readouterr().out
+
+
+def test_rerun_skips_what_is_done_and_force_redoes_it(engines, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--engines", str(engines), "--out", str(out), str(photos)]
+    assert main(args) == 0
+    first = out / "photo0.png"
+    os.utime(first, (0, 0))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert first.stat().st_mtime == 0 and "3 of 3 inputs already done" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    assert first.stat().st_mtime > 0
+    assert len(lines(out)) == 3  # one line per output after a forced rerun
+
+
+def test_glob_and_single_file_inputs(engines, photos, tmp_path):
+    out = tmp_path / "out"
+    pattern = str(photos / "sub" / "**" / "*.png")
+    assert (
+        main(["--engines", str(engines), "--out", str(out), "--model", "ensemble", pattern, str(photos / "photo0.png")])
+        == 0
+    )
+    assert (out / "deeper" / "photo2.png").is_file() and (out / "photo0.png").is_file()  # relative to the glob's base
+    assert not (out / "photo1.png").exists()
+
+
+def test_bad_files_are_skipped_by_name_and_the_rest_segmented(engines, photos, tmp_path, capsys):
+    folder = tmp_path / "in"
+    bad = bad_inputs(folder)
+    (folder / "good.png").rename(folder / "fine.png")
+    out = tmp_path / "out"
+    code = main(["--engines", str(engines), "--out", str(out), "--max-pixels", str(MAX_PIXELS), str(folder),
+                 str(tmp_path / "nowhere.png")])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    for kind, path in bad.items():
+        assert str(path) in err, kind
+    assert "nowhere.png: no such file" in err
+    assert (out / "fine.png").is_file() and [r["output"] for r in lines(out)] == ["fine.png"]
+
+
+def make_video(path, frames):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=5)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_video_gives_class_map_frames_and_an_overlay_video(engines, tmp_path):
+    av = pytest.importorskip("av")
+    examples = sorted((engines / "examples").glob("*.png"))
+    frames = [np.asarray(Image.open(p).convert("RGB").resize((64, 48))) for p in examples[:3]] * 2
+    video = tmp_path / "clips" / "drive.mp4"
+    video.parent.mkdir()
+    make_video(video, frames)
+    (tmp_path / "clips" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    out = tmp_path / "out"
+    code = main(["--engines", str(engines), "--out", str(out), "--overlay", str(tmp_path / "clips")])
+    assert code == 1  # the broken clip
+    maps = sorted((out / "drive").glob("*.png"))
+    assert len(maps) == 6 and np.asarray(Image.open(maps[0])).shape == (48, 64)
+    with av.open(str(out / "overlay" / "drive.mp4")) as overlay:
+        decoded = [f.to_ndarray(format="rgb24") for f in overlay.decode(video=0)]
+    assert len(decoded) == 6 and decoded[0].shape == (48, 64, 3)
+    (record,) = lines(out)
+    assert record["frames"] == 6 and record["output"] == "drive"
+    assert json.loads((out / "drive" / "summary.json").read_text())["frames"] == 6
