@@ -137,6 +137,16 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(model)
 
 
+def with_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    """A copy of `model` whose metadata_props are exactly `metadata` (the original is shared between
+    the engines derived from it)."""
+    stamped = onnx.ModelProto()
+    stamped.CopyFrom(model)
+    del stamped.metadata_props[:]
+    onnx.helper.set_model_props(stamped, metadata)
+    return stamped
+
+
 def save(model: onnx.ModelProto, path: Path) -> None:
     """Check with full shape inference, then save; weights inline unless they exceed protobuf's limit."""
     onnx.checker.check_model(model, full_check=True)

@@ -6,6 +6,7 @@ engine has passed its parity gate, so a failed export never leaves a half-writte
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -22,7 +23,16 @@ import torch
 from PIL import Image
 
 from export import graphs, parity, precision
-from serve.manifest import VARIANTS, EngineEntry, Manifest, ManifestError, read_manifest, sha256, write_manifest
+from serve.manifest import (
+    VARIANTS,
+    EngineEntry,
+    Manifest,
+    ManifestError,
+    engine_metadata,
+    read_manifest,
+    sha256,
+    write_manifest,
+)
 from serve.runtime import OnnxRuntimeEngine
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -90,15 +100,15 @@ def _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) ->
     weights = weights_file(run_dir, name)
     final = out / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    metrics = run_dir / METRICS_FILE
+    source = {
+        "run": str(run_dir),
+        "weights": weights.name,
+        "sha256": sha256(weights),
+        "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
+    }
     try:
-        manifest = _build(student, cfg, name, opts, size, eval_set, train_set, tmp)
-        metrics = run_dir / METRICS_FILE
-        manifest.source = {
-            "run": str(run_dir),
-            "weights": weights.name,
-            "sha256": sha256(weights),
-            "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
-        }
+        manifest = _build(student, cfg, name, opts, size, eval_set, train_set, tmp, source)
         write_manifest(manifest, tmp)
         (tmp / "parity.json").write_text(json.dumps({e.file: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
@@ -133,8 +143,8 @@ def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
     write_manifest(manifest, new_dir)
 
 
-def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, tmp: Path) -> Manifest:
-    student_cfg = getattr(cfg, name)
+def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, tmp: Path, source: dict) -> Manifest:
+    manifest = _describe(cfg, name, opts, size, source)
     started = time.perf_counter()
     logits = graphs.export_logits(student, size, opts.max_batch, opts.opset)
     export_s = time.perf_counter() - started
@@ -146,6 +156,8 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
         else:
             log.warning("%s: onnxslim changed the outputs; keeping the unsimplified graph", name)
 
+    if simplified:
+        manifest.exporter["simplifier"] = "onnxslim"
     calibration = None
     entries: list[EngineEntry] = []
     skipped: list[dict[str, str]] = []
@@ -161,19 +173,11 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
             graph = precision.to_int8(logits, calibration, variant)
         for io, model in (("logits", graph), ("labels", graphs.labels_model(graph, IMAGENET_MEAN, IMAGENET_STD))):
             path = tmp / engine_file(variant, io)
-            graphs.save(model, path)
-            entries.append(
-                EngineEntry(
-                    file=path.name,
-                    format="onnx",
-                    io=io,
-                    variant=variant,
-                    precision=PRECISION[variant],
-                    target=TARGET[variant],
-                    size_bytes=path.stat().st_size,
-                    build_s=round((export_s if variant == "fp32" else 0) + time.perf_counter() - started, 2),
-                )
-            )
+            entry = EngineEntry(path.name, "onnx", io, variant, PRECISION[variant], TARGET[variant])
+            graphs.save(graphs.with_metadata(model, engine_metadata(manifest, entry)), path)
+            entry.size_bytes = path.stat().st_size
+            entry.build_s = round((export_s if variant == "fp32" else 0) + time.perf_counter() - started, 2)
+            entries.append(entry)
 
     if "int8.cpu" in opts.variants:
         verdict = _cpu_int8_pays(tmp, size)
@@ -206,6 +210,13 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
         skipped.append({"variant": variant, "reason": "failed the parity gate: " + "; ".join(lines)})
         log.warning("%s: %s not shipped, it failed the parity gate: %s", name, variant, "; ".join(lines))
 
+    manifest.engines, manifest.skipped = entries, skipped
+    return manifest
+
+
+def _describe(cfg, name: str, opts: ExportOptions, size: tuple[int, int], source: dict) -> Manifest:
+    """The engine dir's manifest before its engines: the student, its data contract and its source."""
+    student_cfg = getattr(cfg, name)
     h, w = size
     return Manifest(
         student=name,
@@ -221,20 +232,26 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
             "size_multiple": 1,
         },
         shapes={"min": [1, 32, 32], "opt": [1, h, w], "max": [opts.max_batch, 2 * h, 2 * w]},
-        source={},
+        source=source,
         exporter={
+            "segdeploy": _project_version(),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": _ort_version(),
             "opset": opts.opset,
             "dynamo": True,
-            "simplifier": "onnxslim" if simplified else None,
+            "simplifier": None,
             "parity": {"images": opts.parity_images, "batch_sizes": opts.batch_sizes},
             "thresholds": {k: asdict(v) for k, v in opts.thresholds.items()},
         },
-        engines=entries,
-        skipped=skipped,
     )
+
+
+def _project_version() -> str:
+    try:
+        return importlib.metadata.version("segdeploy")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _ort_version() -> str:

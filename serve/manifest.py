@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+METADATA_KEY = "segdeploy.manifest"  # in each ONNX file: its own one-engine manifest
 
 IoMode = Literal["labels", "logits"]
 # Variant names in file names: model.<variant>[.logits].<onnx|plan>
@@ -120,20 +121,58 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: unreadable JSON ({e})") from None
+    manifest = parse_manifest(raw, str(path))
+    for e in manifest.engines:
+        if not (engine_dir / e.file).is_file():
+            raise ManifestError(f"{path}: engine file {e.file} is missing from {engine_dir}")
+    return manifest
+
+
+def parse_manifest(raw: Any, where: str) -> Manifest:
+    """A manifest from its JSON object, checked; `where` names its source in errors."""
     if not isinstance(raw, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
+        raise ManifestError(f"{where}: expected a JSON object")
+    raw = dict(raw)
     if raw.get("schema") != SCHEMA_VERSION:
-        raise ManifestError(f"{path}: schema {raw.get('schema')!r}, this runtime reads schema {SCHEMA_VERSION}")
+        raise ManifestError(f"{where}: schema {raw.get('schema')!r}, this runtime reads schema {SCHEMA_VERSION}")
     try:
         engines = [EngineEntry(**e) for e in raw.pop("engines", [])]
         manifest = Manifest(**raw, engines=engines)
     except TypeError as e:
-        raise ManifestError(f"{path}: {e}") from None
+        raise ManifestError(f"{where}: {e}") from None
     if len(manifest.palette) != manifest.num_classes:
-        raise ManifestError(f"{path}: palette has {len(manifest.palette)} colours for {manifest.num_classes} classes")
+        raise ManifestError(f"{where}: palette has {len(manifest.palette)} colours for {manifest.num_classes} classes")
     for e in manifest.engines:
         if e.io not in IO_SPECS:
-            raise ManifestError(f"{path}: engines[{e.file}].io must be labels or logits, got {e.io!r}")
-        if not (engine_dir / e.file).is_file():
-            raise ManifestError(f"{path}: engine file {e.file} is missing from {engine_dir}")
+            raise ManifestError(f"{where}: engines[{e.file}].io must be labels or logits, got {e.io!r}")
     return manifest
+
+
+def engine_metadata(manifest: Manifest, entry: EngineEntry) -> dict[str, str]:
+    """What an ONNX file says about itself (its metadata_props), so that a copy travels without its
+    engine dir: the manifest with this engine alone under METADATA_KEY (what `serve` reads), and
+    readable keys for model viewers. Nothing that changes between two exports of the same weights
+    (no timings, parity or paths), so a plan's source-ONNX hash stays valid across re-exports."""
+    one = Manifest(**{**asdict(manifest), "engines": [], "skipped": []})
+    one.source = {**manifest.source, "run": Path(str(manifest.source.get("run", ""))).name}
+    one.engines = [EngineEntry(entry.file, entry.format, entry.io, entry.variant, entry.precision, entry.target)]
+
+    def describe(tensor: dict) -> str:
+        return f"{tensor['name']}: {tensor['dtype']} {tensor['layout']}, {tensor['meaning']}"
+
+    spec = IO_SPECS[entry.io]
+    return {
+        METADATA_KEY: json.dumps(asdict(one)),
+        "student": f"{manifest.student}: {manifest.arch} on {manifest.backbone}",
+        "classes": json.dumps(manifest.classes),
+        "palette": json.dumps(manifest.palette),
+        "mean": json.dumps(manifest.preprocess["mean"]),
+        "std": json.dumps(manifest.preprocess["std"]),
+        "input": describe(spec["input"]),
+        "output": describe(spec["output"]),
+        "precision": f"{entry.variant} ({entry.target})",
+        "source_run": one.source["run"],
+        "weights_sha256": str(manifest.source.get("sha256")),
+        "val_miou": str(manifest.source.get("val_miou")),
+        "version": str(manifest.exporter.get("segdeploy")),
+    }

@@ -277,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m serve.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, videos")
-    parser.add_argument("--engines", required=True, type=Path, help="a run's export dir (holding cnn/ and vit/)")
+    parser.add_argument(
+        "--engines", required=True, type=Path, help="a run's export dir (holding cnn/ and vit/), or one exported .onnx"
+    )
     parser.add_argument("--out", required=True, type=Path, help="where the class maps go")
     parser.add_argument("--model", default="cnn", choices=MODELS)
     parser.add_argument("--variant", default="fp32", help="fp32, fp16, int8.cpu, int8.qdq (as exported)")

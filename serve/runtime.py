@@ -3,11 +3,13 @@
 `open_engine(engine_dir, variant, io, backend)` reads the manifest and returns an engine whose
 `run(batch)` maps the manifest's input array to its output array. Backends: `onnxruntime` (CPU,
 CUDA and TensorRT execution providers, IO binding on GPU) and `tensorrt` (a plan run natively
-through TensorRT and pycuda, serve/tensorrt.py).
+through TensorRT and pycuda, serve/tensorrt.py). An exported ONNX file also opens alone: it carries its
+own one-engine manifest in its metadata.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serve.manifest import EngineEntry, IoMode, Manifest, read_manifest
+from serve.manifest import METADATA_KEY, EngineEntry, IoMode, Manifest, ManifestError, parse_manifest, read_manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -162,6 +164,11 @@ def open_engine(
     provider (auto, cpu, cuda, tensorrt); the TensorRT backend runs on GPU `device` (auto: 0)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}' ({', '.join(BACKENDS)})")
+    if Path(engine_dir).suffix == ".onnx":  # a lone ONNX file describes itself
+        if backend != "onnxruntime":
+            raise ValueError(f"{engine_dir}: a lone ONNX file runs on onnxruntime only (TensorRT plans need their dir)")
+        manifest, entry = onnx_manifest(engine_dir)
+        return OnnxRuntimeEngine(engine_dir, device, threads, manifest, entry)
     manifest = read_manifest(engine_dir)
     if backend == "tensorrt":
         from serve.tensorrt import TensorRTEngine
@@ -171,3 +178,27 @@ def open_engine(
         return TensorRTEngine(Path(engine_dir) / entry.file, manifest, entry, gpu)
     entry = manifest.find(variant, io, "onnx")
     return OnnxRuntimeEngine(Path(engine_dir) / entry.file, device, threads, manifest, entry)
+
+
+def onnx_manifest(path: str | Path) -> tuple[Manifest, EngineEntry]:
+    """The one-engine manifest an exported ONNX file carries in its metadata (no engine dir needed)."""
+    ort = import_onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such ONNX file: {path}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only the metadata is read
+    options.log_severity_level = 3
+    try:
+        meta = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).get_modelmeta()
+    except Exception as e:  # ONNX Runtime raises its own types, all bare Exception subclasses
+        raise ManifestError(f"{path}: not an ONNX model ONNX Runtime can open ({e})") from None
+    raw = meta.custom_metadata_map.get(METADATA_KEY)
+    if raw is None:
+        raise ManifestError(f"{path}: no '{METADATA_KEY}' metadata (not exported by segdeploy): open its engine dir")
+    try:
+        manifest = parse_manifest(json.loads(raw), f"{path} metadata")
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: unreadable '{METADATA_KEY}' metadata ({e})") from None
+    (entry,) = manifest.engines
+    return manifest, entry

@@ -152,6 +152,11 @@ def load_segmenter(
     device: str = "auto",
     threads: int = 0,
 ) -> Segmenter:
+    """`engines_root`: a run's export dir (any model, variant, backend), or one exported ONNX file alone
+    (its own student, precision and I/O mode: `model` and `variant` are taken from the file)."""
+    if Path(engines_root).suffix == ".onnx":
+        engine = open_engine(engines_root, backend=backend, device=device, threads=threads)
+        return Segmenter(engine.manifest.student, [engine])
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}' ({', '.join(MODELS)})")
     dirs = engine_dirs(engines_root)

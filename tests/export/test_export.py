@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 
 import numpy as np
 import onnx
@@ -42,6 +43,24 @@ def test_engine_dir_is_complete_and_gated(exported_run, student):
         assert model.opset_import[0].version >= 18
         dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
         assert dims[:1] == ["batch"] and "height" in dims and "width" in dims  # dynamic N, H, W
+
+
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_every_onnx_file_describes_itself(exported_run, student):
+    engine_dir = exported_run / "export" / student
+    manifest = read_manifest(engine_dir)
+    metrics = json.loads((exported_run / "metrics.json").read_text())
+    for e in (e for e in manifest.engines if e.format == "onnx"):
+        props = {p.key: p.value for p in onnx.load(str(engine_dir / e.file), load_external_data=False).metadata_props}
+        assert json.loads(props["classes"]) == manifest.classes and json.loads(props["palette"]) == manifest.palette
+        assert json.loads(props["mean"]) == [0.485, 0.456, 0.406] and json.loads(props["std"])[0] == 0.229
+        assert props["input"].startswith("image: uint8 NHWC" if e.io == "labels" else "image: float32 NCHW")
+        assert props["output"].startswith("labels: uint8 NHW" if e.io == "labels" else "logits: float32 NCHW")
+        assert props["student"].startswith(f"{student}: ") and props["precision"].startswith(e.variant)
+        assert props["weights_sha256"] == manifest.source["sha256"] and props["source_run"] == exported_run.name
+        assert float(props["val_miou"]) == metrics[student]["miou"] and props["version"] == version("segdeploy")
+        own = json.loads(props["segdeploy.manifest"])  # what serve reads from a lone file
+        assert own["classes"] == manifest.classes and [x["file"] for x in own["engines"]] == [e.file]
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -132,3 +133,24 @@ def test_video_gives_class_map_frames_and_an_overlay_video(engines, tmp_path):
     (record,) = lines(out)
     assert record["frames"] == 6 and record["output"] == "drive"
     assert json.loads((out / "drive" / "summary.json").read_text())["frames"] == 6
+
+
+def test_a_lone_onnx_file_needs_no_engine_dir(engines, photos, tmp_path, capsys):
+    lone = tmp_path / "copied" / "vit-fp16.onnx"
+    lone.parent.mkdir()
+    lone.write_bytes((engines / "vit" / "model.fp16.onnx").read_bytes())  # no manifest beside it
+    alone = load_segmenter(lone)
+    assert alone.name == "vit" and alone.labels_io and alone.classes == load_segmenter(engines, "vit").classes
+    image = read_image(photos / "photo0.png")
+    expected = load_segmenter(engines, "vit", "fp16").predict(image).labels
+    assert np.array_equal(alone.predict(image).labels, expected)
+    out = tmp_path / "out"
+    assert main(["--engines", str(lone), "--out", str(out), str(photos / "photo0.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "photo0.png")), expected)
+
+    foreign = tmp_path / "foreign.onnx"
+    model = onnx.load(str(lone))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    assert main(["--engines", str(foreign), "--out", str(out), str(photos / "photo0.png")]) == 2
+    assert "no 'segdeploy.manifest' metadata" in capsys.readouterr().err
