@@ -22,7 +22,7 @@ import onnx
 import torch
 from PIL import Image
 
-from export import graphs, parity, precision
+from export import card, graphs, parity, precision
 from serve.manifest import (
     VARIANTS,
     EngineEntry,
@@ -85,6 +85,7 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     size = tuple(opts.size) if opts.size else eval_set.read(0)[1].shape
     manifests = {s: _export_student(run_dir, cfg, s, opts, out, size, eval_set, train_set) for s in opts.students}
     _write_examples(eval_set, out / "examples", opts.examples)  # only once every gate has passed
+    card.write_cards(out)
     return manifests
 
 

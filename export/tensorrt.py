@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.card import write_cards
 from serve.images import read_image
 from serve.manifest import EngineEntry, Manifest, read_manifest, sha256, write_manifest
 from serve.runtime import Engine, OnnxRuntimeEngine
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    write_cards(root)  # the cards list the plans too
     return status
 
 

@@ -93,3 +93,11 @@ def test_pytorch_rows_need_no_export_and_engine_rows_name_the_missing_step(train
     assert [(r["backend"], r["status"]) for r in rows] == [("torch", "ok")]
     assert main(["--run", str(run), "--backends", "ort.cpu.fp32", *small]) == 2
     assert f"python -m export --run {run}" in capsys.readouterr().err
+
+
+def test_the_model_card_shows_this_hosts_latency(bench, exported_run):
+    _, result = bench
+    card = (exported_run / "export" / "cnn" / "README.md").read_text()
+    assert "## Latency on" in card
+    row = next(r for r in result["results"] if r["backend"] == "ort.cpu.fp32" and r["batch"] == 2)
+    assert f"| ort.cpu.fp32 | 2 | 40×56 | {row['p50_ms']:.1f} | {row['images_per_s']:.1f} |" in card

@@ -63,6 +63,24 @@ def test_every_onnx_file_describes_itself(exported_run, student):
         assert own["classes"] == manifest.classes and [x["file"] for x in own["engines"]] == [e.file]
 
 
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_each_engine_dir_has_a_model_card(exported_run, student):
+    root = exported_run / "export"
+    manifest = read_manifest(root / student)
+    card = (root / student / "README.md").read_text()
+    val_miou = json.loads((exported_run / "metrics.json").read_text())[student]["miou"]
+    assert card.startswith(f"# {student}: {manifest.arch} on {manifest.backbone}")
+    assert f"**{100 * val_miou:.2f} %**" in card and manifest.source["sha256"][:16] in card
+    for e in manifest.engines:
+        assert f"| `{e.file}` | {e.variant} |" in card and f"{e.parity['agreement']:.4f}" in card
+    for i, (name, rgb) in enumerate(zip(manifest.classes, manifest.palette, strict=True)):
+        assert f"| {i} | {name} | `#{rgb[0]:02x}{rgb[1]:02x}{rgb[2]:02x}`" in card
+    h, w = manifest.shapes["opt"][1:]
+    assert f"the parity gate checked {h}×{w} only" in card and "python -m serve.predict" in card
+    overview = (root / "README.md").read_text()
+    assert f"| [{student}]({student}/README.md) |" in overview and f"{100 * val_miou:.2f}" in overview
+
+
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(model)
     values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
