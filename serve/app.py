@@ -8,6 +8,7 @@ class's share of pixels and the latency of each stage. The same function is the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -48,7 +49,25 @@ def _save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "
     return str(path)
 
 
-processing_utils.save_pil_to_cache = _save_pil_to_cache  # also serves save_img_array_to_cache
+def _patch_gradio() -> bool:
+    """Install the fix above where Gradio's private function is still the one it replaces (checked by
+    signature and helpers); elsewhere keep Gradio's own, and say so."""
+    original = processing_utils.save_pil_to_cache
+    params = list(inspect.signature(original).parameters)
+    helpers = all(hasattr(processing_utils, h) for h in ("encode_pil_to_bytes", "hash_bytes"))
+    if params == ["img", "cache_dir", "name", "format"] and helpers:
+        processing_utils.save_pil_to_cache = _save_pil_to_cache  # also serves save_img_array_to_cache
+        return True
+    log.warning(
+        "gradio %s changed processing_utils.save_pil_to_cache %s: its own version is used "
+        "(identical outputs of concurrent requests may be truncated while sent)",
+        gr.__version__,
+        params,
+    )
+    return False
+
+
+GRADIO_PATCHED = _patch_gradio()
 
 
 def undecoded(upload: gr.Image) -> gr.Image:

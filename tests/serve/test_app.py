@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import pytest
@@ -50,6 +51,21 @@ def test_segment_returns_the_runtime_class_map_overlay_legend_and_latency(client
     assert set(details["timings_ms"]) == {"decode", "preprocess", "inference", "postprocess", "render"}
     assert details["image_size"] == [44, 60] and details["model"] == "ensemble"
     assert "inference" in latency and "ms" in latency
+
+
+def test_overlay_colours_are_the_legends_dataset_palette(client, engines, tmp_path):
+    overlay, _, class_file, _, details, _ = _segment(client, _good_image(tmp_path), opacity=1.0)
+    colours = {c["name"]: c["color"] for c in details["classes"]}
+    palette = load_segmenter(engines, "cnn").palette
+    labels = np.asarray(Image.open(class_file))
+    for annotation in overlay["annotations"]:
+        mask = np.asarray(Image.open(annotation["image"]).convert("RGBA"))
+        painted = mask[..., 3] > 0
+        index = details["classes"][[c["name"] for c in details["classes"]].index(annotation["label"])]["index"]
+        assert np.array_equal(painted, labels == index)
+        rgb = {tuple(v) for v in mask[painted][:, :3].tolist()}
+        assert rgb == {tuple(palette[index].tolist())}  # the overlay paints in the dataset's colour...
+        assert colours[annotation["label"]] == "#{:02x}{:02x}{:02x}".format(*palette[index])  # ...the legend's
 
 
 def test_opacity_sets_the_overlay_alpha(client, tmp_path):
@@ -141,3 +157,18 @@ def test_a_long_running_app_keeps_a_bounded_number_of_class_map_files(engines, t
     del demo
     gc.collect()
     assert not outputs.exists()  # the app's temp dir goes with it
+
+
+def test_the_replaced_gradio_function_is_the_one_this_gradio_has():
+    """serve.app replaces gradio.processing_utils.save_pil_to_cache (a race on identical outputs); an
+    upgrade that changes the private function must show up here, not as truncated images in production."""
+    from gradio import processing_utils
+
+    from serve import app
+
+    assert app.GRADIO_PATCHED and processing_utils.save_pil_to_cache is app._save_pil_to_cache
+    img = Image.fromarray(np.full((4, 5, 3), 9, np.uint8))
+    with TemporaryDirectory() as cache:
+        first = processing_utils.save_pil_to_cache(img, cache, format="png")
+        again = processing_utils.save_pil_to_cache(img, cache, format="png")  # same content: same file, untouched
+        assert first == again and np.asarray(Image.open(first)).tolist() == np.asarray(img).tolist()
