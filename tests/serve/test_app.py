@@ -68,6 +68,17 @@ def test_overlay_colours_are_the_legends_dataset_palette(client, engines, tmp_pa
         assert colours[annotation["label"]] == "#{:02x}{:02x}{:02x}".format(*palette[index])  # ...the legend's
 
 
+def test_predict_writes_what_the_app_answers(client, engines, tmp_path):
+    from serve.predict import main as predict
+
+    path = _good_image(tmp_path)
+    class_file = _segment(client, path, "vit", "fp16")[2]
+    out = tmp_path / "out"
+    args = ["--engines", str(engines), "--out", str(out), "--model", "vit", "--variant", "fp16", str(path)]
+    assert predict(args) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "scene.png")), np.asarray(Image.open(class_file)))
+
+
 def test_opacity_sets_the_overlay_alpha(client, tmp_path):
     path = _good_image(tmp_path)
     for opacity in (0.0, 0.8):

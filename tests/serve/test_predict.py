@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -13,7 +15,8 @@ from PIL import Image
 from serve.images import read_image
 from serve.predict import main
 from serve.segmenter import load_segmenter
-from tests.serve.conftest import bad_inputs
+from tests.conftest import REPO
+from tests.serve.conftest import bad_inputs, convertible_inputs
 
 MAX_PIXELS = 1_000_000
 
@@ -154,3 +157,34 @@ def test_a_lone_onnx_file_needs_no_engine_dir(engines, photos, tmp_path, capsys)
     onnx.save(model, str(foreign))
     assert main(["--engines", str(foreign), "--out", str(out), str(photos / "photo0.png")]) == 2
     assert "no 'segdeploy.manifest' metadata" in capsys.readouterr().err
+
+
+def test_modes_and_orientations_give_upright_class_maps_at_the_input_size(engines, tmp_path):
+    folder = tmp_path / "modes"
+    inputs = convertible_inputs(folder)  # grayscale, RGBA, 16-bit, palette, EXIF-rotated
+    out = tmp_path / "out"
+    assert main(["--engines", str(engines), "--out", str(out), str(folder)]) == 0
+    classes = len(load_segmenter(engines, "cnn").classes)
+    for kind, path in inputs.items():
+        labels = np.asarray(Image.open(out / path.relative_to(folder).with_suffix(".png")))
+        assert labels.shape == read_image(path).shape[:2] and labels.max() < classes, kind
+    assert np.asarray(Image.open(out / "exif-rotated.png")).shape == (64, 48)  # shown upright: 48 wide, 64 high
+
+
+PREDICT_WITHOUT_TORCH = """
+import json, sys
+from serve.predict import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
+                  "train": [m for m in sys.modules if m.split(".")[0] in ("train", "export")]}))
+"""
+
+
+def test_predict_never_imports_torch(engines, photos, tmp_path):
+    args = ["--engines", str(engines), "--out", str(tmp_path / "out"), "--model", "ensemble", str(photos)]
+    result = subprocess.run(
+        [sys.executable, "-c", PREDICT_WITHOUT_TORCH, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": [], "train": []}

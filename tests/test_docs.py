@@ -1,0 +1,33 @@
+"""The project documents itself: nothing in the repository points outside it, and its links resolve."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from tests.conftest import REPO
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def tracked(suffixes: tuple[str, ...]) -> list[Path]:
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [REPO / f for f in files.splitlines() if f.endswith(suffixes) and (REPO / f).is_file()]
+
+
+def test_no_file_points_outside_the_repository():
+    for path in tracked((".py", ".md", ".yaml", ".toml", "Makefile", ".sh", ".txt")):
+        if path == Path(__file__).resolve():  # names what it looks for
+            continue
+        text = path.read_text(errors="replace")
+        assert "../shared" not in text and "METHOD.md" not in text and "ARCHITECTURE.md" not in text, path
+
+
+def test_markdown_links_resolve_inside_the_repository():
+    for doc in tracked((".md",)):
+        for target in LINK.findall(doc.read_text()):
+            if re.match(r"[a-z]+:", target):  # http(s), mailto, data
+                continue
+            resolved = (doc.parent / target).resolve()
+            assert resolved.is_relative_to(REPO) and resolved.exists(), f"{doc.relative_to(REPO)}: {target}"
