@@ -1,11 +1,13 @@
 """Export the students of a run dir to ONNX engines, each through the parity gate.
 
 python -m export --run runs/<name> [--students cnn vit] [--variants fp32 fp16 int8.qdq int8.cpu]
-    [--size H W] [--parity-images 50] [--batch-sizes 1 4 16] [--calib-images 64] [--out DIR]
+    [--size H W] [--max-batch 16] [--max-size H W] [--profile-budget-mib 2048]
+    [--parity-images 50] [--batch-sizes 1 4 16] [--calib-images 64] [--out DIR]
 
 Writes runs/<name>/export/<student>/ with model.<variant>.onnx (labels: uint8 image in, class map
-out), model.<variant>.logits.onnx, manifest.json and parity.json. Exit 1 when a gate fails, 2 on
-bad input.
+out), model.<variant>.logits.onnx, manifest.json, parity.json and README.md (the model card). The
+engines' shape range (TensorRT's profile) is sized so that the logits at its max stay within
+--profile-budget-mib. Exit 1 when a gate fails, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="engine dirs go to OUT/<student> (default: RUN/export)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="serving size (default: eval images')")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument(
+        "--max-size", type=int, nargs=2, metavar=("H", "W"), help="largest input (default: 2x serving size if it fits)"
+    )
+    parser.add_argument(
+        "--profile-budget-mib", type=float, default=2048, help="cap on the logits at the profile's max (batch x size)"
+    )
     parser.add_argument("--parity-images", type=int, default=50)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--calib-images", type=int, default=64)
@@ -54,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         size=tuple(args.size) if args.size else None,
         max_batch=args.max_batch,
+        max_size=tuple(args.max_size) if args.max_size else None,
+        profile_budget_mib=args.profile_budget_mib,
         parity_images=args.parity_images,
         batch_sizes=args.batch_sizes,
         calib_images=args.calib_images,

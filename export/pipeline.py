@@ -6,6 +6,7 @@ engine has passed its parity gate, so a failed export never leaves a half-writte
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -51,6 +52,8 @@ class ExportOptions:
     out: Path | None = None  # default: <run>/export
     size: tuple[int, int] | None = None  # serving height, width (default: the first eval image's)
     max_batch: int = 16
+    max_size: tuple[int, int] | None = None  # largest input H, W (default: twice the serving size, if it fits)
+    profile_budget_mib: float = 2048  # the largest binding (fp32 logits) at the profile's max, see profile_shapes
     parity_images: int = 50
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])  # the bench's defaults
     calib_images: int = 64
@@ -58,6 +61,40 @@ class ExportOptions:
     simplify: bool = True
     examples: int = 8  # eval images copied beside the engine dirs, for the demo app
     thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
+    shapes: dict[str, list[int]] | None = None  # set by export_run (profile_shapes)
+
+
+def profile_shapes(
+    size: tuple[int, int], num_classes: int, max_batch: int, max_size: tuple[int, int] | None, budget_mib: float
+) -> tuple[dict[str, list[int]], str | None]:
+    """The engines' shape range (min / opt / max as [batch, height, width]) and why, when it was cut.
+
+    TensorRT sizes an execution context for the profile's maximum, and the largest binding is the fp32
+    logits (batch x classes x H x W x 4 bytes: 10 GB at batch 16, 2048x4096, 19 classes). So the max
+    stays under `budget_mib`: twice the serving size at `max_batch` if that fits, else the serving size
+    (larger images are scaled down into it by serve), else fewer images per batch. An explicit
+    `max_size` is kept and only the batch is cut."""
+    h, w = size
+    per_pixel = num_classes * 4
+
+    def mib(batch: int, hh: int, ww: int) -> float:
+        return batch * hh * ww * per_pixel / 2**20
+
+    tries = [tuple(max_size)] if max_size else [(2 * h, 2 * w), (h, w)]
+    for hh, ww in tries:
+        if mib(max_batch, hh, ww) <= budget_mib:
+            wanted = f"{2 * h}x{2 * w} inputs would need {mib(max_batch, 2 * h, 2 * w):.0f} MiB of logits"
+            note = None if (hh, ww) == tries[0] else f"{wanted}: larger images are scaled to {hh}x{ww}"
+            break
+    else:
+        hh, ww = tries[-1]
+        batch = max(1, int(budget_mib // mib(1, hh, ww)))
+        note = (
+            f"batch {max_batch} at {hh}x{ww} would need {mib(max_batch, hh, ww):.0f} MiB of logits, over the "
+            f"{budget_mib} MiB budget (--profile-budget-mib): max batch {batch}"
+        )
+        max_batch = batch
+    return {"min": [1, 32, 32], "opt": [1, h, w], "max": [max_batch, hh, ww]}, note
 
 
 def engine_file(variant: str, io: str, fmt: str = "onnx") -> str:
@@ -83,6 +120,13 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=False)  # calibration, unaugmented
     size = tuple(opts.size) if opts.size else eval_set.read(0)[1].shape
+    shapes, note = profile_shapes(size, cfg.data.num_classes, opts.max_batch, opts.max_size, opts.profile_budget_mib)
+    if note:
+        log.info("engine profile %s: %s", shapes["max"], note)
+    if dropped := [b for b in opts.batch_sizes if b > shapes["max"][0]]:
+        log.warning("parity batch sizes %s are over the profile's max batch %d: not checked", dropped, shapes["max"][0])
+        opts = dataclasses.replace(opts, batch_sizes=[b for b in opts.batch_sizes if b <= shapes["max"][0]] or [1])
+    opts = dataclasses.replace(opts, shapes=shapes)
     manifests = {s: _export_student(run_dir, cfg, s, opts, out, size, eval_set, train_set) for s in opts.students}
     _write_examples(eval_set, out / "examples", opts.examples)  # only once every gate has passed
     card.write_cards(out)
@@ -145,9 +189,9 @@ def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
 
 
 def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, tmp: Path, source: dict) -> Manifest:
-    manifest = _describe(cfg, name, opts, size, source)
+    manifest = _describe(cfg, name, opts, source)
     started = time.perf_counter()
-    logits = graphs.export_logits(student, size, opts.max_batch, opts.opset)
+    logits = graphs.export_logits(student, size, manifest.shapes["max"][0], opts.opset)
     export_s = time.perf_counter() - started
     simplified = False
     if opts.simplify:
@@ -215,10 +259,9 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
     return manifest
 
 
-def _describe(cfg, name: str, opts: ExportOptions, size: tuple[int, int], source: dict) -> Manifest:
+def _describe(cfg, name: str, opts: ExportOptions, source: dict) -> Manifest:
     """The engine dir's manifest before its engines: the student, its data contract and its source."""
     student_cfg = getattr(cfg, name)
-    h, w = size
     return Manifest(
         student=name,
         arch=student_cfg.arch,
@@ -232,7 +275,7 @@ def _describe(cfg, name: str, opts: ExportOptions, size: tuple[int, int], source
             "resize": "none",  # any size in the ranges below; the student aligns internally
             "size_multiple": 1,
         },
-        shapes={"min": [1, 32, 32], "opt": [1, h, w], "max": [opts.max_batch, 2 * h, 2 * w]},
+        shapes=opts.shapes,
         source=source,
         exporter={
             "segdeploy": _project_version(),
@@ -243,6 +286,7 @@ def _describe(cfg, name: str, opts: ExportOptions, size: tuple[int, int], source
             "dynamo": True,
             "simplifier": None,
             "parity": {"images": opts.parity_images, "batch_sizes": opts.batch_sizes},
+            "profile_budget_mib": opts.profile_budget_mib,
             "thresholds": {k: asdict(v) for k, v in opts.thresholds.items()},
         },
     )

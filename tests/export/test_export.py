@@ -161,6 +161,18 @@ def test_gate_keeps_a_perturbed_reduced_precision_engine_out(trained_run, tmp_pa
     assert "not shipped: fp16: failed the parity gate" in capsys.readouterr().out
 
 
+def test_a_tight_memory_budget_cuts_the_profile_and_the_checked_batch_sizes(trained_run, tmp_path):
+    out = tmp_path / "engines"  # 40x56, 5 classes: 0.04 MiB of logits per image
+    args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32"]
+    assert main([*args, *TEST_EXPORT_ARGS, "--profile-budget-mib", "0.1"]) == 0
+    manifest = read_manifest(out / "cnn")
+    assert manifest.shapes["max"] == [2, 40, 56] and manifest.exporter["profile_budget_mib"] == 0.1
+    assert {e.file: set(e.parity["batch_sizes"]) for e in manifest.engines} == {
+        "model.fp32.onnx": {"1"},
+        "model.fp32.logits.onnx": {"1"},
+    }  # batch 3 is outside the profile: not checked
+
+
 def test_failed_fp32_gate_exits_1_and_writes_nothing(trained_run, tmp_path, capsys):
     out = tmp_path / "engines"
     code = main(["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32",

@@ -179,3 +179,23 @@ def test_a_plan_that_fails_leaves_the_others_built_and_recorded(exported_run, tm
             plans["model.fp32.plan"].tensorrt["version"] == "10.16.0" and not plans["model.fp32.plan"].tensorrt["tf32"]
         )
         assert not list((out / student).glob(".*.tmp")) and not (out / student / "model.fp16.plan").exists()
+
+
+def test_profile_is_sized_by_the_memory_it_needs():
+    from export.pipeline import profile_shapes
+
+    # the demo: twice the serving size at batch 16 is a few MiB
+    assert profile_shapes((64, 64), 5, 16, None, 2048) == (
+        {"min": [1, 32, 32], "opt": [1, 64, 64], "max": [16, 128, 128]},
+        None,
+    )
+    # Cityscapes, 19 classes at 1024x2048: batch 16 at 2x would be 9.5 GiB of logits, at 1x 2.4 GiB;
+    # within 2 GiB: the serving size, 13 images
+    shapes, note = profile_shapes((1024, 2048), 19, 16, None, 2048)
+    assert shapes["max"] == [13, 1024, 2048] and "max batch 13" in note and "--profile-budget-mib" in note
+    # at batch 4 the serving size fits, 2x does not: larger images are scaled down into the serving size
+    shapes, note = profile_shapes((1024, 2048), 19, 4, None, 2048)
+    assert shapes["max"] == [4, 1024, 2048] and "scaled to 1024x2048" in note
+    # an explicit max size is kept; only the batch gives way, down to 1
+    assert profile_shapes((1024, 2048), 19, 16, (2048, 4096), 2048)[0]["max"] == [3, 2048, 4096]
+    assert profile_shapes((1024, 2048), 19, 16, (4096, 8192), 100)[0]["max"] == [1, 4096, 8192]
