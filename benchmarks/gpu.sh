@@ -1,44 +1,76 @@
 #!/usr/bin/env bash
-# The GPU measurements in one go, for a CUDA host that has torch and timm but not this project's
-# venv (e.g. a lent machine): training-step speed fp32 vs AMP (independent vs full), a short AMP
-# `full` training on the synthetic set, and the PyTorch rows of the engine bench.
+# The GPU measurements in one go, for a CUDA host with torch and timm but not this project's venv and
+# no network (e.g. a lent machine), in about 8 minutes:
+#   speed  training-step speed fp32 vs AMP (independent vs full)
+#   train  a short AMP `full` training on the synthetic set (the run the others measure)
+#   check  env probe; TF32 / fp16 / bf16 argmax agreement with fp32; peak memory at the largest profile
+#   bench  torch fp32 / fp16 / bf16, torch.compile and CUDA-graph rows at 1024x2048, batch 1 and 8
+#   ort    onnxruntime-gpu's CUDA rows (fp32, fp16) with the provider check, where onnxruntime-gpu is
+#          installed or its wheel lies in $ORT_WHEELS (whole, or split: *.whl.part-*)
 #
-#   bash benchmarks/gpu.sh OUT_DIR [speed] [train] [bench]    (default: all three; python: $PYTHON or python3)
+#   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (default: train check bench ort; python: $PYTHON or python3)
+#   GPU_SH_SECONDS=480: the deadline of the whole script; a step gets what is left of it at most.
 #
 # Each step has its own time limit and its log in OUT_DIR; a failed step does not stop the others.
-# `bench` trains first when the run is missing.
+# GPU_SH_DRY=1 prints the steps instead of running them, each as if it used its whole limit
+# (tests/benchmarks/test_gpu_sh.py).
 set -u
-OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [bench]}
+OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [bench] [ort]}
 shift
-PHASES=${*:-speed train bench}
+PHASES=${*:-train check bench ort}
 PY=${PYTHON:-python3}
 RUN=runs/gpu-full
+SIZE="1024x2048"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.log, report the outcome
+DEADLINE=${GPU_SH_SECONDS:-480}  # the whole script: a lent machine's session is short
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit (within the deadline), log to OUT_DIR/NAME.log
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    local left=$((DEADLINE - SECONDS))
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 10 ]; then echo "== $name: skipped, out of time (GPU_SH_SECONDS=$DEADLINE)"; return 0; fi
+    if [ -n "${GPU_SH_DRY:-}" ]; then echo "step $name ${limit}s: $*"; SECONDS=$((SECONDS + limit)); return 0; fi
     timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - start)) s"
     grep -v "USDT" "$OUT_DIR/$name.log" | tail -n 8
 }
 
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    $PY -c 'import torch, timm; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
-        torch.backends.cudnn.version(), "timm", timm.__version__, torch.cuda.get_device_name())'
-    lscpu | grep -E "^Model name|^CPU\(s\)"
-} >"$OUT_DIR/env.txt" 2>&1
-
-[ -f data/synthetic/classes.json ] || step data 300 $PY -m train.data.synthetic --out data/synthetic
+if [ -z "${GPU_SH_DRY:-}" ]; then
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,compute_cap --format=csv
+        $PY -c 'import torch, timm; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
+            torch.backends.cudnn.version(), "timm", timm.__version__, torch.cuda.get_device_name())'
+        $PY -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())'
+        lscpu | grep -E "^Model name|^CPU\(s\)"
+    } >"$OUT_DIR/env.txt" 2>&1
+    [ -f data/synthetic/classes.json ] || step data 60 $PY -m train.data.synthetic --out data/synthetic
+fi
 
 train() {  # a short `full` training with bf16 autocast: does it learn (val mIoU per evaluation in the log)?
     rm -rf "$RUN"
-    step train-full-bf16 240 $PY -m train --config configs/synthetic.yaml --run-dir "$RUN" name=gpu-full \
-        method.preset=full device=cuda amp=bf16
-    cp "$RUN/metrics.json" "$OUT_DIR/train-full-bf16-metrics.json"
-    grep -h "val mIoU" "$OUT_DIR/train-full-bf16.log"
+    step train-full-bf16 110 $PY -m train --config configs/synthetic.yaml --run-dir "$RUN" name=gpu-full \
+        method.preset=full device=cuda amp=bf16 iterations=600 eval_interval=200
+    [ -n "${GPU_SH_DRY:-}" ] || cp "$RUN/metrics.json" "$OUT_DIR/train-full-bf16-metrics.json"
+}
+
+have_run() { [ -n "${GPU_SH_DRY:-}" ] || [ -f "$RUN/metrics.json" ] || train; }
+
+ort_gpu() {  # onnxruntime-gpu in place of the CPU wheel (never both: they install one module)
+    $PY -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' \
+        2>/dev/null && return 0
+    local wheel=""
+    for part in "${ORT_WHEELS:-wheels}"/onnxruntime_gpu-*.whl.part-*; do
+        [ -f "$part" ] || continue
+        wheel=${part%.part-*}
+        cat "$wheel".part-* >"$OUT_DIR/$(basename "$wheel")" && wheel="$OUT_DIR/$(basename "$wheel")"
+        break
+    done
+    [ -n "$wheel" ] || for w in "${ORT_WHEELS:-wheels}"/onnxruntime_gpu-*.whl; do [ -f "$w" ] && wheel=$w; done
+    if [ -z "$wheel" ]; then echo "== ort: skipped, no onnxruntime-gpu here and no wheel in ${ORT_WHEELS:-wheels}/"; return 1; fi
+    $PY -m pip uninstall --quiet -y onnxruntime && $PY -m pip install --quiet --no-deps "$wheel"
 }
 
 for phase in $PHASES; do
@@ -53,15 +85,29 @@ for phase in $PHASES; do
             --json "$OUT_DIR/train-speed-64x64-bf16.json"
         ;;
     train) train ;;
-    bench)  # the PyTorch rows on the GPU (ONNX Runtime's CUDA/TensorRT rows need onnxruntime-gpu)
-        [ -f "$RUN/metrics.json" ] || train
-        step bench-eager 150 $PY -m benchmarks.bench --run "$RUN" --models cnn vit ensemble \
-            --backends torch torch.bf16 torch.fp16 --batch-sizes 1 8 --sizes 512x1024 --seconds 1 \
-            --eval-images 100 --out "$OUT_DIR/bench-eager"
-        step bench-compiled 240 $PY -m benchmarks.bench --run "$RUN" --models cnn vit \
-            --backends torch torch.compile torch.cudagraphs --batch-sizes 1 8 --sizes 512x1024 --seconds 1 \
-            --eval-images 20 --out "$OUT_DIR/bench-compiled"
+    check)
+        have_run
+        step gpu-check 60 $PY -m benchmarks.gpu_check --run "$RUN" --out "$OUT_DIR" --size 1024 2048 --images 4
         ;;
-    *) echo "unknown phase '$phase' (speed, train, bench)" >&2; exit 2 ;;
+    bench)  # the PyTorch rows on the GPU at a Cityscapes-sized input
+        have_run
+        step bench-eager 80 $PY -m benchmarks.bench --run "$RUN" --models cnn vit ensemble \
+            --backends torch torch.bf16 torch.fp16 --batch-sizes 1 8 --sizes $SIZE --seconds 1 \
+            --eval-images 10 --out "$OUT_DIR/bench-eager"
+        step bench-compiled 120 $PY -m benchmarks.bench --run "$RUN" --models cnn vit \
+            --backends torch torch.compile torch.cudagraphs --batch-sizes 1 8 --sizes $SIZE --seconds 1 \
+            --eval-images 4 --out "$OUT_DIR/bench-compiled"
+        ;;
+    ort)  # ONNX engines at 1024x2048 on the CUDA provider (the bench asserts it is active)
+        have_run
+        if [ -n "${GPU_SH_DRY:-}" ] || ort_gpu; then
+            step export-1024x2048 60 $PY -m export --run "$RUN" --variants fp32 fp16 --size 1024 2048 \
+                --max-batch 8 --parity-images 2 --batch-sizes 1
+            step bench-ort-cuda 50 $PY -m benchmarks.bench --run "$RUN" \
+                --models cnn vit --backends torch ort.cuda.fp32 ort.cuda.fp16 --batch-sizes 1 8 --sizes $SIZE \
+                --seconds 1 --eval-images 4 --out "$OUT_DIR/bench-ort-cuda"
+        fi
+        ;;
+    *) echo "unknown phase '$phase' (speed, train, check, bench, ort)" >&2; exit 2 ;;
     esac
 done

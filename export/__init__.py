@@ -1,1 +1,1 @@
-"""Export stage: run dir -> ONNX and TensorRT engines with a parity gate and manifest (not built yet)."""
+"""Export stage: run dir -> ONNX and TensorRT engines, each through a parity gate, with a manifest and a card."""

@@ -1,0 +1,57 @@
+"""The GPU verification script, as far as a CPU machine can run it: its plan and its Python half."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+from benchmarks.gpu_check import main as gpu_check
+from tests.conftest import REPO
+
+
+def plan(tmp_path, seconds: int | None = None, phases=()) -> list[str]:
+    env = {**os.environ, "GPU_SH_DRY": "1"} | ({"GPU_SH_SECONDS": str(seconds)} if seconds else {})
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", str(tmp_path), *phases], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_the_plan_measures_what_a_gpu_host_without_tensorrt_can_and_fits_8_minutes(tmp_path):
+    steps = plan(tmp_path)
+    limits = [int(m[1]) for line in steps if (m := re.match(r"step \S+ (\d+)s:", line))]
+    assert len(limits) == len(steps) == 6 and sum(limits) <= 480
+    text = "\n".join(steps)
+    assert "benchmarks.gpu_check" in text and "--size 1024 2048" in text
+    for backend in ("torch.fp16", "torch.bf16", "torch.compile", "torch.cudagraphs", "ort.cuda.fp32", "ort.cuda.fp16"):
+        line = next(s for s in steps if backend in s)
+        assert "--sizes 1024x2048" in line and "--batch-sizes 1 8" in line, backend
+
+
+def test_steps_past_the_deadline_are_skipped_and_said(tmp_path):
+    steps = plan(tmp_path, seconds=200)
+    assert any(s.startswith("== bench-compiled: skipped, out of time") for s in steps)
+    assert steps[-1].startswith("== bench-ort-cuda: skipped")
+
+
+def test_unknown_phase_exits_2(tmp_path):
+    args = ["bash", "benchmarks/gpu.sh", str(tmp_path), "warp"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown phase 'warp'" in done.stderr
+
+
+def test_gpu_check_runs_on_the_cpu_with_the_cuda_rows_marked(trained_run, tmp_path, capsys):
+    assert gpu_check(["--run", str(trained_run), "--out", str(tmp_path), "--size", "48", "80", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert result["env"]["gpu"] is None and result["size"] == [48, 80] and result["images"] == 4
+    for student in ("cnn", "vit"):
+        row = result["agreement"][student]
+        assert row["tf32"] is None and row["fp16"] is None  # CUDA-only modes
+        assert 0.5 <= row["bf16"] <= 1.0
+        assert result["peak_memory"][student] == {"fp32": None, "fp16": None}
+    assert result["profile_max"] == [16, 96, 160]  # what `export --size 48 80` chooses
+    report = (tmp_path / "gpu-check.md").read_text()
+    assert "| cnn | n/a | n/a |" in report and report in capsys.readouterr().out
