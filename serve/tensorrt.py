@@ -72,7 +72,10 @@ class TensorRTEngine:
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         low, _, high = self.profile
         if len(shape) != len(low) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high, strict=False)):
-            raise ValueError(f"input shape {shape} is outside this plan's profile {low} .. {high}")
+            raise ValueError(
+                f"input shape {shape} is outside this plan's profile {low} .. {high}: serve.segmenter fits images "
+                "into it; for larger inputs or batches re-export with --max-size / --max-batch and rebuild the plans"
+            )
 
     def _bind(self, shape: tuple[int, ...]) -> None:
         """(Re)allocate and bind the buffers when the input shape changes."""
