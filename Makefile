@@ -12,7 +12,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,video,bench,cpu,dev]'
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,video,openvino,bench,cpu,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,7 +25,7 @@ setup-gpu: setup
 	not build: it needs the CUDA toolkit (nvcc and headers; CUDA_ROOT=/usr/local/cuda or where it lies). \
 	Nothing was changed: onnxruntime (CPU) is still installed." >&2; exit 1; }
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,video,bench,gpu,dev]' || { \
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[train,export,serve,video,openvino,bench,gpu,dev]' || { \
 	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[cpu]'; echo "error: onnxruntime-gpu \
 	could not be installed; the CPU onnxruntime is back" >&2; exit 1; }
 

@@ -16,6 +16,7 @@ the others go on. Writes results.json, report.md, pareto.png and latency_vs_batc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -64,10 +65,13 @@ BACKENDS = {
     "trt.fp32": ("tensorrt", "fp32", "tensorrt"),
     "trt.fp16": ("tensorrt", "fp16", "tensorrt"),
     "trt.int8": ("tensorrt", "int8", "tensorrt"),
+    "ov.fp32": ("openvino", "fp32", "cpu"),
+    "ov.bf16": ("openvino", "bf16", "cpu"),
+    "ov.int8": ("openvino", "int8", "cpu"),
 }
 COMPILED = ("torch.compile", "torch.cudagraphs")
 ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "trt": "tensorrt"}
-VARIANT = {"fp32": "fp32", "fp16": "fp16", "int8": "int8.qdq"}  # int8.cpu on the CPU provider
+VARIANT = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8.qdq"}  # int8.cpu on the CPU provider
 
 
 def default_backends(cuda: bool) -> list[str]:
@@ -76,6 +80,10 @@ def default_backends(cuda: bool) -> list[str]:
     picked = ["torch", "torch.compile", "ort.cpu.fp32", "ort.cpu.int8"]
     if cuda:
         picked += ["torch.fp16", "torch.bf16", "torch.cudagraphs"]
+    if importlib.util.find_spec("openvino") is not None:
+        from serve.openvino import capabilities
+
+        picked += ["ov.fp32", "ov.int8"] + (["ov.bf16"] if "BF16" in capabilities()["precisions"] else [])
     if "CUDAExecutionProvider" in ort:
         picked += ["ort.cuda.fp32", "ort.cuda.fp16"]
     if "TensorrtExecutionProvider" in ort:
@@ -133,7 +141,7 @@ class TorchRunner:
 
 
 class EngineRunner:
-    """ONNX Runtime or native TensorRT engines behind serve's Segmenter (no fitting, any batch)."""
+    """ONNX Runtime, native TensorRT or OpenVINO engines behind serve's Segmenter (no fitting, any batch)."""
 
     def __init__(self, engines: Path, model: str, backend: str, threads: int) -> None:
         kind, precision, _ = BACKENDS[backend]
@@ -261,6 +269,12 @@ def versions() -> dict:
         out["tensorrt"] = tensorrt.__version__
     except ImportError:
         out["tensorrt"] = None
+    try:
+        import openvino
+
+        out["openvino"] = openvino.__version__.split("-")[0]
+    except ImportError:
+        out["openvino"] = None
     return out
 
 

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    parser.add_argument("--no-openvino", action="store_true", help="no OpenVINO engines (default: where installed)")
     parser.add_argument("--fp32-agreement", type=float, default=defaults["agreement"][0])
     parser.add_argument("--fp32-miou-delta", type=float, default=defaults["miou"][0])
     parser.add_argument("--reduced-agreement", type=float, default=defaults["agreement"][1], help="fp16 and int8")
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_sizes=args.batch_sizes,
         calib_images=args.calib_images,
         simplify=not args.no_simplify,
+        openvino=not args.no_openvino,
         thresholds={
             "fp32": Threshold(args.fp32_agreement, args.fp32_miou_delta),
             "reduced": Threshold(args.reduced_agreement, args.reduced_miou_delta),

@@ -25,6 +25,7 @@ from PIL import Image
 
 from export import card, graphs, parity, precision
 from serve.manifest import (
+    OPENVINO_VARIANTS,
     VARIANTS,
     EngineEntry,
     Manifest,
@@ -62,6 +63,7 @@ class ExportOptions:
     examples: int = 8  # eval images copied beside the engine dirs, for the demo app
     thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
     shapes: dict[str, list[int]] | None = None  # set by export_run (profile_shapes)
+    openvino: bool = True  # OpenVINO engines (fp32, bf16 where native, int8 Q/DQ) where openvino is installed
 
 
 def profile_shapes(
@@ -155,7 +157,7 @@ def _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) ->
     try:
         manifest = _build(student, cfg, name, opts, size, eval_set, train_set, tmp, source)
         write_manifest(manifest, tmp)
-        (tmp / "parity.json").write_text(json.dumps({e.file: e.parity for e in manifest.engines}, indent=2) + "\n")
+        (tmp / "parity.json").write_text(json.dumps({e.name: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
         if final.exists():
             _keep_plans(final, tmp, manifest)
@@ -233,30 +235,67 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
             skipped.append({"variant": "int8.cpu", "reason": verdict})
             log.info("%s: int8.cpu not shipped: %s", name, verdict)
 
-    candidates = [
-        parity.Candidate(e.file, e.io, e.precision, OnnxRuntimeEngine(tmp / e.file, device="cpu").run) for e in entries
-    ]
+    entries += _openvino_entries(entries, tmp) if opts.openvino else []
+    candidates = [parity.Candidate(e.name, e.io, e.precision, _runner(e, tmp)) for e in entries]
     reports = parity.check(student, candidates, eval_set, opts.parity_images, opts.batch_sizes, opts.thresholds)
     for e in entries:
-        e.parity = reports[e.file]
-    # fp32 is the reference every engine derives from: its failure stops the export. A reduced
-    # precision that fails is not shipped (both I/O modes), with the reason in the manifest.
-    failed: dict[str, list[str]] = {}
+        e.parity = reports[e.name]
+    # fp32 ONNX is the reference every engine derives from: its failure stops the export. A reduced
+    # precision that fails is not shipped (both I/O modes), with the reason in the manifest; an ONNX file
+    # that is not shipped takes the OpenVINO engines that run it along.
+    failed: dict[tuple[str, str], list[str]] = {}
     for e in entries:
-        failed.setdefault(e.variant, []).extend(parity.failures({e.file: e.parity}))
-    failed = {variant: lines for variant, lines in failed.items() if lines}
-    if "fp32" in failed:
+        failed.setdefault((e.format, e.variant), []).extend(parity.failures({e.name: e.parity}))
+    failed = {key: lines for key, lines in failed.items() if lines}
+    if ("onnx", "fp32") in failed:
         lines = [line for variant in failed.values() for line in variant]
         raise parity.ParityError(f"{name}: the parity gate failed (nothing written):\n  " + "\n  ".join(lines))
-    for variant, lines in failed.items():
-        for e in [e for e in entries if e.variant == variant]:
-            (tmp / e.file).unlink()
+    for (fmt, variant), lines in failed.items():
+        dropped = [e for e in entries if e.variant == variant and (e.format == fmt or fmt == "onnx")]
+        for e in dropped:
+            if e.format == "onnx":
+                (tmp / e.file).unlink()
             entries.remove(e)
-        skipped.append({"variant": variant, "reason": "failed the parity gate: " + "; ".join(lines)})
-        log.warning("%s: %s not shipped, it failed the parity gate: %s", name, variant, "; ".join(lines))
+        backend = "openvino" if fmt == "openvino" else "onnx"
+        skipped.append(
+            {"variant": variant, "backend": backend, "reason": "failed the parity gate: " + "; ".join(lines)}
+        )
+        log.warning("%s: %s %s not shipped, it failed the parity gate: %s", name, backend, variant, "; ".join(lines))
 
     manifest.engines, manifest.skipped = entries, skipped
     return manifest
+
+
+def _openvino_entries(onnx_entries: list[EngineEntry], tmp: Path) -> list[EngineEntry]:
+    """OpenVINO engines on this CPU for the ONNX files just written: fp32 at f32, bf16 where the CPU has
+    it natively, the int8 Q/DQ graph; each gated like the others. None where openvino is not installed."""
+    try:
+        from serve.openvino import capabilities
+    except ImportError:
+        return []
+    try:
+        host = capabilities()
+    except RuntimeError as e:  # OpenVinoUnavailable
+        log.info("no OpenVINO engines: %s", e)
+        return []
+    sources = {"fp32": "fp32", "bf16": "fp32", "int8.qdq": "int8.qdq"}  # variant -> the ONNX variant it runs
+    out = []
+    for variant in OPENVINO_VARIANTS:
+        if variant == "bf16" and "BF16" not in host["precisions"]:
+            log.info("no OpenVINO bf16 engine: %s computes no bf16 natively", host["cpu"])
+            continue
+        for e in (e for e in onnx_entries if e.variant == sources[variant]):
+            precision = {"fp32": "fp32", "bf16": "bf16", "int8.qdq": "int8"}[variant]
+            out.append(EngineEntry(e.file, "openvino", e.io, variant, precision, "cpu", e.size_bytes, openvino=host))
+    return out
+
+
+def _runner(entry: EngineEntry, folder: Path):
+    if entry.format == "openvino":
+        from serve.openvino import OpenVinoEngine
+
+        return OpenVinoEngine(folder / entry.file, entry.variant).run
+    return OnnxRuntimeEngine(folder / entry.file, device="cpu").run
 
 
 def _describe(cfg, name: str, opts: ExportOptions, source: dict) -> Manifest:

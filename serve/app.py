@@ -8,6 +8,7 @@ class's share of pixels and the latency of each stage. The same function is the 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
@@ -188,13 +189,16 @@ def _device(segmenter: Segmenter) -> str:
 
 
 def _usable_backends() -> tuple[str, ...]:
-    """ONNX Runtime always; the native TensorRT backend where tensorrt and pycuda import."""
+    """ONNX Runtime always; OpenVINO where it imports; the native TensorRT backend where tensorrt and pycuda do."""
+    usable = ["onnxruntime"]
+    if importlib.util.find_spec("openvino") is not None:
+        usable.append("openvino")
     try:
         import pycuda.driver  # noqa: F401
         import tensorrt  # noqa: F401
     except ImportError:
-        return ("onnxruntime",)
-    return ("onnxruntime", "tensorrt")
+        return tuple(usable)
+    return (*usable, "tensorrt")
 
 
 def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:

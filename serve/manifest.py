@@ -19,6 +19,7 @@ METADATA_KEY = "segdeploy.manifest"  # in each ONNX file: its own one-engine man
 IoMode = Literal["labels", "logits"]
 # Variant names in file names: model.<variant>[.logits].<onnx|plan>
 VARIANTS = ("fp32", "fp16", "int8.qdq", "int8.cpu")
+OPENVINO_VARIANTS = ("fp32", "bf16", "int8.qdq")  # OpenVINO engines: precisions it runs the ONNX files at
 
 # What each I/O mode feeds and returns (the same for every engine of that mode).
 IO_SPECS: dict[str, dict[str, dict[str, Any]]] = {
@@ -40,7 +41,7 @@ class ManifestError(ValueError):
 @dataclass
 class EngineEntry:
     file: str
-    format: Literal["onnx", "plan"]
+    format: Literal["onnx", "plan", "openvino"]  # openvino: an ONNX file of the dir, run by OpenVINO
     io: IoMode
     variant: str  # fp32 | fp16 | int8.qdq | int8.cpu
     precision: str  # fp32 | fp16 | int8
@@ -49,10 +50,16 @@ class EngineEntry:
     build_s: float = 0.0
     parity: dict[str, Any] | None = None
     tensorrt: dict[str, Any] | None = None  # plans: version, GPU name, compute capability
+    openvino: dict[str, Any] | None = None  # OpenVINO engines: version, CPU and its precisions it was gated on
 
     @property
     def key(self) -> str:
         return f"{self.variant}/{self.io}/{self.format}"
+
+    @property
+    def name(self) -> str:
+        """Unique in an engine dir: the file, or for OpenVINO (which runs another engine's file) its key."""
+        return f"{self.file} [openvino {self.variant}]" if self.format == "openvino" else self.file
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 `open_engine(engine_dir, variant, io, backend)` reads the manifest and returns an engine whose
 `run(batch)` maps the manifest's input array to its output array. Backends: `onnxruntime` (CPU,
-CUDA and TensorRT execution providers, IO binding on GPU) and `tensorrt` (a plan run natively
-through TensorRT and pycuda, serve/tensorrt.py). An exported ONNX file also opens alone: it carries its
+CUDA and TensorRT execution providers, IO binding on GPU), `tensorrt` (a plan run natively
+through TensorRT and pycuda, serve/tensorrt.py) and `openvino` (the ONNX files on the CPU at an explicit
+precision, serve/openvino.py). An exported ONNX file also opens alone: it carries its
 own one-engine manifest in its metadata.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from serve.manifest import METADATA_KEY, EngineEntry, IoMode, Manifest, ManifestError, parse_manifest, read_manifest
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_NAMES = {"tensorrt": PROVIDER_ORDER[0], "cuda": PROVIDER_ORDER[1], "cpu": PROVIDER_ORDER[2]}
 ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu")
@@ -170,6 +171,11 @@ def open_engine(
         manifest, entry = onnx_manifest(engine_dir)
         return OnnxRuntimeEngine(engine_dir, device, threads, manifest, entry)
     manifest = read_manifest(engine_dir)
+    if backend == "openvino":
+        from serve.openvino import OpenVinoEngine
+
+        entry = manifest.find(variant, io, "openvino")
+        return OpenVinoEngine(Path(engine_dir) / entry.file, variant, threads, manifest, entry)
     if backend == "tensorrt":
         from serve.tensorrt import TensorRTEngine
 

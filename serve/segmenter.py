@@ -126,7 +126,7 @@ def engine_dirs(engines_root: str | Path) -> dict[str, Path]:
 def choices(engines_root: str | Path, backends: tuple[str, ...] = BACKENDS) -> list[tuple[str, str, str]]:
     """Every (model, variant, backend) that `load_segmenter` can open from these engine dirs."""
     manifests = {s: read_manifest(d) for s, d in engine_dirs(engines_root).items()}
-    fmt = {"onnxruntime": "onnx", "tensorrt": "plan"}
+    fmt = {"onnxruntime": "onnx", "tensorrt": "plan", "openvino": "openvino"}
     have = {(s, e.variant, e.io, e.format) for s, m in manifests.items() for e in m.engines}
     found = []
     for backend in backends:
@@ -140,7 +140,7 @@ def choices(engines_root: str | Path, backends: tuple[str, ...] = BACKENDS) -> l
 
 
 def _variant_order(variant: str) -> int:
-    order = ("fp32", "fp16", "int8.cpu", "int8.qdq")
+    order = ("fp32", "bf16", "fp16", "int8.cpu", "int8.qdq")
     return order.index(variant) if variant in order else len(order)
 
 
