@@ -84,7 +84,7 @@ class OpenVinoEngine:
             config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
-        applied = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        applied = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
         if applied != precision:
             raise OpenVinoUnavailable(f"{model}: OpenVINO compiled it at {applied}, not the {precision} asked for")
         self.precision, self.device = applied, f"openvino.{applied}"

@@ -16,7 +16,7 @@ ROW_KEYS = {"model", "backend", "precision", "device", "batch", "height", "width
 @pytest.fixture(scope="module")
 def bench(exported_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    args = ["--run", str(exported_run), "--models", "cnn", "--backends", "ort.cpu.fp32", "trt.fp32",
+    args = ["--run", str(exported_run), "--models", "cnn", "--backends", "ort.cpu.fp32", "ov.fp32", "trt.fp32",
             "--batch-sizes", "1", "2", "--sizes", "40x56", "--seconds", "0.1", "--min-runs", "3",
             "--warmup", "0.05", "--eval-images", "2", "--out", str(out)]  # fmt: skip
     assert main(args) == 0  # a failing backend does not fail the bench
@@ -27,14 +27,15 @@ def test_results_json_is_complete(bench):
     _, result = bench
     assert result["schema"] == 1
     assert {"cpu", "gpu", "device", "cpu_count"} <= set(result["machine"])
-    assert {"torch", "onnxruntime", "tensorrt"} <= set(result["versions"])
+    assert {"torch", "onnxruntime", "tensorrt", "openvino"} <= set(result["versions"])
     rows = result["results"]
     # The PyTorch eager baseline is always measured first, then the requested backends.
     assert [(r["backend"], r["batch"]) for r in rows] == [
-        ("torch", 1), ("torch", 2), ("ort.cpu.fp32", 1), ("ort.cpu.fp32", 2), ("trt.fp32", 1), ("trt.fp32", 2)
+        ("torch", 1), ("torch", 2), ("ort.cpu.fp32", 1), ("ort.cpu.fp32", 2), ("ov.fp32", 1), ("ov.fp32", 2),
+        ("trt.fp32", 1), ("trt.fp32", 2),
     ]  # fmt: skip
     ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == 4
+    assert len(ok) == 6
     for r in ok:
         assert set(r) >= ROW_KEYS | TIMING_KEYS | ACCURACY_KEYS, r.keys()
         assert r["runs"] >= 3 and 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
@@ -101,3 +102,10 @@ def test_the_model_card_shows_this_hosts_latency(bench, exported_run):
     assert "## Latency on" in card
     row = next(r for r in result["results"] if r["backend"] == "ort.cpu.fp32" and r["batch"] == 2)
     assert f"| ort.cpu.fp32 | 2 | 40×56 | {row['p50_ms']:.1f} | {row['images_per_s']:.1f} |" in card
+
+
+def test_openvino_rows_run_with_their_precision(bench):
+    _, result = bench
+    rows = [r for r in result["results"] if r["backend"] == "ov.fp32"]
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["agreement"] >= 0.999 for r in rows)
+    assert result["versions"]["openvino"]

@@ -1,0 +1,79 @@
+"""The OpenVINO backend on a real exported run: gated engines, explicit precision, refusals that name the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.manifest import read_manifest
+from serve.runtime import open_engine
+from serve.segmenter import choices, load_segmenter
+
+openvino_module = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+from serve.openvino import OpenVinoEngine, OpenVinoUnavailable, capabilities, check_host  # noqa: E402
+
+HOST = capabilities()
+NATIVE_BF16 = "BF16" in HOST["precisions"]
+
+
+def _pixels(n=3, h=45, w=77, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_openvino_engines_are_gated_and_record_the_cpu(engines, student):
+    manifest = read_manifest(engines / student)
+    ov = [e for e in manifest.engines if e.format == "openvino"]
+    ov_skipped = {s["variant"] for s in manifest.skipped if s.get("backend") == "openvino"}
+    expected = {"fp32", "int8.qdq"} | ({"bf16"} if NATIVE_BF16 else set())
+    assert {e.variant for e in ov} | ov_skipped == expected and "fp32" in {e.variant for e in ov}
+    for e in ov:
+        assert e.parity["passed"] and e.openvino == HOST and e.target == "cpu"
+        source = "model.int8.qdq" if e.variant == "int8.qdq" else "model.fp32"  # bf16: the fp32 file at bf16
+        assert (engines / student / e.file).is_file() and e.file.startswith(source)
+
+
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_openvino_fp32_agrees_with_onnx_runtime_on_the_same_graph(engines, student):
+    pixels = _pixels()
+    ort = open_engine(engines / student, "fp32", "logits", "onnxruntime", "cpu").run
+    ov = open_engine(engines / student, "fp32", "logits", "openvino").run
+    x = ((pixels.astype(np.float32) - [123.675, 116.28, 103.53]) / [58.395, 57.12, 57.375]).astype(np.float32)
+    x = x.transpose(0, 3, 1, 2).copy()
+    a, b = ort(x), ov(x)
+    assert a.shape == b.shape == (3, 5, 45, 77)
+    np.testing.assert_allclose(b, a, atol=1e-3, rtol=1e-3)  # f32 really: bf16 would be ~1e-2 off
+    labels_ort = open_engine(engines / student, "fp32", "labels", "onnxruntime", "cpu").run(pixels)
+    labels_ov = open_engine(engines / student, "fp32", "labels", "openvino").run(pixels)
+    assert (labels_ov == labels_ort).mean() >= 0.999  # the gate's fp32 agreement
+
+
+def test_the_precision_asked_for_is_the_one_compiled(engines):
+    fp32 = open_engine(engines / "cnn", "fp32", "labels", "openvino")
+    assert fp32.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32" and fp32.precision == "f32"
+    if NATIVE_BF16:
+        bf16 = open_engine(engines / "cnn", "bf16", "labels", "openvino")
+        assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
+
+
+def test_bf16_is_refused_where_the_cpu_lacks_it_and_engines_from_another_cpu_name_the_fix():
+    no_bf16 = {"cpu": "Old CPU", "precisions": ["FP32", "INT8"], "openvino": HOST["openvino"]}
+    with pytest.raises(OpenVinoUnavailable, match=r"needs native BF16 .* Old CPU lacks .* use --variant fp32"):
+        check_host("bf16", None, no_bf16)
+    with pytest.raises(OpenVinoUnavailable, match=r"gated on Other CPU, this host is .* re-export on this host"):
+        check_host("int8.qdq", {"cpu": "Other CPU"}, {**HOST, "precisions": ["FP32", "INT8", "BF16"]})
+    check_host("fp32", {"cpu": "Other CPU"}, no_bf16)  # f32 runs anywhere
+
+
+def test_the_segmenter_offers_openvino_and_it_matches_onnx_runtime(engines):
+    offered = choices(engines)
+    assert ("cnn", "fp32", "openvino") in offered and ("ensemble", "fp32", "openvino") in offered
+    image = _pixels(1, 60, 44, seed=3)[0]
+    ov = load_segmenter(engines, "ensemble", "fp32", "openvino").predict(image).labels
+    ort = load_segmenter(engines, "ensemble", "fp32", "onnxruntime").predict(image).labels
+    assert (ov == ort).mean() >= 0.999
+
+
+def test_an_unknown_variant_is_refused(engines):
+    with pytest.raises(ValueError, match="no OpenVINO precision for variant 'fp16'"):
+        OpenVinoEngine(engines / "cnn" / "model.fp16.onnx", "fp16")
