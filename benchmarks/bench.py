@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from benchmarks.report import write_plots, write_report
@@ -224,14 +225,18 @@ def time_cuda(fn, warmup_s: float, seconds: float, min_runs: int) -> Timing:
     return Timing(samples)
 
 
-def accuracy(runner, reference, eval_set, count: int, num_classes: int) -> dict:
+def accuracy(runner, reference, eval_set, count: int, num_classes: int, size: tuple[int, int] | None = None) -> dict:
     """mIoU of `runner` and of `reference` (the PyTorch student) on the first eval images, batch 1,
-    and the share of pixels on which they agree."""
+    and the share of pixels on which they agree; with `size`, on the images (and labels) resized to it,
+    so that a reduced precision's accuracy is measured at the size it is timed at."""
     ours, theirs = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
     same = total = 0
     first_call_s = None
     for i in range(min(count, len(eval_set))):
         image, mask = eval_set.read(i)
+        if size is not None and image.shape[:2] != tuple(size):
+            image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+            mask = np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))
         started = time.perf_counter()
         a = runner(image[None])[0]
         first_call_s = first_call_s if first_call_s is not None else time.perf_counter() - started
@@ -244,6 +249,41 @@ def accuracy(runner, reference, eval_set, count: int, num_classes: int) -> dict:
     miou, miou_torch = ours.compute()["miou"], theirs.compute()["miou"]
     return {"miou": miou, "miou_torch": miou_torch, "delta_miou": miou - miou_torch, "agreement": same / total,
             "first_call_s": first_call_s}  # fmt: skip
+
+
+def gemm_peaks(seconds: float = 0.5, n: int = 2048) -> dict[str, float]:
+    """This CPU's matrix-multiply GFLOP/s in fp32, bf16 and int8 (torch's oneDNN / int8 GEMM, the
+    bench's threads): the ceiling each precision's engine rows are compared with."""
+    a = torch.randn(n, n)
+    operands = {
+        "fp32": (a, a, torch.mm),
+        "bf16": (a.bfloat16(), a.bfloat16(), torch.mm),
+        "int8": (a.clamp(-1, 1).mul(127).to(torch.int8),) * 2 + (torch._int_mm,),
+    }
+    peaks = {}
+    for precision, (x, y, mm) in operands.items():
+        mm(x, y)  # warm-up
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline or best == float("inf"):
+            started = time.perf_counter()
+            mm(x, y)
+            best = min(best, time.perf_counter() - started)
+        peaks[precision] = 2 * n**3 / best / 1e9
+    return peaks
+
+
+def model_gflop(models: list[torch.nn.Module], size: tuple[int, int]) -> float:
+    """GFLOP of one image through the model(s) (convolutions and matrix products: what the kernels do)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        for m in models:
+            LogitsModel(m).eval()(torch.zeros(1, 3, *size))
+    return counter.get_total_flops() / 1e9
+
+
+PEAK_OF = {"fp32": "fp32", "bf16": "bf16", "int8": "int8"}  # a CPU row's precision -> its GEMM peak
 
 
 def machine(cuda: bool) -> dict:
@@ -310,6 +350,10 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
     meta = {"machine": machine(cuda), "versions": versions(), "threads": {"torch": torch.get_num_threads(),
             "onnxruntime": settings.threads or "default (one per physical core)"}}  # fmt: skip
+    peaks = None if cuda else gemm_peaks()
+    meta["gemm_peak_gflops"] = peaks
+    gflop = {(m, hw): model_gflop([students[s] for s in (STUDENTS if m == "ensemble" else (m,))], hw)
+             for m in settings.models for hw in settings.sizes}  # fmt: skip
     rows: list[dict] = []
     baseline: dict[tuple, float] = {}
     configs = [(m, b) for m in settings.models for b in settings.backends]
@@ -329,10 +373,12 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
                 runner = EngineRunner(engines, model, backend, settings.threads)
                 file_bytes, build_s = runner.file_bytes, runner.build_s
                 base["variant"] = runner.variant
-            scores = accuracy(runner, reference, eval_set, settings.eval_images, cfg.data.num_classes)
-            if backend in COMPILED:  # compilation happens in the first call, here at the eval size
-                build_s = scores["first_call_s"]
-            scores.pop("first_call_s")
+            scores = {hw: accuracy(runner, reference, eval_set, settings.eval_images, cfg.data.num_classes, hw)
+                      for hw in settings.sizes}  # fmt: skip
+            if backend in COMPILED:  # compilation happens in the first call, here at the first size
+                build_s = scores[settings.sizes[0]]["first_call_s"]
+            for score in scores.values():
+                score.pop("first_call_s")
         except Exception as e:  # the whole backend is unusable here: one failed row per point
             for batch, (h, w) in points:
                 rows.append({**base, "batch": batch, "height": h, "width": w, "status": "failed", "error": _why(e)})
@@ -340,10 +386,14 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
             continue
         for batch, (h, w) in points:
             bar.set_postfix_str(f"{model} {backend} b{batch} {h}x{w}")
-            row = {**base, "batch": batch, "height": h, "width": w, "file_mib": file_bytes / 2**20, **scores}
+            row = {**base, "batch": batch, "height": h, "width": w, "file_mib": file_bytes / 2**20, **scores[(h, w)]}
             try:
                 row.update(_measure(runner, kind, batch, (h, w), settings, cuda))
                 row.pop("first_call_s")
+                row["gflop"] = gflop[(model, (h, w))]
+                row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
+                peak = (peaks or {}).get(PEAK_OF.get(precision, ""))
+                row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
                 row["build_s"] = build_s
                 row["status"] = "ok"
                 if backend == BASELINE:

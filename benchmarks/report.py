@@ -18,6 +18,10 @@ COLUMNS = [  # header, key, format
     ("CV", "cv", "{:.3f}"),
     ("img/s", "images_per_s", "{:.1f}"),
     ("speed-up", "speedup", "{:.2f}x"),
+    ("GFLOP/img", "gflop", "{:.2f}"),
+    ("GFLOP/s", "gflops_per_s", "{:.0f}"),
+    ("peak GFLOP/s", "peak_gflops", "{:.0f}"),
+    ("of peak", "of_peak", "{:.0%}"),
     ("GPU compute ms", "compute_mean_ms", "{:.2f}"),
     ("mIoU", "miou", "{:.4f}"),
     ("torch mIoU", "miou_torch", "{:.4f}"),
@@ -46,6 +50,10 @@ def write_report(result: dict, path: Path) -> None:
         f"- Device: **{m['device']}** (CPU: {m['cpu']}, {m['cpu_count']} logical cores; GPU: {m['gpu'] or 'none'})",
         "- Versions: " + ", ".join(f"{k} {val or 'not installed'}" for k, val in v.items()),
         f"- Threads: torch {result['threads']['torch']}, ONNX Runtime {result['threads']['onnxruntime']}",
+        "- GFLOP/s: the model's FLOPs at that size (convolutions and matrix products) x batch / mean latency; "
+        "peak: this CPU's GEMM in the row's precision, measured in this run ("
+        + ", ".join(f"{k} {v:.0f}" for k, v in (result.get("gemm_peak_gflops") or {}).items())
+        + "); ΔmIoU and agreement on the eval images resized to the row's size",
         f"- Command: `{result['command']}`",
         "- Latency: end to end, uint8 images in, class maps out, on the host; speed-up: PyTorch eager fp32 of the "
         "same model, batch and size, in this run.",

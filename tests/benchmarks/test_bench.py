@@ -109,3 +109,16 @@ def test_openvino_rows_run_with_their_precision(bench):
     rows = [r for r in result["results"] if r["backend"] == "ov.fp32"]
     assert len(rows) == 2 and all(r["status"] == "ok" and r["agreement"] >= 0.999 for r in rows)
     assert result["versions"]["openvino"]
+
+
+def test_cpu_rows_show_achieved_and_peak_gflops_consistent_with_the_json(bench):
+    out, result = bench
+    peaks = result["gemm_peak_gflops"]
+    assert set(peaks) == {"fp32", "bf16", "int8"} and all(v > 0 for v in peaks.values())
+    report = (out / "report.md").read_text()
+    assert "peak GFLOP/s" in report and "of peak" in report
+    for r in (r for r in result["results"] if r["status"] == "ok"):
+        assert r["gflop"] > 0 and r["gflops_per_s"] == pytest.approx(r["gflop"] * r["batch"] / (r["mean_ms"] / 1e3))
+        assert r["peak_gflops"] == peaks["fp32"] and r["of_peak"] == pytest.approx(r["gflops_per_s"] / peaks["fp32"])
+        cells = f"| {r['gflop']:.2f} | {r['gflops_per_s']:.0f} | {r['peak_gflops']:.0f} | {r['of_peak']:.0%} |"
+        assert cells in report
