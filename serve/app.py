@@ -8,7 +8,6 @@ class's share of pixels and the latency of each stage. The same function is the 
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import os
@@ -26,7 +25,7 @@ from PIL import Image
 
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from serve.manifest import read_manifest
-from serve.segmenter import Segmenter, choices, engine_dirs, load_segmenter
+from serve.segmenter import Segmenter, choices, describe_choice, engine_dirs, fastest, load_segmenter, usable_backends
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class Demo:
 
     def __init__(self, engines: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 0) -> None:
         self.engines, self.max_pixels, self.threads = Path(engines), max_pixels, threads
-        self.available = choices(self.engines, backends=_usable_backends())
+        self.available = choices(self.engines, backends=usable_backends())
         if not self.available:
             raise FileNotFoundError(f"{self.engines}: no engine this host can run")
         self.models = list(dict.fromkeys(m for m, _, _ in self.available))
@@ -98,6 +97,11 @@ class Demo:
         weakref.finalize(self, shutil.rmtree, self.outputs, True)  # gone with the app (or at exit)
         manifest = read_manifest(next(iter(engine_dirs(self.engines).values())))
         self.color_map = {name: _hex(rgb) for name, rgb in zip(manifest.classes, manifest.palette, strict=True)}
+        # The default engine: the fastest gated one of the first model on this host, timed at start.
+        variant, backend, times = fastest(self.engines, self.models[0])
+        self.default = (self.models[0], variant, backend)
+        self.default_why = describe_choice(*self.default, times)
+        log.info("default engine: %s", self.default_why)
 
     def variants(self, model: str) -> list[str]:
         return list(dict.fromkeys(v for m, v, _ in self.available if m == model))
@@ -188,19 +192,6 @@ def _device(segmenter: Segmenter) -> str:
     return getattr(engine, "device", "cuda")
 
 
-def _usable_backends() -> tuple[str, ...]:
-    """ONNX Runtime always; OpenVINO where it imports; the native TensorRT backend where tensorrt and pycuda do."""
-    usable = ["onnxruntime"]
-    if importlib.util.find_spec("openvino") is not None:
-        usable.append("openvino")
-    try:
-        import pycuda.driver  # noqa: F401
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return tuple(usable)
-    return (*usable, "tensorrt")
-
-
 def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
     examples = examples or demo.engines / "examples"
     example_files = sorted(str(p) for p in examples.glob("*.png")) if examples.is_dir() else []
@@ -209,18 +200,17 @@ def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
     with gr.Blocks(title="segdeploy: compact segmentation students", delete_cache=(600, 3600)) as app:
         gr.Markdown(
             "## Semantic segmentation with compact students\n"
-            f"Engines: `{demo.engines}` · ONNX Runtime / TensorRT, no PyTorch on this host."
+            f"Engines: `{demo.engines}` · {' / '.join(usable_backends())}, no PyTorch on this host · "
+            f"Default: {demo.default_why}",
+            elem_id="header",
         )
         with gr.Row():
             with gr.Column():
                 image = undecoded(gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"]))
                 model = gr.Dropdown([(MODEL_LABELS[m], m) for m in demo.models], value=first, label="Model")
-                variant = gr.Dropdown(demo.variants(first), value=demo.variants(first)[0], label="Precision")
-                backend = gr.Dropdown(
-                    demo.backends(first, demo.variants(first)[0]),
-                    value=demo.backends(first, demo.variants(first)[0])[0],
-                    label="Backend",
-                )
+                _, first_variant, first_backend = demo.default
+                variant = gr.Dropdown(demo.variants(first), value=first_variant, label="Precision")
+                backend = gr.Dropdown(demo.backends(first, first_variant), value=first_backend, label="Backend")
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 run = gr.Button("Segment", variant="primary")
                 if example_files:

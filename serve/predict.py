@@ -1,7 +1,9 @@
 """Segment images, folders and videos with a run's engines and write the masks to disk (no PyTorch).
 
 python -m serve.predict --engines runs/<name>/export --out OUT [--model cnn|vit|ensemble]
-    [--variant fp32] [--backend onnxruntime] [--overlay] [--force] INPUT...
+    [--variant auto] [--backend auto] [--overlay] [--force] INPUT...
+
+--variant / --backend auto (the default) take the fastest gated engine this host runs, timed at start.
 
 INPUT: an image, a folder (searched recursively), a glob ('photos/**/*.jpg', quoted) or a video.
 - An image gives OUT/<path>.png: a palette PNG whose pixel values are class ids (palette = the
@@ -38,7 +40,7 @@ from tqdm import tqdm
 
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from serve.runtime import BACKENDS
-from serve.segmenter import MODELS, Prediction, Segmenter, load_segmenter
+from serve.segmenter import MODELS, Prediction, Segmenter, describe_choice, fastest, load_segmenter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
@@ -282,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, type=Path, help="where the class maps go")
     parser.add_argument("--model", default="cnn", choices=MODELS)
-    parser.add_argument("--variant", default="fp32", help="fp32, fp16, int8.cpu, int8.qdq (as exported)")
-    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    parser.add_argument(
+        "--variant", default="auto", help="fp32, bf16, fp16, int8.cpu, int8.qdq (as exported); auto: the fastest here"
+    )
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="auto: the fastest here")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt (ONNX Runtime's provider)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     parser.add_argument("--overlay", action="store_true", help="also write colour overlays (JPEG / H.264)")
@@ -293,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
 
     items, missing = collect(args.inputs)
     try:
-        segmenter = load_segmenter(args.engines, args.model, args.variant, args.backend, args.device, args.threads)
+        if args.engines.suffix != ".onnx" and "auto" in (args.variant, args.backend):
+            variant, backend = (None if v == "auto" else v for v in (args.variant, args.backend))
+            args.variant, args.backend, times = fastest(args.engines, args.model, variant, backend)
+            print(f"engine: {describe_choice(args.model, args.variant, args.backend, times)}", file=sys.stderr)
+        backend = "onnxruntime" if args.backend == "auto" else args.backend  # a lone .onnx: ONNX Runtime
+        segmenter = load_segmenter(args.engines, args.model, args.variant, backend, args.device, args.threads)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ at the image's own size.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from PIL import Image
 
 from serve.manifest import MANIFEST_FILE, read_manifest
 from serve.runtime import BACKENDS, Engine, open_engine
+
+log = logging.getLogger(__name__)
 
 STUDENTS = ("cnn", "vit")
 MODELS = (*STUDENTS, "ensemble")
@@ -166,3 +170,49 @@ def load_segmenter(
         raise FileNotFoundError(f"{model} needs the {', '.join(missing)} engine dir under {engines_root}")
     engines = [open_engine(dirs[s], variant, io, backend, device, threads) for s in members]
     return Segmenter(model, engines)
+
+
+def usable_backends() -> tuple[str, ...]:
+    """ONNX Runtime always; OpenVINO where it imports; native TensorRT where tensorrt and pycuda import."""
+    usable = ["onnxruntime"]
+    if importlib.util.find_spec("openvino") is not None:
+        usable.append("openvino")
+    if all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda")):
+        usable.append("tensorrt")
+    return tuple(usable)
+
+
+def fastest(
+    engines_root: str | Path, model: str, variant: str | None = None, backend: str | None = None, runs: int = 3
+) -> tuple[str, str, dict[tuple[str, str], float]]:
+    """The quickest gated engine of `model` this host runs (optionally of one variant or backend), timed
+    at the engines' serving size: (variant, backend, median ms of every engine that opened). Measured,
+    not guessed: which precision and backend wins depends on the CPU or GPU and on the model."""
+    members, _ = engines_of(model)
+    h, w = read_manifest(engine_dirs(engines_root)[members[0]]).shapes["opt"][1:]
+    image = np.zeros((h, w, 3), np.uint8)
+    times = {}
+    for m, v, b in choices(engines_root, usable_backends()):
+        if m != model or (variant and v != variant) or (backend and b != backend):
+            continue
+        try:
+            segmenter = load_segmenter(engines_root, model, v, b)
+            segmenter.predict(image)  # warm-up: first-call allocations and compilation
+        except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks: not a candidate
+            log.info("%s %s on %s cannot run here: %s", model, v, b, e)
+            continue
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            segmenter.predict(image)
+            samples.append(1e3 * (time.perf_counter() - started))
+        times[(v, b)] = float(np.median(samples))
+    if not times:
+        raise FileNotFoundError(f"{engines_root}: no {model} engine this host can run")
+    best = min(times, key=times.get)
+    return best[0], best[1], times
+
+
+def describe_choice(model: str, variant: str, backend: str, times: dict[tuple[str, str], float]) -> str:
+    others = ", ".join(f"{v} on {b} {ms:.1f} ms" for (v, b), ms in sorted(times.items(), key=lambda kv: kv[1]))
+    return f"{model} {variant} on {backend}, the fastest gated engine here ({others})"

@@ -144,6 +144,7 @@ def test_a_browser_uploads_an_image_and_sees_the_overlay(server, tmp_path):
         try:
             page = browser.new_page()
             page.goto(server, wait_until="networkidle")
+            assert "the fastest gated engine here" in page.locator("#header").inner_text()  # the default, said
             page.locator("input[type=file]").first.set_input_files(str(_good_image(tmp_path)))
             page.get_by_role("button", name="Segment").click()
             page.wait_for_selector("#overlay img", timeout=60_000)

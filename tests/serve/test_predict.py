@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from serve.images import read_image
 from serve.predict import main
-from serve.segmenter import load_segmenter
+from serve.segmenter import fastest, load_segmenter, usable_backends
 from tests.conftest import REPO
 from tests.serve.conftest import bad_inputs, convertible_inputs
 
@@ -40,7 +41,8 @@ def lines(out):
 
 def test_folder_gives_class_maps_equal_to_the_segmenter(engines, photos, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["--engines", str(engines), "--out", str(out), "--model", "vit", "--overlay", str(photos)]) == 0
+    fp32 = ["--variant", "fp32", "--backend", "onnxruntime"]
+    assert main(["--engines", str(engines), "--out", str(out), "--model", "vit", *fp32, "--overlay", str(photos)]) == 0
     segmenter = load_segmenter(engines, "vit")
     sources = sorted(p for p in photos.rglob("*") if p.is_file())
     for source in sources:
@@ -188,3 +190,17 @@ def test_predict_never_imports_torch(engines, photos, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": [], "train": []}
+
+
+def test_by_default_the_fastest_gated_engine_is_used_and_named(engines, photos, tmp_path, capsys):
+    variant, backend, times = fastest(engines, "cnn")
+    assert times[(variant, backend)] == min(times.values()) and ("fp32", "onnxruntime") in times
+    assert {b for _, b in times} == set(usable_backends()) - {"tensorrt"}  # every backend this CPU runs
+    out = tmp_path / "out"
+    assert main(["--engines", str(engines), "--out", str(out), str(photos / "photo0.png")]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("engine: "))
+    assert "the fastest gated engine here" in line and "fp32 on onnxruntime" in line
+    chosen_variant, chosen_backend = re.match(r"engine: cnn (\S+) on (\S+),", line).groups()
+    assert (chosen_variant, chosen_backend) in times
+    expected = load_segmenter(engines, "cnn", chosen_variant, chosen_backend).predict(read_image(photos / "photo0.png"))
+    assert np.array_equal(np.asarray(Image.open(out / "photo0.png")), expected.labels)

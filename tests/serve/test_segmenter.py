@@ -74,7 +74,7 @@ def test_bad_arrays_and_unknown_choices_are_refused(engines):
     with pytest.raises(ValueError, match="unknown model"):
         load_segmenter(engines, "resnet")
     with pytest.raises(ValueError, match="unknown backend"):
-        load_segmenter(engines, "cnn", backend="openvino")
+        load_segmenter(engines, "cnn", backend="coreml")
     with pytest.raises(FileNotFoundError, match="no engine dirs"):
         load_segmenter(engines / "cnn", "cnn")
 
@@ -82,9 +82,12 @@ def test_bad_arrays_and_unknown_choices_are_refused(engines):
 def test_choices_list_every_model_variant_backend_present(engines):
     found = choices(engines)
     # Which variants ship may differ per student (int8.cpu only where it was faster at export).
-    shipped = {s: {e.variant for e in read_manifest(engines / s).engines} for s in ("cnn", "vit")}
-    expected = {(s, v, "onnxruntime") for s, variants in shipped.items() for v in variants}
-    expected |= {("ensemble", v, "onnxruntime") for v in shipped["cnn"] & shipped["vit"]}
+    backend_of = {"onnx": "onnxruntime", "openvino": "openvino"}
+    shipped = {
+        s: {(e.variant, backend_of[e.format]) for e in read_manifest(engines / s).engines} for s in ("cnn", "vit")
+    }
+    expected = {(s, v, b) for s, pairs in shipped.items() for v, b in pairs}
+    expected |= {("ensemble", v, b) for v, b in shipped["cnn"] & shipped["vit"]}
     assert set(found) == expected  # and no tensorrt: there are no plans in this export
     for model, variant, backend in found:
         assert isinstance(load_segmenter(engines, model, variant, backend), Segmenter)
