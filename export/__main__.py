@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     parser.add_argument("--no-openvino", action="store_true", help="no OpenVINO engines (default: where installed)")
+    parser.add_argument("--int8-min-speedup", type=float, default=1.5, help="CPU int8 vs the fastest float engine")
+    parser.add_argument("--int8-max-miou-delta", type=float, default=0.005, help="CPU int8's |ΔmIoU| at the gate")
     parser.add_argument("--fp32-agreement", type=float, default=defaults["agreement"][0])
     parser.add_argument("--fp32-miou-delta", type=float, default=defaults["miou"][0])
     parser.add_argument("--reduced-agreement", type=float, default=defaults["agreement"][1], help="fp16 and int8")
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         calib_images=args.calib_images,
         simplify=not args.no_simplify,
         openvino=not args.no_openvino,
+        int8_min_speedup=args.int8_min_speedup,
+        int8_max_miou_delta=args.int8_max_miou_delta,
         thresholds={
             "fp32": Threshold(args.fp32_agreement, args.fp32_miou_delta),
             "reduced": Threshold(args.reduced_agreement, args.reduced_miou_delta),

@@ -64,6 +64,8 @@ class ExportOptions:
     thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
     shapes: dict[str, list[int]] | None = None  # set by export_run (profile_shapes)
     openvino: bool = True  # OpenVINO engines (fp32, bf16 where native, int8 Q/DQ) where openvino is installed
+    int8_min_speedup: float = 1.5  # a CPU int8 engine ships only this much faster than the best float one...
+    int8_max_miou_delta: float = 0.005  # ...and this close in mIoU (at the gate)
 
 
 def profile_shapes(
@@ -226,15 +228,6 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
             entry.build_s = round((export_s if variant == "fp32" else 0) + time.perf_counter() - started, 2)
             entries.append(entry)
 
-    if "int8.cpu" in opts.variants:
-        verdict = _cpu_int8_pays(tmp, size)
-        if verdict is not None:
-            for e in [e for e in entries if e.variant == "int8.cpu"]:
-                (tmp / e.file).unlink()
-                entries.remove(e)
-            skipped.append({"variant": "int8.cpu", "reason": verdict})
-            log.info("%s: int8.cpu not shipped: %s", name, verdict)
-
     entries += _openvino_entries(entries, tmp) if opts.openvino else []
     candidates = [parity.Candidate(e.name, e.io, e.precision, _runner(e, tmp)) for e in entries]
     reports = parity.check(student, candidates, eval_set, opts.parity_images, opts.batch_sizes, opts.thresholds)
@@ -262,6 +255,9 @@ def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, t
         )
         log.warning("%s: %s %s not shipped, it failed the parity gate: %s", name, backend, variant, "; ".join(lines))
 
+    for verdict in _cpu_int8_that_pays(entries, tmp, size, opts):
+        skipped.append(verdict)
+        log.info("%s: %s %s not shipped: %s", name, verdict["backend"], verdict["variant"], verdict["reason"])
     manifest.engines, manifest.skipped = entries, skipped
     return manifest
 
@@ -357,22 +353,46 @@ def _calibration_batches(train_set, count: int, seed: int) -> list[np.ndarray]:
     return [parity.normalise(train_set.read(int(i))[0][None]) for i in order]
 
 
-def _cpu_int8_pays(engine_dir: Path, size: tuple[int, int], seconds: float = 1.0) -> str | None:
-    """None when the CPU int8 labels engine is faster than fp32 at batch 1 on this CPU, else why not."""
+def _cpu_int8_that_pays(entries: list[EngineEntry], folder: Path, size: tuple[int, int], opts) -> list[dict]:
+    """A CPU int8 engine (ONNX Runtime's int8.cpu, OpenVINO's int8) ships only when it pays for its
+    accuracy: at least `int8_min_speedup` x the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32
+    or bf16), timed on the labels engines at the serving size, batch 1, and |ΔmIoU| <= `int8_max_miou_delta`
+    at the gate. The others are removed from `entries` (and int8.cpu's files); returns why, per engine."""
+
+    def labels(fmt: str, variant: str) -> EngineEntry | None:
+        return next((e for e in entries if (e.format, e.variant, e.io) == (fmt, variant, "labels")), None)
+
+    floats = [e for e in (labels("onnx", "fp32"), labels("openvino", "fp32"), labels("openvino", "bf16")) if e]
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
-    times = {}
-    for variant in ("fp32", "int8.cpu"):
-        engine = OnnxRuntimeEngine(engine_dir / engine_file(variant, "labels"), device="cpu")
-        engine.run(pixels)
-        samples, deadline = [], time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(samples) < 5:
-            start = time.perf_counter()
-            engine.run(pixels)
-            samples.append(time.perf_counter() - start)
-        times[variant] = statistics.median(samples)
-    if times["int8.cpu"] < times["fp32"]:
-        return None
-    return (
-        f"slower than fp32 on this CPU at {size[0]}x{size[1]}, batch 1: "
-        f"{1e3 * times['int8.cpu']:.2f} ms vs {1e3 * times['fp32']:.2f} ms"
-    )
+    times = {e.name: _median_ms(_runner(e, folder), pixels) for e in floats}
+    best = min(times, key=times.get)
+    verdicts = []
+    for fmt, variant in (("onnx", "int8.cpu"), ("openvino", "int8.qdq")):
+        if (int8 := labels(fmt, variant)) is None:
+            continue
+        group = [e for e in entries if (e.format, e.variant) == (fmt, variant)]
+        ms, delta = _median_ms(_runner(int8, folder), pixels), max(abs(e.parity["miou_delta"]) for e in group)
+        speedup = times[best] / ms
+        if speedup >= opts.int8_min_speedup and delta <= opts.int8_max_miou_delta:
+            continue
+        for e in group:
+            entries.remove(e)
+            if e.format == "onnx":
+                (folder / e.file).unlink()
+        reason = (
+            f"{ms:.2f} ms at {size[0]}x{size[1]}, batch 1: {speedup:.2f}x the fastest float engine ({best}, "
+            f"{times[best]:.2f} ms), |ΔmIoU| {delta:.4f}; ships at >= {opts.int8_min_speedup}x and "
+            f"<= {opts.int8_max_miou_delta}"
+        )
+        verdicts.append({"variant": variant, "backend": "openvino" if fmt == "openvino" else "onnx", "reason": reason})
+    return verdicts
+
+
+def _median_ms(run, pixels: np.ndarray, seconds: float = 1.0) -> float:
+    run(pixels)
+    samples, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 5:
+        start = time.perf_counter()
+        run(pixels)
+        samples.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(samples)

@@ -96,6 +96,14 @@ def write_repository(
                 continue
             if cpu_only and entry.format == "plan":
                 continue
+            if entry.format == "openvino":  # its ONNX file is served by the onnxruntime_onnx model of that variant
+                log.info(
+                    "%s/%s: OpenVINO %s left out (Triton's OpenVINO backend reads IR)",
+                    student,
+                    entry.file,
+                    entry.variant,
+                )
+                continue
             if entry.format == "onnx" and entry.target == "tensorrt" and not cpu_only:
                 log.info("%s/%s: left out, TensorRT's graph (its plan serves it on GPU)", student, entry.file)
                 continue

@@ -162,6 +162,24 @@ def test_gate_keeps_a_perturbed_reduced_precision_engine_out(trained_run, tmp_pa
     assert "not shipped: fp16: failed the parity gate" in capsys.readouterr().out
 
 
+def test_cpu_int8_ships_only_where_it_pays(exported_run, trained_run, tmp_path):
+    """At 40x56 no int8 CPU engine of the test run is 1.5x faster than the best float one: each is listed
+    under `skipped` with its timing; asked for no speed-up, the ones within the ΔmIoU bar ship."""
+    for student in ("cnn", "vit"):
+        manifest = read_manifest(exported_run / "export" / student)
+        cpu_int8 = {(e.format, e.variant) for e in manifest.engines} & {("onnx", "int8.cpu"), ("openvino", "int8.qdq")}
+        for s in (s for s in manifest.skipped if s["variant"] in ("int8.cpu", "int8.qdq")):
+            assert "the fastest float engine" in s["reason"] or "parity gate" in s["reason"]
+        for fmt, variant in cpu_int8:  # shipped: it paid
+            group = [e for e in manifest.engines if (e.format, e.variant) == (fmt, variant)]
+            assert max(abs(e.parity["miou_delta"]) for e in group) <= 0.005
+    out = tmp_path / "engines"
+    args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu"]
+    assert main([*args, *TEST_EXPORT_ARGS, "--int8-min-speedup", "0", "--int8-max-miou-delta", "1"]) == 0
+    shipped = {(e.format, e.variant) for e in read_manifest(out / "cnn").engines}
+    assert ("onnx", "int8.cpu") in shipped and (out / "cnn" / "model.int8.cpu.onnx").is_file()
+
+
 def test_a_tight_memory_budget_cuts_the_profile_and_the_checked_batch_sizes(trained_run, tmp_path):
     out = tmp_path / "engines"  # 40x56, 5 classes: 0.04 MiB of logits per image
     args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "--no-openvino"]
