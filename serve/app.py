@@ -208,9 +208,13 @@ def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
             with gr.Column():
                 image = undecoded(gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"]))
                 model = gr.Dropdown([(MODEL_LABELS[m], m) for m in demo.models], value=first, label="Model")
+                # Every variant and backend present: Gradio checks API calls against a dropdown's first
+                # choices, and the default's (the fastest here) may be offered by one backend only.
                 _, first_variant, first_backend = demo.default
-                variant = gr.Dropdown(demo.variants(first), value=first_variant, label="Precision")
-                backend = gr.Dropdown(demo.backends(first, first_variant), value=first_backend, label="Backend")
+                every_variant = list(dict.fromkeys(v for _, v, _ in demo.available))
+                every_backend = list(dict.fromkeys(b for _, _, b in demo.available))
+                variant = gr.Dropdown(every_variant, value=first_variant, label="Precision")
+                backend = gr.Dropdown(every_backend, value=first_backend, label="Backend")
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 run = gr.Button("Segment", variant="primary")
                 if example_files:
