@@ -251,24 +251,31 @@ def accuracy(runner, reference, eval_set, count: int, num_classes: int, size: tu
             "first_call_s": first_call_s}  # fmt: skip
 
 
-def gemm_peaks(seconds: float = 0.5, n: int = 2048) -> dict[str, float]:
-    """This CPU's matrix-multiply GFLOP/s in fp32, bf16 and int8 (torch's oneDNN / int8 GEMM, the
-    bench's threads): the ceiling each precision's engine rows are compared with."""
+def gemm_peaks(seconds: float = 0.5) -> dict[str, float]:
+    """This CPU's GFLOP/s ceiling in fp32, bf16 and int8, the best of a 2048^3 matrix product and a
+    1x1 convolution of the same size (oneDNN's conv kernels, the ones inference engines reach, beat
+    torch.mm's BLAS on some CPUs); int8: torch's int8 GEMM. Measured with the bench's threads."""
+    n = 2048
     a = torch.randn(n, n)
-    operands = {
-        "fp32": (a, a, torch.mm),
-        "bf16": (a.bfloat16(), a.bfloat16(), torch.mm),
-        "int8": (a.clamp(-1, 1).mul(127).to(torch.int8),) * 2 + (torch._int_mm,),
+    x = torch.randn(1, n, 32, 64).contiguous(memory_format=torch.channels_last)  # 2048 pixels
+    w = torch.randn(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
+    candidates = {
+        "fp32": [(torch.mm, a, a), (F.conv2d, x, w)],
+        "bf16": [(torch.mm, a.bfloat16(), a.bfloat16()), (F.conv2d, x.bfloat16(), w.bfloat16())],
+        "int8": [(torch._int_mm, *(a.clamp(-1, 1).mul(127).to(torch.int8),) * 2)],
     }
     peaks = {}
-    for precision, (x, y, mm) in operands.items():
-        mm(x, y)  # warm-up
-        best, deadline = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < deadline or best == float("inf"):
-            started = time.perf_counter()
-            mm(x, y)
-            best = min(best, time.perf_counter() - started)
-        peaks[precision] = 2 * n**3 / best / 1e9
+    with torch.no_grad():
+        for precision, ops in candidates.items():
+            best = float("inf")
+            for op, u, v in ops:
+                op(u, v)  # warm-up
+                deadline = time.perf_counter() + seconds
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    op(u, v)
+                    best = min(best, time.perf_counter() - started)
+            peaks[precision] = 2 * n**3 / best / 1e9
     return peaks
 
 
