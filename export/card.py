@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from serve.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest
+from serve.manifest import MANIFEST_FILE, Manifest, ManifestError, hex_colour, read_manifest
 
 log = logging.getLogger(__name__)
 CARD = "README.md"
@@ -17,10 +17,6 @@ IO_TEXT = {"labels": "uint8 RGB image in, class map out", "logits": "normalised 
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
-
-
-def _hex(rgb: list[int]) -> str:
-    return "#" + "".join(f"{c:02x}" for c in rgb)
 
 
 def _bench_rows(results: dict | None, student: str) -> list[dict]:
@@ -85,7 +81,7 @@ def engine_card(engine_dir: Path, manifest: Manifest, config: dict | None, bench
         "",
         "| id | class | colour |",
         "|---:|---|---|",
-        *(f"| {i} | {c} | `{_hex(rgb)}` {tuple(rgb)} |" for i, (c, rgb) in enumerate(zip(*classes, strict=True))),
+        *(f"| {i} | {c} | `{hex_colour(rgb)}` {tuple(rgb)} |" for i, (c, rgb) in enumerate(zip(*classes, strict=True))),
         "",
         "## How to run it",
         "",

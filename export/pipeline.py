@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,14 +34,14 @@ from serve.manifest import (
     sha256,
     write_manifest,
 )
-from serve.runtime import OnnxRuntimeEngine
+from serve.runtime import OnnxRuntimeEngine, median_ms
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.run_dir import METRICS_FILE, STUDENTS, load_run_config, load_student, weights_file
 
 log = logging.getLogger(__name__)
 
-PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8.qdq": "int8", "int8.cpu": "int8"}
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8.qdq": "int8", "int8.cpu": "int8"}
 TARGET = {"fp32": "any", "fp16": "any", "int8.qdq": "tensorrt", "int8.cpu": "cpu"}
 
 
@@ -62,7 +61,6 @@ class ExportOptions:
     simplify: bool = True
     examples: int = 8  # eval images copied beside the engine dirs, for the demo app
     thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
-    shapes: dict[str, list[int]] | None = None  # set by export_run (profile_shapes)
     openvino: bool = True  # OpenVINO engines (fp32, bf16 where native, int8 Q/DQ) where openvino is installed
     int8_min_speedup: float = 1.5  # a CPU int8 engine ships only this much faster than the best float one...
     int8_max_miou_delta: float = 0.005  # ...and this close in mIoU (at the gate)
@@ -130,8 +128,7 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     if dropped := [b for b in opts.batch_sizes if b > shapes["max"][0]]:
         log.warning("parity batch sizes %s are over the profile's max batch %d: not checked", dropped, shapes["max"][0])
         opts = dataclasses.replace(opts, batch_sizes=[b for b in opts.batch_sizes if b <= shapes["max"][0]] or [1])
-    opts = dataclasses.replace(opts, shapes=shapes)
-    manifests = {s: _export_student(run_dir, cfg, s, opts, out, size, eval_set, train_set) for s in opts.students}
+    manifests = {s: _export_student(run_dir, cfg, s, opts, out, shapes, eval_set, train_set) for s in opts.students}
     _write_examples(eval_set, out / "examples", opts.examples)  # only once every gate has passed
     card.write_cards(out)
     return manifests
@@ -144,7 +141,7 @@ def _write_examples(eval_set, folder: Path, count: int) -> None:
         Image.fromarray(eval_set.read(i)[0]).save(folder / f"{i:03d}.png")
 
 
-def _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) -> Manifest:
+def _export_student(run_dir, cfg, name, opts, out, shapes, eval_set, train_set) -> Manifest:
     student = load_student(run_dir, name, cfg)
     weights = weights_file(run_dir, name)
     final = out / name
@@ -157,7 +154,7 @@ def _export_student(run_dir, cfg, name, opts, out, size, eval_set, train_set) ->
         "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
     }
     try:
-        manifest = _build(student, cfg, name, opts, size, eval_set, train_set, tmp, source)
+        manifest = _build(student, cfg, name, opts, shapes, eval_set, train_set, tmp, source)
         write_manifest(manifest, tmp)
         (tmp / "parity.json").write_text(json.dumps({e.name: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
@@ -192,8 +189,9 @@ def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
     write_manifest(manifest, new_dir)
 
 
-def _build(student, cfg, name, opts: ExportOptions, size, eval_set, train_set, tmp: Path, source: dict) -> Manifest:
-    manifest = _describe(cfg, name, opts, source)
+def _build(student, cfg, name, opts: ExportOptions, shapes, eval_set, train_set, tmp: Path, source: dict) -> Manifest:
+    manifest = _describe(cfg, name, opts, shapes, source)
+    size = tuple(shapes["opt"][1:])  # the serving size
     started = time.perf_counter()
     logits = graphs.export_logits(student, size, manifest.shapes["max"][0], opts.opset)
     export_s = time.perf_counter() - started
@@ -280,9 +278,11 @@ def _openvino_entries(onnx_entries: list[EngineEntry], tmp: Path) -> list[Engine
         if variant == "bf16" and "BF16" not in host["precisions"]:
             log.info("no OpenVINO bf16 engine: %s computes no bf16 natively", host["cpu"])
             continue
-        for e in (e for e in onnx_entries if e.variant == sources[variant]):
-            precision = {"fp32": "fp32", "bf16": "bf16", "int8.qdq": "int8"}[variant]
-            out.append(EngineEntry(e.file, "openvino", e.io, variant, precision, "cpu", e.size_bytes, openvino=host))
+        out += [
+            EngineEntry(e.file, "openvino", e.io, variant, PRECISION[variant], "cpu", e.size_bytes, openvino=host)
+            for e in onnx_entries
+            if e.variant == sources[variant]
+        ]
     return out
 
 
@@ -294,7 +294,7 @@ def _runner(entry: EngineEntry, folder: Path):
     return OnnxRuntimeEngine(folder / entry.file, device="cpu").run
 
 
-def _describe(cfg, name: str, opts: ExportOptions, source: dict) -> Manifest:
+def _describe(cfg, name: str, opts: ExportOptions, shapes: dict[str, list[int]], source: dict) -> Manifest:
     """The engine dir's manifest before its engines: the student, its data contract and its source."""
     student_cfg = getattr(cfg, name)
     return Manifest(
@@ -310,7 +310,7 @@ def _describe(cfg, name: str, opts: ExportOptions, source: dict) -> Manifest:
             "resize": "none",  # any size in the ranges below; the student aligns internally
             "size_multiple": 1,
         },
-        shapes=opts.shapes,
+        shapes=shapes,
         source=source,
         exporter={
             "segdeploy": _project_version(),
@@ -364,14 +364,20 @@ def _cpu_int8_that_pays(entries: list[EngineEntry], folder: Path, size: tuple[in
 
     floats = [e for e in (labels("onnx", "fp32"), labels("openvino", "fp32"), labels("openvino", "bf16")) if e]
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
-    times = {e.name: _median_ms(_runner(e, folder), pixels) for e in floats}
+
+    def timed(entry: EngineEntry) -> float:
+        run = _runner(entry, folder)
+        run(pixels)  # warm-up
+        return median_ms(run, pixels, min_runs=5, seconds=1.0)
+
+    times = {e.name: timed(e) for e in floats}
     best = min(times, key=times.get)
     verdicts = []
     for fmt, variant in (("onnx", "int8.cpu"), ("openvino", "int8.qdq")):
         if (int8 := labels(fmt, variant)) is None:
             continue
         group = [e for e in entries if (e.format, e.variant) == (fmt, variant)]
-        ms, delta = _median_ms(_runner(int8, folder), pixels), max(abs(e.parity["miou_delta"]) for e in group)
+        ms, delta = timed(int8), max(abs(e.parity["miou_delta"]) for e in group)
         speedup = times[best] / ms
         if speedup >= opts.int8_min_speedup and delta <= opts.int8_max_miou_delta:
             continue
@@ -386,13 +392,3 @@ def _cpu_int8_that_pays(entries: list[EngineEntry], folder: Path, size: tuple[in
         )
         verdicts.append({"variant": variant, "backend": "openvino" if fmt == "openvino" else "onnx", "reason": reason})
     return verdicts
-
-
-def _median_ms(run, pixels: np.ndarray, seconds: float = 1.0) -> float:
-    run(pixels)
-    samples, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(samples) < 5:
-        start = time.perf_counter()
-        run(pixels)
-        samples.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(samples)

@@ -24,7 +24,7 @@ from gradio import processing_utils
 from PIL import Image
 
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
-from serve.manifest import read_manifest
+from serve.manifest import hex_colour, read_manifest
 from serve.segmenter import Segmenter, choices, describe_choice, engine_dirs, fastest, load_segmenter, usable_backends
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Demo:
         self.outputs = Path(tempfile.mkdtemp(prefix="segdeploy-"))
         weakref.finalize(self, shutil.rmtree, self.outputs, True)  # gone with the app (or at exit)
         manifest = read_manifest(next(iter(engine_dirs(self.engines).values())))
-        self.color_map = {name: _hex(rgb) for name, rgb in zip(manifest.classes, manifest.palette, strict=True)}
+        self.color_map = {name: hex_colour(rgb) for name, rgb in zip(manifest.classes, manifest.palette, strict=True)}
         # The default engine: the fastest gated one of the first model on this host, timed at start.
         variant, backend, times = fastest(self.engines, self.models[0])
         self.default = (self.models[0], variant, backend)
@@ -172,10 +172,6 @@ class Demo:
             ]
         }
         return (display, masks), segmenter.colorize(labels), class_file, legend, details
-
-
-def _hex(rgb) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*(int(v) for v in rgb))
 
 
 def _legend(classes: list[str], colors: list[str], shares: np.ndarray) -> str:

@@ -101,6 +101,11 @@ class Manifest:
         return json.dumps(asdict(self), indent=2)
 
 
+def hex_colour(rgb: list[int]) -> str:
+    """A palette entry as CSS / Markdown write it: [230, 25, 75] -> #e6194b."""
+    return "#{:02x}{:02x}{:02x}".format(*(int(v) for v in rgb))
+
+
 def sha256(path: str | Path) -> str:
     """Hex digest of a file (the manifest records those of the weights and of each plan's ONNX)."""
     digest = hashlib.sha256()

@@ -35,10 +35,10 @@ def import_openvino():
     return openvino
 
 
-def capabilities() -> dict:
+def capabilities(core=None) -> dict:
     """This CPU as OpenVINO sees it: its name and the precisions it computes natively."""
     ov = import_openvino()
-    core = ov.Core()
+    core = core or ov.Core()
     return {
         "openvino": ov.__version__.split("-")[0],
         "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
@@ -75,14 +75,14 @@ class OpenVinoEngine:
         ov = import_openvino()
         if variant not in VARIANT_PRECISION:
             raise ValueError(f"no OpenVINO precision for variant '{variant}' ({', '.join(VARIANT_PRECISION)})")
-        host = capabilities()
+        core = ov.Core()
+        host = capabilities(core)
         check_host(variant, (entry.openvino if entry else None), host)
         self.manifest, self.entry, self.variant = manifest, entry, variant
         precision = VARIANT_PRECISION[variant]
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
         applied = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
         if applied != precision:

@@ -121,22 +121,24 @@ class Writer:
         self.class_map(prediction.labels, self.labels_path(item))
         if self.overlay:
             _atomic_save(Image.fromarray(self.blend(image, prediction.labels)), self.overlay_path(item), quality=90)
-        return self.record(item, prediction.labels, prediction.timings, prediction.batch)
+        labels = prediction.labels
+        return self.record(item, self.counts(labels), labels.shape, prediction.timings, batch=prediction.batch)
 
-    def record(self, item: Item, labels: np.ndarray, timings: dict, batch: int, **extra) -> dict:
-        counts = np.bincount(labels.ravel(), minlength=len(self.segmenter.classes))
-        shares = {
-            name: round(float(c) / labels.size, 6) for name, c in zip(self.segmenter.classes, counts, strict=True) if c
-        }
+    def counts(self, labels: np.ndarray) -> np.ndarray:
+        return np.bincount(labels.ravel(), minlength=len(self.segmenter.classes))
+
+    def record(self, item: Item, counts: np.ndarray, size: tuple[int, int], timings: dict, **extra) -> dict:
+        """The predictions.jsonl line of an image or a video: its size, each class's share of the pixels."""
+        total = counts.sum()
+        shares = {name: round(float(c) / total, 6) for name, c in zip(self.segmenter.classes, counts, strict=True) if c}
         return {
             "file": str(item.source),
             "output": str(self.labels_path(item).relative_to(self.out)),
-            "height": int(labels.shape[0]),
-            "width": int(labels.shape[1]),
+            "height": int(size[0]),
+            "width": int(size[1]),
             **extra,
             "shares": shares,
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
-            "batch": batch,
         }
 
 
@@ -206,7 +208,7 @@ def predict_video(item: Item, segmenter: Segmenter, writer: Writer, max_pixels: 
     frames_dir = writer.labels_path(item)
     frames_dir.mkdir(parents=True, exist_ok=True)
     totals = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
-    counts, index, started = None, 0, time.perf_counter()
+    counts, index, started = np.zeros(len(segmenter.classes), np.int64), 0, time.perf_counter()
     try:
         with av.open(str(item.source)) as source:
             stream = source.streams.video[0]
@@ -225,9 +227,7 @@ def predict_video(item: Item, segmenter: Segmenter, writer: Writer, max_pixels: 
             while chunk := list(itertools.islice(frames, segmenter.max_batch)):
                 for image, prediction in zip(chunk, segmenter.predict_batch(chunk), strict=True):
                     writer.class_map(prediction.labels, frames_dir / f"{index:06d}.png")
-                    counts = np.bincount(prediction.labels.ravel(), minlength=len(segmenter.classes)) + (
-                        0 if counts is None else counts
-                    )
+                    counts += writer.counts(prediction.labels)
                     if sink is not None:
                         blended = writer.blend(image, prediction.labels)[: encoder.height, : encoder.width]
                         for packet in encoder.encode(av.VideoFrame.from_ndarray(blended, format="rgb24")):
@@ -246,17 +246,8 @@ def predict_video(item: Item, segmenter: Segmenter, writer: Writer, max_pixels: 
         raise ImageError(f"{item.source}: not a video this build of FFmpeg reads ({e})") from None
     if index == 0:
         raise ImageError(f"{item.source}: the video holds no frames")
-    shares = {n: round(float(c) / counts.sum(), 6) for n, c in zip(segmenter.classes, counts, strict=True) if c}
-    line = {
-        "file": str(item.source),
-        "output": str(frames_dir.relative_to(writer.out)),
-        "height": h,
-        "width": w,
-        "frames": index,
-        "fps": round(index / (time.perf_counter() - started), 2),
-        "shares": shares,
-        "timings_ms": {k: round(v, 3) for k, v in totals.items()},
-    }
+    rate = round(index / (time.perf_counter() - started), 2)
+    line = writer.record(item, counts, (h, w), totals, frames=index, fps=rate)
     (frames_dir / "summary.json").write_text(json.dumps(line, indent=2))  # written last: marks the video done
     return line
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
@@ -151,6 +152,16 @@ class OnnxRuntimeEngine:
         binding.bind_output(self.output_name, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
+
+
+def median_ms(run, batch: np.ndarray, min_runs: int = 5, seconds: float = 0.0) -> float:
+    """Median latency of `run(batch)` in ms over at least `min_runs` calls and `seconds` (warm it up first)."""
+    samples, deadline = [], time.perf_counter() + seconds
+    while len(samples) < min_runs or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        run(batch)
+        samples.append(1e3 * (time.perf_counter() - started))
+    return float(np.median(samples))
 
 
 def open_engine(

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from serve.manifest import MANIFEST_FILE, read_manifest
-from serve.runtime import BACKENDS, Engine, open_engine
+from serve.runtime import BACKENDS, Engine, median_ms, open_engine
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,7 @@ def fastest(
         except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks: not a candidate
             log.info("%s %s on %s cannot run here: %s", model, v, b, e)
             continue
-        samples = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            segmenter.predict(image)
-            samples.append(1e3 * (time.perf_counter() - started))
-        times[(v, b)] = float(np.median(samples))
+        times[(v, b)] = median_ms(segmenter.predict, image, min_runs=runs)
     if not times:
         raise FileNotFoundError(f"{engines_root}: no {model} engine this host can run")
     best = min(times, key=times.get)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from train.config import ConfigError, DataConfig, load_config
 from train.data import LAYOUTS
-from train.data.dataset import IGNORE_INDEX, DatasetError, Sample, read_image, read_mask
+from train.data.dataset import IGNORE_INDEX, DatasetError, Sample, read_image, read_mask, size_mismatch
 
 
 @dataclass
@@ -52,8 +52,7 @@ def check_sample(sample: Sample, label_map: np.ndarray | None, num_classes: int)
     except DatasetError as e:
         return None, [*problems, str(e)]
     if image is not None and image.shape[:2] != mask.shape:
-        (ih, iw), (mh, mw) = image.shape[:2], mask.shape
-        problems.append(f"mask size {mw}x{mh} differs from its image {iw}x{ih}: {sample.mask}")
+        problems.append(size_mismatch(sample.mask, mask.shape[::-1], image.shape[1::-1]))
     counts = np.bincount(np.where(mask == IGNORE_INDEX, num_classes, mask).ravel(), minlength=num_classes + 1)
     return counts, problems
 

@@ -63,6 +63,10 @@ def _open(path: Path) -> Image.Image:
         raise DatasetError(f"cannot read {path}: {e}") from None
 
 
+def size_mismatch(mask: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int]) -> str:
+    return f"mask size {mask_wh[0]}x{mask_wh[1]} differs from its image {image_wh[0]}x{image_wh[1]}: {mask}"
+
+
 def read_image(path: Path) -> np.ndarray:
     """HxWx3 uint8 RGB."""
     try:
@@ -124,10 +128,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"image without mask: {s.image} (expected {s.mask})")
             with _open(s.image) as img, _open(s.mask) as mask:
                 if img.size != mask.size:
-                    raise DatasetError(
-                        f"mask size {mask.size[0]}x{mask.size[1]} differs from its image "
-                        f"{img.size[0]}x{img.size[1]}: {s.mask}"
-                    )
+                    raise DatasetError(size_mismatch(s.mask, mask.size, img.size))
 
     def __len__(self) -> int:
         return len(self.samples)
