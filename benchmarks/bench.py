@@ -108,6 +108,12 @@ class TorchRunner:
         # On CUDA, NHWC as in training (cuDNN's fast kernels); uint8 NHWC input permuted is NHWC already.
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.models = [m.to(memory_format=self.memory_format) for m in self.models]
+        if backend in COMPILED:
+            # Every row compiles the same code object (LogitsModel.forward): without a reset, dynamo's
+            # recompile limit (8) is reached after a few rows and the rest run eager under a compiled label
+            # (seen on an H100: the ViT's compiled rows after the CNN's). Hitting it anyway fails the row.
+            torch._dynamo.reset()
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
         if backend == "torch.compile":
             self.models = [torch.compile(m) for m in self.models]
         elif backend == "torch.cudagraphs":

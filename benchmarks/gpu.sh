@@ -6,7 +6,8 @@
 #   check  env probe; TF32 / fp16 / bf16 argmax agreement with fp32; peak memory at the largest profile
 #   bench  torch fp32 / fp16 / bf16, torch.compile and CUDA-graph rows at 1024x2048, batch 1 and 8
 #   ort    onnxruntime-gpu's CUDA rows (fp32, fp16) with the provider check, where onnxruntime-gpu is
-#          installed or its wheel lies in $ORT_WHEELS (whole, or split: *.whl.part-*)
+#          installed or its wheel lies in $ORT_WHEELS (whole, or split: *.whl.part-*), with the wheels of
+#          onnxslim and onnxconverter-common there too where the host lacks them (the export needs both)
 #
 #   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (default: train check bench ort; python: $PYTHON or python3)
 #   GPU_SH_SECONDS=480: the deadline of the whole script; a step gets what is left of it at most.
@@ -73,6 +74,16 @@ ort_gpu() {  # onnxruntime-gpu in place of the CPU wheel (never both: they insta
     $PY -m pip uninstall --quiet -y onnxruntime && $PY -m pip install --quiet --no-deps "$wheel"
 }
 
+export_deps() {  # the export's own needs, from wheels beside onnxruntime-gpu's where the host lacks them
+    $PY -c 'import onnxslim, onnxconverter_common' 2>/dev/null && return 0
+    for w in "${ORT_WHEELS:-wheels}"/onnxslim-*.whl "${ORT_WHEELS:-wheels}"/onnxconverter_common-*.whl; do
+        [ -f "$w" ] && $PY -m pip install --quiet --no-deps "$w"
+    done
+    $PY -c 'import onnxslim, onnxconverter_common' 2>/dev/null && return 0
+    echo "== ort: skipped, the export needs onnxslim and onnxconverter-common (their wheels in ${ORT_WHEELS:-wheels}/)"
+    return 1
+}
+
 for phase in $PHASES; do
     case $phase in
     speed)  # step time at a Cityscapes-like crop (OS8 as in configs/cityscapes.yaml), then at the demo's
@@ -100,7 +111,7 @@ for phase in $PHASES; do
         ;;
     ort)  # ONNX engines at 1024x2048 on the CUDA provider (the bench asserts it is active)
         have_run
-        if [ -n "${GPU_SH_DRY:-}" ] || ort_gpu; then
+        if [ -n "${GPU_SH_DRY:-}" ] || { ort_gpu && export_deps; }; then
             step export-1024x2048 60 $PY -m export --run "$RUN" --variants fp32 fp16 --size 1024 2048 \
                 --max-batch 8 --parity-images 2 --batch-sizes 1
             step bench-ort-cuda 50 $PY -m benchmarks.bench --run "$RUN" \

@@ -51,9 +51,14 @@ def write_report(result: dict, path: Path) -> None:
         "- Versions: " + ", ".join(f"{k} {val or 'not installed'}" for k, val in v.items()),
         f"- Threads: torch {result['threads']['torch']}, ONNX Runtime {result['threads']['onnxruntime']}",
         "- GFLOP/s: the model's FLOPs at that size (convolutions and matrix products) x batch / mean latency; "
-        "peak: this CPU's best matrix product or 1x1 convolution in the row's precision, measured in this run ("
-        + ", ".join(f"{k} {v:.0f}" for k, v in (result.get("gemm_peak_gflops") or {}).items())
-        + "); ΔmIoU and agreement on the eval images resized to the row's size",
+        + (
+            "peak: this CPU's best matrix product or 1x1 convolution in the row's precision, measured in this run ("
+            + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+            + ")"
+            if (peaks := result.get("gemm_peak_gflops"))
+            else "peak: measured for CPU rows only (none here)"
+        )
+        + "; ΔmIoU and agreement on the eval images resized to the row's size",
         f"- Command: `{result['command']}`",
         "- Latency: end to end, uint8 images in, class maps out, on the host; speed-up: PyTorch eager fp32 of the "
         "same model, batch and size, in this run.",

@@ -116,6 +116,9 @@ class OnnxRuntimeEngine:
         options.log_severity_level = 3
         source = model if isinstance(model, bytes) else str(model)
         requested = onnxruntime_providers(device)
+        if requested[0] != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
+            # CUDA and cuDNN from the nvidia-* wheels (or torch's), which the provider's dlopen does not search
+            ort.preload_dlls()
         providers: list = list(requested)
         if requested[0] == PROVIDER_NAMES["tensorrt"] and isinstance(source, str) and manifest and entry:
             providers[0] = (requested[0], tensorrt_provider_options(Path(source), manifest, entry))

@@ -363,4 +363,7 @@ class Objective(nn.Module):
     def compile_terms(self) -> None:
         """Fuse the terms' element-wise work at label and stride-4 resolution (GPU: some 20 ms a step at
         512x1024, batch 8, unfused). Parameter names, and so checkpoints, stay as they are."""
+        # grad_ratios backpropagates the compiled graph more than once (retain_graph), which torch
+        # refuses for a backward that donates its buffers (torch >= 2.5 donates by default)
+        torch._functorch.config.donated_buffer = False
         self.unweighted = torch.compile(self.unweighted)

@@ -3,10 +3,13 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from benchmarks.bench import main
+from benchmarks.bench import TorchRunner, main
+from train.models import StudentOutput
 
 TIMING_KEYS = {"mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "cv", "runs", "images_per_s", "speedup"}
 ACCURACY_KEYS = {"miou", "miou_torch", "delta_miou", "agreement"}
@@ -122,3 +125,25 @@ def test_cpu_rows_show_achieved_and_peak_gflops_consistent_with_the_json(bench):
         assert r["peak_gflops"] == peaks["fp32"] and r["of_peak"] == pytest.approx(r["gflops_per_s"] / peaks["fp32"])
         cells = f"| {r['gflop']:.2f} | {r['gflops_per_s']:.0f} | {r['peak_gflops']:.0f} | {r['of_peak']:.0%} |"
         assert cells in report
+
+
+class TinyStudent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> StudentOutput:
+        return StudentOutput([], x, self.conv(x))
+
+
+def test_every_compiled_row_is_compiled_not_eager_after_dynamos_recompile_limit():
+    """Twelve compiled rows, more than dynamo's recompile limit (8) for the one forward they share:
+    each row compiles its own graph (on an H100 the rows past the limit ran eager under a compiled
+    label), and a row that would fall back to eager fails instead."""
+    image = np.zeros((1, 8, 8, 3), np.uint8)
+    for _ in range(12):
+        runner = TorchRunner([TinyStudent()], "torch.compile", torch.device("cpu"))
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        runner(image)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before
+    assert torch._dynamo.config.fail_on_recompile_limit_hit

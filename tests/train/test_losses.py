@@ -238,6 +238,22 @@ def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
     torch.testing.assert_close(grad, torch.autograd.grad(sum(want.values()), cnn.low[0])[0], rtol=1e-4, atol=1e-6)
 
 
+
+def test_compiled_terms_backpropagate_after_the_gradient_ratios():
+    """A log step on CUDA: `grad_ratios` backpropagates the compiled terms with retain_graph, then the
+    step's backward runs (torch >= 2.5 refused this while the compiled backward donated its buffers)."""
+    cnn, vit, labels = student_pair()
+    cnn, vit = (StudentOutput(o.low, o.feat.requires_grad_(), o.logits.requires_grad_()) for o in (cnn, vit))
+    objective = objective_of(MethodConfig(preset="full", start=0, warmup=0))
+    objective.compile_terms()
+    # torch 2.11's CUDA graphs donated buffers here and raised in grad_ratios (H100, 2026-11-26); this
+    # CPU's torch does not donate in this graph, so the setting itself is checked too
+    assert torch._functorch.config.donated_buffer is False
+    losses, _ = objective(cnn, vit, labels, progress=0.5)
+    assert objective.grad_ratios(cnn, vit, losses)["ratio_pixel_bsd_cnn"] > 0
+    sum(losses.values()).backward()
+    assert cnn.logits.grad is not None and cnn.logits.grad.abs().sum() > 0
+
 # --- method options -----------------------------------------------------------------------------
 
 
