@@ -238,7 +238,6 @@ def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
     torch.testing.assert_close(grad, torch.autograd.grad(sum(want.values()), cnn.low[0])[0], rtol=1e-4, atol=1e-6)
 
 
-
 def test_compiled_terms_backpropagate_after_the_gradient_ratios():
     """A log step on CUDA: `grad_ratios` backpropagates the compiled terms with retain_graph, then the
     step's backward runs (torch >= 2.5 refused this while the compiled backward donated its buffers)."""
@@ -253,6 +252,7 @@ def test_compiled_terms_backpropagate_after_the_gradient_ratios():
     assert objective.grad_ratios(cnn, vit, losses)["ratio_pixel_bsd_cnn"] > 0
     sum(losses.values()).backward()
     assert cnn.logits.grad is not None and cnn.logits.grad.abs().sum() > 0
+
 
 # --- method options -----------------------------------------------------------------------------
 
