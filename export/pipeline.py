@@ -262,7 +262,7 @@ def _build(student, cfg, name, opts: ExportOptions, shapes, eval_set, train_set,
 
 def _openvino_entries(onnx_entries: list[EngineEntry], tmp: Path) -> list[EngineEntry]:
     """OpenVINO engines on this CPU for the ONNX files just written: fp32 at f32, bf16 where the CPU has
-    it natively, the int8 Q/DQ graph; each gated like the others. None where openvino is not installed."""
+    it natively, the CPU int8 graph; each gated like the others. None where openvino is not installed."""
     try:
         from serve.openvino import capabilities
     except ImportError:
@@ -272,7 +272,7 @@ def _openvino_entries(onnx_entries: list[EngineEntry], tmp: Path) -> list[Engine
     except RuntimeError as e:  # OpenVinoUnavailable
         log.info("no OpenVINO engines: %s", e)
         return []
-    sources = {"fp32": "fp32", "bf16": "fp32", "int8.qdq": "int8.qdq"}  # variant -> the ONNX variant it runs
+    sources = {"fp32": "fp32", "bf16": "fp32", "int8.cpu": "int8.cpu"}  # variant -> the ONNX variant it runs
     out = []
     for variant in OPENVINO_VARIANTS:
         if variant == "bf16" and "BF16" not in host["precisions"]:
@@ -357,7 +357,8 @@ def _cpu_int8_that_pays(entries: list[EngineEntry], folder: Path, size: tuple[in
     """A CPU int8 engine (ONNX Runtime's int8.cpu, OpenVINO's int8) ships only when it pays for its
     accuracy: at least `int8_min_speedup` x the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32
     or bf16), timed on the labels engines at the serving size, batch 1, and |ΔmIoU| <= `int8_max_miou_delta`
-    at the gate. The others are removed from `entries` (and int8.cpu's files); returns why, per engine."""
+    at the gate. The others are removed from `entries` (and int8.cpu's files once no engine runs them);
+    returns why, per engine."""
 
     def labels(fmt: str, variant: str) -> EngineEntry | None:
         return next((e for e in entries if (e.format, e.variant, e.io) == (fmt, variant, "labels")), None)
@@ -373,7 +374,7 @@ def _cpu_int8_that_pays(entries: list[EngineEntry], folder: Path, size: tuple[in
     times = {e.name: timed(e) for e in floats}
     best = min(times, key=times.get)
     verdicts = []
-    for fmt, variant in (("onnx", "int8.cpu"), ("openvino", "int8.qdq")):
+    for fmt, variant in (("onnx", "int8.cpu"), ("openvino", "int8.cpu")):
         if (int8 := labels(fmt, variant)) is None:
             continue
         group = [e for e in entries if (e.format, e.variant) == (fmt, variant)]
@@ -383,12 +384,13 @@ def _cpu_int8_that_pays(entries: list[EngineEntry], folder: Path, size: tuple[in
             continue
         for e in group:
             entries.remove(e)
-            if e.format == "onnx":
-                (folder / e.file).unlink()
         reason = (
             f"{ms:.2f} ms at {size[0]}x{size[1]}, batch 1: {speedup:.2f}x the fastest float engine ({best}, "
             f"{times[best]:.2f} ms), |ΔmIoU| {delta:.4f}; ships at >= {opts.int8_min_speedup}x and "
             f"<= {opts.int8_max_miou_delta}"
         )
         verdicts.append({"variant": variant, "backend": "openvino" if fmt == "openvino" else "onnx", "reason": reason})
+    for file in (engine_file("int8.cpu", io) for io in ("logits", "labels")):
+        if (folder / file).exists() and not any(e.file == file for e in entries):
+            (folder / file).unlink()
     return verdicts

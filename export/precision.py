@@ -3,7 +3,9 @@
 - fp16: mixed precision with fp32 I/O; normalisation, softmax, reductions, pow and the final
   resize stay fp32 (onnxconverter-common's converter with a block list).
 - int8.qdq: symmetric int8 Q/DQ, per-channel weights, for TensorRT (ONNX Runtime quantize_static).
-- int8.cpu: ONNX Runtime's QOperator format, uint8 activations / int8 weights, for its CPU kernels.
+- int8.cpu: Q/DQ with asymmetric uint8 activations and symmetric per-channel int8 weights, for the
+  CPU runtimes: ONNX Runtime's and OpenVINO's int8 kernels both read it (OpenVINO on the symmetric
+  int8.qdq graph failed the parity gate: 94.7 % agreement for the CNN, 99.5 % on this one).
 Both int8 variants are calibrated on real training images (MinMax).
 """
 
@@ -87,20 +89,19 @@ class _Calibration:
 
 
 def to_int8(model: onnx.ModelProto, batches: list[np.ndarray], variant: str) -> onnx.ModelProto:
-    """`int8.qdq` (TensorRT: symmetric, zero point 0) or `int8.cpu` (ONNX Runtime QOperator, u8s8)."""
+    """`int8.qdq` (TensorRT: symmetric, zero point 0) or `int8.cpu` (CPU runtimes: u8 asymmetric, s8)."""
     if variant not in ("int8.qdq", "int8.cpu"):
         raise ValueError(f"unknown int8 variant '{variant}'")
-    qdq = variant == "int8.qdq"
     quiet = logging.getLogger()  # the quantizer logs a warning per non-float tensor on the root logger
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return _quantize(model, batches, qdq)
+        return _quantize(model, batches, symmetric=variant == "int8.qdq")
     finally:
         quiet.setLevel(level)
 
 
-def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], qdq: bool) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], symmetric: bool) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -113,14 +114,14 @@ def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], qdq: bool) -> o
             str(prepared),
             str(out),
             _Calibration(model.graph.input[0].name, batches),
-            quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
+            quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8 if qdq else QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=INT8_OPS,
             # QuantizeBias=False keeps biases in float: TensorRT's parser takes only 8-bit Q/DQ inputs,
             # and ONNX Runtime would quantize them to INT32 behind a DequantizeLinear.
-            extra_options={"ActivationSymmetric": qdq, "WeightSymmetric": True, "QuantizeBias": False},
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False},
         )
         return onnx.load_model(str(out))

@@ -33,7 +33,7 @@ from serve.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
-PLAN_VARIANTS = ("fp32", "fp16", "int8.qdq")  # int8.cpu is ONNX Runtime's QOperator format
+PLAN_VARIANTS = ("fp32", "fp16", "int8.qdq")  # int8.cpu's asymmetric u8 Q/DQ is not TensorRT's
 WORKSPACE_BYTES = 4 << 30
 INSTALL_HINT = (
     "TensorRT is not installed. On a machine with an NVIDIA GPU: "

@@ -19,7 +19,7 @@ METADATA_KEY = "segdeploy.manifest"  # in each ONNX file: its own one-engine man
 IoMode = Literal["labels", "logits"]
 # Variant names in file names: model.<variant>[.logits].<onnx|plan>
 VARIANTS = ("fp32", "fp16", "int8.qdq", "int8.cpu")
-OPENVINO_VARIANTS = ("fp32", "bf16", "int8.qdq")  # OpenVINO engines: precisions it runs the ONNX files at
+OPENVINO_VARIANTS = ("fp32", "bf16", "int8.cpu")  # OpenVINO engines: precisions it runs the ONNX files at
 
 # What each I/O mode feeds and returns (the same for every engine of that mode).
 IO_SPECS: dict[str, dict[str, dict[str, Any]]] = {

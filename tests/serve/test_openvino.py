@@ -25,11 +25,11 @@ def test_openvino_engines_are_gated_and_record_the_cpu(engines, student):
     manifest = read_manifest(engines / student)
     ov = [e for e in manifest.engines if e.format == "openvino"]
     ov_skipped = {s["variant"] for s in manifest.skipped if s.get("backend") == "openvino"}
-    expected = {"fp32", "int8.qdq"} | ({"bf16"} if NATIVE_BF16 else set())
+    expected = {"fp32", "int8.cpu"} | ({"bf16"} if NATIVE_BF16 else set())
     assert {e.variant for e in ov} | ov_skipped == expected and "fp32" in {e.variant for e in ov}
     for e in ov:
         assert e.parity["passed"] and e.openvino == HOST and e.target == "cpu"
-        source = "model.int8.qdq" if e.variant == "int8.qdq" else "model.fp32"  # bf16: the fp32 file at bf16
+        source = "model.int8.cpu" if e.variant == "int8.cpu" else "model.fp32"  # bf16: the fp32 file at bf16
         assert (engines / student / e.file).is_file() and e.file.startswith(source)
 
 
@@ -48,12 +48,28 @@ def test_openvino_fp32_agrees_with_onnx_runtime_on_the_same_graph(engines, stude
     assert (labels_ov == labels_ort).mean() >= 0.999  # the gate's fp32 agreement
 
 
+def hint(compiled) -> str:
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
 def test_the_precision_asked_for_is_the_one_compiled(engines):
     fp32 = open_engine(engines / "cnn", "fp32", "labels", "openvino")
-    assert fp32.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32" and fp32.precision == "f32"
+    assert hint(fp32.for_shape((1, 32, 48, 3))) == "f32" and fp32.precision == "f32"
     if NATIVE_BF16:
         bf16 = open_engine(engines / "cnn", "bf16", "labels", "openvino")
-        assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
+        assert hint(bf16.for_shape((1, 32, 48, 3))) == "bf16"
+
+
+def test_each_input_shape_runs_its_own_static_compile_and_only_the_last_few_are_kept(engines, monkeypatch):
+    monkeypatch.setattr("serve.openvino.SHAPES_KEPT", 2)
+    engine = open_engine(engines / "vit", "fp32", "labels", "openvino")
+    reference = open_engine(engines / "vit", "fp32", "labels", "onnxruntime", "cpu")
+    for shape in [(1, 32, 48, 3), (2, 40, 40, 3), (1, 32, 48, 3), (1, 40, 72, 3), (2, 40, 40, 3)]:
+        pixels = _pixels(shape[0], shape[1], shape[2], seed=sum(shape))
+        assert (engine.run(pixels) == reference.run(pixels)).mean() >= 0.999
+        compiled = engine.for_shape(shape)
+        assert list(compiled.inputs[0].get_shape()) == list(shape)  # static, not the dynamic graph
+    assert list(engine._by_shape) == [(1, 40, 72, 3), (2, 40, 40, 3)]  # least recently used dropped
 
 
 def test_bf16_is_refused_where_the_cpu_lacks_it_and_engines_from_another_cpu_name_the_fix():
@@ -61,7 +77,7 @@ def test_bf16_is_refused_where_the_cpu_lacks_it_and_engines_from_another_cpu_nam
     with pytest.raises(OpenVinoUnavailable, match=r"needs native BF16 .* Old CPU lacks .* use --variant fp32"):
         check_host("bf16", None, no_bf16)
     with pytest.raises(OpenVinoUnavailable, match=r"gated on Other CPU, this host is .* re-export on this host"):
-        check_host("int8.qdq", {"cpu": "Other CPU"}, {**HOST, "precisions": ["FP32", "INT8", "BF16"]})
+        check_host("int8.cpu", {"cpu": "Other CPU"}, {**HOST, "precisions": ["FP32", "INT8", "BF16"]})
     check_host("fp32", {"cpu": "Other CPU"}, no_bf16)  # f32 runs anywhere
 
 
