@@ -147,6 +147,10 @@ class TorchRunner:
         self.logits(self.x)
 
 
+class NotShipped(Exception):
+    """The export left this engine out (its parity or its int8 rule): the row says why, it did not fail."""
+
+
 class EngineRunner:
     """ONNX Runtime, native TensorRT or OpenVINO engines behind serve's Segmenter (no fitting, any batch)."""
 
@@ -154,11 +158,19 @@ class EngineRunner:
         kind, precision, _ = BACKENDS[backend]
         members, io = engines_of(model)
         variant = VARIANT[precision]
+        fmt = "openvino" if kind == "openvino" else "onnx"
         if backend == "ov.int8":
             variant = "int8.cpu"  # OpenVINO's int8 runs the CPU graph (on the symmetric one it fails the gate)
         elif backend == "ort.cpu.int8":
-            shipped = {e.variant for e in read_manifest(engines / members[0]).engines}
+            shipped = {e.variant for e in read_manifest(engines / members[0]).engines if e.format == "onnx"}
             variant = "int8.cpu" if "int8.cpu" in shipped else "int8.qdq"
+        for member in members:
+            manifest = read_manifest(engines / member)
+            if not any((e.format, e.variant) == (fmt, variant) for e in manifest.engines):
+                left_out = [s for s in manifest.skipped if (s.get("backend", "onnx"), s["variant"]) == (fmt, variant)]
+                why = [s["reason"] for s in left_out]
+                if why:
+                    raise NotShipped(f"{member} {fmt} {variant}: {why[0]}")
         device = ORT_DEVICE[backend.split(".")[1]] if kind == "onnxruntime" else "auto"
         engines_ = [open_engine(engines / s, variant, io, kind, device, threads) for s in members]
         self.segmenter = Segmenter(model, engines_)
@@ -395,8 +407,9 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
             for score in scores.values():
                 score.pop("first_call_s")
         except Exception as e:  # the whole backend is unusable here: one failed row per point
+            status = "not shipped" if isinstance(e, NotShipped) else "failed"
             for batch, (h, w) in points:
-                rows.append({**base, "batch": batch, "height": h, "width": w, "status": "failed", "error": _why(e)})
+                rows.append({**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)})
                 bar.update()
             continue
         for batch, (h, w) in points:

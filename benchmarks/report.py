@@ -68,15 +68,11 @@ def write_report(result: dict, path: Path) -> None:
     ]
     for row in result["results"]:
         lines.append("| " + " | ".join(cell(row, k, f) for _, k, f in COLUMNS) + " |")
-    failed = [r for r in result["results"] if r["status"] != "ok"]
-    if failed:
-        lines += ["", "## Failed", ""]
-        seen = set()
-        for r in failed:
-            key = (r["model"], r["backend"], r.get("error"))
-            if key not in seen:
-                seen.add(key)
-                lines.append(f"- {r['model']} / {r['backend']}: {r.get('error')}")
+    for status, title in (("not shipped", "Not shipped by the export"), ("failed", "Failed")):
+        rows = [r for r in result["results"] if r["status"] == status]
+        lines += ["", f"## {title}", ""] if rows else []
+        for key in dict.fromkeys((r["model"], r["backend"], r.get("error")) for r in rows):
+            lines.append(f"- {key[0]} / {key[1]}: {key[2]}")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -102,7 +102,9 @@ class OpenVinoEngine:
         compiled = self.core.compile_model(graph, "CPU", self.config)
         applied = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
         if applied != self.precision:
-            raise OpenVinoUnavailable(f"{self.model}: OpenVINO compiled it at {applied}, not the {self.precision} asked for")
+            raise OpenVinoUnavailable(
+                f"{self.model}: OpenVINO compiled it at {applied}, not the {self.precision} asked for"
+            )
         return compiled
 
     def for_shape(self, shape: tuple):

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 
 from benchmarks.bench import TorchRunner, main
+from serve.manifest import read_manifest
 from train.models import StudentOutput
 
 TIMING_KEYS = {"mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "cv", "runs", "images_per_s", "speedup"}
@@ -55,6 +58,31 @@ def test_a_backend_that_raises_is_recorded_and_the_others_complete(bench):
     failed = [r for r in result["results"] if r["status"] == "failed"]
     assert {r["backend"] for r in failed} == {"trt.fp32"}
     assert all("plan" in r["error"] for r in failed)  # no plan in this export: the reason is given
+
+
+def test_an_engine_the_export_left_out_is_a_not_shipped_row_with_its_reason(exported_run, tmp_path):
+    """The test run's CPU int8 engines are either shipped (then timed) or left out by the export's int8
+    rule or parity gate (then the row says so, with the export's reason, instead of failing)."""
+    out, run = tmp_path / "bench", tmp_path / "run"  # a copy: the bench rewrites the model cards
+    link_all_but_cards = lambda a, b: (shutil.copy2 if a.endswith(".md") else os.link)(a, b)  # noqa: E731
+    shutil.copytree(exported_run, run, copy_function=link_all_but_cards)
+    args = ["--run", str(run), "--models", "cnn", "vit", "--backends", "ort.cpu.int8", "ov.int8",
+            "--batch-sizes", "1", "--sizes", "40x56", "--seconds", "0.1", "--min-runs", "3",
+            "--warmup", "0.05", "--eval-images", "2", "--out", str(out)]  # fmt: skip
+    main(args)
+    result = json.loads((out / "results.json").read_text())
+    for row in (r for r in result["results"] if r["backend"] != "torch"):
+        manifest = read_manifest(run / "export" / row["model"])
+        fmt = "openvino" if row["backend"] == "ov.int8" else "onnx"
+        shipped = {e.variant for e in manifest.engines if e.format == fmt}
+        if row["status"] == "ok":  # ONNX Runtime falls back to the int8.qdq graph only where int8.cpu is not its own
+            assert row["variant"] == ("int8.cpu" if fmt == "openvino" or "int8.cpu" in shipped else "int8.qdq")
+            assert row["variant"] in shipped
+        else:
+            assert row["status"] == "not shipped", row
+            assert "fastest float engine" in row["error"] or "parity gate" in row["error"]
+    report = (out / "report.md").read_text()
+    assert ("## Not shipped by the export" in report) == any(r["status"] == "not shipped" for r in result["results"])
 
 
 def test_plots_are_pngs(bench):
