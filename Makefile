@@ -2,12 +2,13 @@
 # clone needs no manual step.
 PYTHON ?= python3
 VENV := .venv
+TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve demo ablation bench bench-train load test lint format clean
+.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve serve-triton demo ablation bench bench-train load test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +67,17 @@ predict: setup
 serve: setup
 	$(PY) -m serve --engines $(RUN)/export $(ARGS)
 
+# A real Triton Inference Server (PyTriton's) on a run's engines: HTTP :8000, gRPC :8001, metrics :8002.
+# PyTriton pins numpy < 2: it gets its own torch-free environment, .venv-triton.
+$(TRITON_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install --quiet --no-compile -e '.[cpu,openvino,triton]'
+	touch $@
+
+serve-triton: $(TRITON_VENV)/.installed
+	$(TRITON_VENV)/bin/python -m serve.triton_server --engines $(RUN)/export $(ARGS)
+
 # The whole pipeline on the embedded dataset: data, training (a second `make demo` resumes or just
 # re-reports runs/demo), ONNX engines of both students through the parity gate, a short bench.
 demo: data
@@ -97,7 +109,7 @@ bench-train: data
 	$(PY) -m benchmarks.train_speed --config $(CONFIG) $(ARGS)
 
 # The browser test drives Debian's chromium; as root, install it when missing (else that test skips).
-test: setup
+test: setup $(TRITON_VENV)/.installed
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium could not be installed: the browser test will skip"

@@ -1,0 +1,134 @@
+"""A real Triton Inference Server on this host, through PyTriton: the torch-free segmenter as Triton models.
+
+python -m serve.triton_server --engines runs/<name>/export [--models cnn vit ensemble] [--http-port 8000]
+    [--grpc-port 8001] [--metrics-port 8002] [--queue-delay-us 2000] [--max-side 4096]
+
+One Triton model per (model, variant, backend) this host runs, named `<model>_<variant>_<backend>`
+(`cnn_fp32_onnxruntime`, `ensemble_bf16_openvino`, ...), plus `<model>` for the fastest of them (timed at
+start, as the app does). Each takes a batch of uint8 RGB images `image` [N, H, W, 3] and returns the class
+maps `labels` [N, H, W] uint8 at the input size; Triton batches requests of one shape dynamically, up to the
+engines' max batch. HTTP/REST and gRPC follow KServe v2 (`/v2/health/ready`, `/v2/models/<name>/infer`),
+Prometheus metrics on the metrics port. The server binary is the one in the `nvidia-pytriton` wheel.
+
+PyTriton pins numpy < 2, so it lives in its own environment (`make serve-triton` makes `.venv-triton`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from serve.manifest import IO_SPECS
+from serve.segmenter import MODELS, Segmenter, choices, fastest, load_segmenter, usable_backends
+
+log = logging.getLogger(__name__)
+
+INPUT, OUTPUT = IO_SPECS["labels"]["input"]["name"], IO_SPECS["labels"]["output"]["name"]
+
+
+def model_name(model: str, variant: str, backend: str) -> str:
+    return f"{model}_{variant.replace('.', '_')}_{backend}"
+
+
+def infer_function(segmenter: Segmenter, max_side: int):
+    """PyTriton's inference callable: a batch of same-shape images in, their class maps out. An error
+    here answers that request only; the model goes on serving."""
+    from pytriton.decorators import batch
+
+    @batch
+    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+        images = inputs[INPUT]
+        if images.shape[0] == 0 or 0 in images.shape[1:3]:
+            raise ValueError(f"{INPUT}: empty batch or image {images.shape}")
+        if max(images.shape[1:3]) > max_side:
+            raise ValueError(f"{INPUT}: {images.shape[1]}x{images.shape[2]} is over the {max_side} pixel limit")
+        predictions = segmenter.predict_batch(list(images))
+        return {OUTPUT: np.stack([p.labels for p in predictions])}
+
+    return infer
+
+
+def segmenters(engines: Path, models: list[str]) -> dict[str, Segmenter]:
+    """Every (model, variant, backend) this host opens, by Triton name, plus each model's fastest."""
+    found: dict[str, Segmenter] = {}
+    for model, variant, backend in choices(engines, usable_backends()):
+        if model not in models:
+            continue
+        try:
+            found[model_name(model, variant, backend)] = load_segmenter(engines, model, variant, backend)
+        except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks
+            log.warning("%s %s on %s is not served: %s", model, variant, backend, e)
+    for model in models:
+        variant, backend, _ = fastest(engines, model)
+        found[model] = found[model_name(model, variant, backend)]
+        log.info("%s: the fastest here is %s on %s", model, variant, backend)
+    return found
+
+
+def serve(engines: Path, models: list[str], args: argparse.Namespace) -> None:
+    # PyTriton's Python-backend stub must load this interpreter's own libpython: without it, it finds the
+    # system's (Debian's 3.11.2 beside pyenv's 3.11.7 here) and fails on the other stdlib.
+    libdir = sysconfig.get_config_var("LIBDIR")
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    with Triton(config=config) as triton:
+        for name, segmenter in segmenters(engines, models).items():
+            batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= segmenter.max_batch]
+            triton.bind(
+                model_name=name,
+                infer_func=infer_function(segmenter, args.max_side),
+                inputs=[Tensor(name=INPUT, dtype=np.uint8, shape=(-1, -1, 3))],
+                outputs=[Tensor(name=OUTPUT, dtype=np.uint8, shape=(-1, -1))],
+                config=ModelConfig(
+                    max_batch_size=segmenter.max_batch,
+                    batcher=DynamicBatcher(
+                        max_queue_delay_microseconds=args.queue_delay_us, preferred_batch_size=batches
+                    ),
+                ),
+                strict=True,
+            )
+            log.info("serving %s (max batch %d)", name, segmenter.max_batch)
+        print(
+            f"Triton: HTTP :{args.http_port}, gRPC :{args.grpc_port}, metrics :{args.metrics_port}/metrics",
+            flush=True,
+        )
+        triton.serve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.triton_server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--engines", required=True, type=Path, help="a run's export dir")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching's wait for more requests")
+    parser.add_argument("--max-side", type=int, default=4096, help="longer image sides are refused")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        import pytriton  # noqa: F401
+    except ImportError:
+        need = "the Triton server needs nvidia-pytriton, which pins numpy < 2: make serve-triton makes its environment"
+        print(f"error: {need} (or pip install 'segdeploy[cpu,openvino,triton]' in a venv of its own)", file=sys.stderr)
+        return 2
+    if not args.engines.is_dir():
+        print(f"error: {args.engines}: no such export dir (python -m export --run RUN first)", file=sys.stderr)
+        return 2
+    serve(args.engines, args.models, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

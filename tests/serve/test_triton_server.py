@@ -1,0 +1,150 @@
+"""A real Triton Inference Server (PyTriton's) on the shared export, queried with tritonclient and plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.segmenter import choices, load_segmenter, usable_backends
+from serve.triton_server import model_name
+from tests.conftest import REPO
+from tests.serve.conftest import _free_port
+
+TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"  # `make serve-triton` / `make test` make it
+MAX_SIDE = 256
+
+
+@pytest.fixture(scope="module")
+def triton(engines, tmp_path_factory):
+    if not TRITON_PYTHON.exists():
+        pytest.skip(f"{TRITON_PYTHON} is missing: make serve-triton (or make test) creates it")
+    ports = {name: _free_port() for name in ("http", "grpc", "metrics")}
+    log_path = tmp_path_factory.mktemp("triton") / "server.log"
+    process = subprocess.Popen(
+        [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(engines), "--models", "cnn", "ensemble",
+         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+         "--metrics-port", str(ports["metrics"]), "--max-side", str(MAX_SIDE)],
+        cwd=REPO, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    # PyTriton's server is up before the models are bound; serve.triton_server says when all are
+    ready = f"http://127.0.0.1:{ports['http']}/v2/health/ready"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if "Triton: HTTP" in log_path.read_text() and urllib.request.urlopen(ready, timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the Triton server did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+    yield {"process": process, "ports": ports, "log": log_path}
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def infer(ports: dict, model: str, images: np.ndarray, datatype: str = "UINT8") -> np.ndarray:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc']}")
+    request = grpcclient.InferInput("image", list(images.shape), datatype)
+    request.set_data_from_numpy(images)
+    return client.infer(model, [request]).as_numpy("labels")
+
+
+def pixels(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_every_model_answers_like_the_local_segmenter(triton, engines):
+    """One Triton model per (model, variant, backend) this host runs, each equal to the local segmenter."""
+    ports = triton["ports"]
+    expected = [c for c in choices(engines, usable_backends()) if c[0] in ("cnn", "ensemble")]
+    assert ("cnn", "fp32", "openvino") in expected and ("ensemble", "fp32", "onnxruntime") in expected
+    images = pixels(2, 45, 77)
+    for model, variant, backend in expected:
+        name = model_name(model, variant, backend)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/models/{name}/ready")
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"{name} is not ready ({e.code}):\n{triton['log'].read_text()[-3000:]}")
+        local = load_segmenter(engines, model, variant, backend).predict_batch(list(images))
+        got = infer(ports, name, images)
+        assert got.shape == (2, 45, 77) and got.dtype == np.uint8
+        assert (got == np.stack([p.labels for p in local])).mean() >= 0.999, name
+    for alias in ("cnn", "ensemble"):  # the fastest of each, under the model's own name
+        assert infer(ports, alias, images).shape == (2, 45, 77)
+
+
+def test_plain_http_and_the_metrics(triton):
+    ports = triton["ports"]
+    images = pixels(1, 32, 40, seed=1)
+    body = {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "UINT8",
+                        "data": images.ravel().tolist()}]}  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{ports['http']}/v2/models/cnn/infer", data=json.dumps(body).encode(), method="POST"
+    )
+    answer = json.loads(urllib.request.urlopen(request).read())
+    labels = np.array(answer["outputs"][0]["data"], dtype=np.uint8).reshape(answer["outputs"][0]["shape"])
+    np.testing.assert_array_equal(labels, infer(ports, "cnn", images))
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics").read().decode()
+    assert 'nv_inference_request_success{model="cnn"' in metrics
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda: pixels(1, 32, 40).astype(np.float32), id="wrong dtype"),
+        pytest.param(lambda: pixels(1, 32, 40)[..., :2], id="two channels"),
+        pytest.param(lambda: pixels(1, 32, 40)[:0], id="empty batch"),
+        pytest.param(lambda: pixels(1, MAX_SIDE + 8, 40), id="over the limit"),
+    ],
+)
+def test_a_bad_request_is_answered_with_an_error_and_the_next_one_succeeds(triton, bad):
+    from tritonclient.utils import InferenceServerException
+
+    images = bad()
+    with pytest.raises(InferenceServerException):
+        infer(triton["ports"], "cnn", images, "FP32" if images.dtype == np.float32 else "UINT8")
+    assert infer(triton["ports"], "cnn", pixels(1, 32, 40)).shape == (1, 32, 40)
+
+
+def test_the_server_stops_cleanly(triton):
+    process = triton["process"]
+    process.terminate()
+    assert process.wait(timeout=60) is not None
+    deadline = time.monotonic() + 60  # tritonserver and its Python-backend stubs wind down after it
+    while leftovers := subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split():
+        assert time.monotonic() < deadline, f"processes left in the server's session: {leftovers}"
+        time.sleep(1)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{triton['ports']['http']}/v2/health/ready", timeout=2)
+    assert "Traceback" not in Path(triton["log"]).read_text().split("Triton: HTTP")[0]
+
+
+def test_a_missing_export_dir_is_named(tmp_path):
+    if not TRITON_PYTHON.exists():
+        pytest.skip(f"{TRITON_PYTHON} is missing")
+    done = subprocess.run(
+        [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(tmp_path / "nope")],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ},
+    )  # fmt: skip
+    assert done.returncode == 2 and "nope: no such export dir" in done.stderr
+
+
+def test_without_pytriton_the_fix_is_named(tmp_path):
+    """The project's main environment (numpy 2) has no PyTriton: the command says how to get it."""
+    command = [sys.executable, "-m", "serve.triton_server", "--engines", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "nvidia-pytriton" in done.stderr and "make serve-triton" in done.stderr
