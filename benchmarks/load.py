@@ -1,16 +1,19 @@
-"""Load check of a running demo app: N concurrent gradio_client users for T seconds.
+"""Load check of a running server: N concurrent users for T seconds, of the Gradio app or of Triton.
 
 python -m benchmarks.load [--url http://127.0.0.1:7860/] [--clients 16] [--seconds 60]
     [--image PATH | --size 512 1024] [--model cnn] [--precision fp32] [--backend onnxruntime] [--json FILE]
+python -m benchmarks.load --triton 127.0.0.1:8001 --model cnn_fp32_onnxruntime [--clients 16] [--seconds 60]
 
-Each client sends /segment requests back to back. Prints requests/s, latency percentiles (as a
-client sees them: upload, queue, inference and download) and the errors, by message.
+Each client sends requests back to back (the app's /segment with gradio_client, or a Triton model's
+gRPC infer with tritonclient). Prints requests/s, latency percentiles as a client sees them and the
+errors by message; for Triton also its own mean queue and compute time per request over the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -22,22 +25,18 @@ import numpy as np
 from PIL import Image
 
 
-def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backend="onnxruntime") -> dict:
-    """`images`: one path per client (or one for all)."""
-    from gradio_client import Client, handle_file
-
-    # Not Gradio's default /tmp/gradio: on the server's own machine that is the server's cache, and
-    # a client rewriting a file there while the server streams it truncates other responses.
-    downloads = tempfile.mkdtemp(prefix="load-")
+def drive(clients: int, seconds: float, make_sender) -> tuple[list[float], Counter, float]:
+    """`clients` threads, each calling its own `make_sender(i)()` back to back for `seconds`: latencies
+    (s), errors by message, elapsed time."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
     deadline = [0.0]
 
-    def user(image: Path) -> None:
+    def user(i: int) -> None:
         try:
-            client = Client(url, verbose=False, download_files=downloads)
+            send = make_sender(i)
         except Exception as e:  # the server refused even the handshake
             with lock:
                 errors[f"connect: {e}"[:200]] += 1
@@ -47,7 +46,7 @@ def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backe
         while time.perf_counter() < deadline[0]:
             sent = time.perf_counter()
             try:
-                client.predict(handle_file(str(image)), model, precision, backend, 0.5, api_name="/segment")
+                send()
             except Exception as e:
                 with lock:
                     errors[str(e).splitlines()[0][:200] if str(e) else type(e).__name__] += 1
@@ -55,8 +54,7 @@ def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backe
             with lock:
                 latencies.append(time.perf_counter() - sent)
 
-    images = images if len(images) == clients else [images[0]] * clients
-    threads = [threading.Thread(target=user, args=(images[i],), daemon=True) for i in range(clients)]
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     deadline[0] = time.perf_counter() + seconds  # set before the barrier releases the users
@@ -64,23 +62,73 @@ def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backe
     began = time.perf_counter()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - began
+    return latencies, errors, time.perf_counter() - began
+
+
+def summary(latencies: list[float], errors: Counter, elapsed: float) -> dict:
     ms = 1e3 * np.array(latencies) if latencies else np.zeros(1)
     return {
-        "url": url,
-        "clients": clients,
         "seconds": round(elapsed, 2),
-        "model": model,
-        "precision": precision,
-        "backend": backend,
         "requests": len(latencies),
         "requests_per_s": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)},
         "max_ms": float(ms.max()),
         "errors": sum(errors.values()),
         "error_messages": dict(errors),
     }
+
+
+def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backend="onnxruntime") -> dict:
+    """The Gradio app's /segment. `images`: one path per client (or one for all)."""
+    from gradio_client import Client, handle_file
+
+    # Not Gradio's default /tmp/gradio: on the server's own machine that is the server's cache, and
+    # a client rewriting a file there while the server streams it truncates other responses.
+    downloads = tempfile.mkdtemp(prefix="load-")
+    images = images if len(images) == clients else [images[0]] * clients
+
+    def make_sender(i: int):
+        client = Client(url, verbose=False, download_files=downloads)
+        upload = handle_file(str(images[i]))
+        return lambda: client.predict(upload, model, precision, backend, 0.5, api_name="/segment")
+
+    result = summary(*drive(clients, seconds, make_sender))
+    return {"url": url, "clients": clients, "model": model, "precision": precision, "backend": backend, **result}
+
+
+def run_triton_load(url: str, clients: int, seconds: float, images: list[Path], model: str, token=None) -> dict:
+    """A Triton model over gRPC (`url` host:port): each client sends its image as one uint8 request.
+    With the server's access token, adds Triton's own statistics of the run: mean queue and compute
+    time per request."""
+    import tritonclient.grpc as grpcclient
+
+    arrays = [np.asarray(Image.open(p).convert("RGB"))[None] for p in images]
+    arrays = arrays if len(arrays) == clients else [arrays[0]] * clients
+
+    def make_sender(i: int):
+        client = grpcclient.InferenceServerClient(url)
+        request = grpcclient.InferInput("image", list(arrays[i].shape), "UINT8")
+        request.set_data_from_numpy(arrays[i])
+        return lambda: client.infer(model, [request]).as_numpy("labels")
+
+    def stats() -> dict:
+        if not token:
+            return {}
+        headers = {"triton-grpc-protocol-triton-access-token": token}
+        found = grpcclient.InferenceServerClient(url).get_inference_statistics(model, headers=headers, as_json=True)
+        return found["model_stats"][0]["inference_stats"] if found.get("model_stats") else {}
+
+    before = stats()
+    result = summary(*drive(clients, seconds, make_sender))
+    after = stats()
+
+    def mean_ms(key: str) -> float | None:
+        count = int(after.get(key, {}).get("count", 0)) - int(before.get(key, {}).get("count", 0))
+        ns = int(after.get(key, {}).get("ns", 0)) - int(before.get(key, {}).get("ns", 0))
+        return ns / count / 1e6 if count else None
+
+    server = {k: mean_ms(k) for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    return {"url": url, "clients": clients, "model": model, **result, "server_ms": server}
 
 
 def _random_images(count: int, folder: Path, size: tuple[int, int]) -> list[Path]:
@@ -103,19 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument(
+        "--triton", metavar="HOST:PORT", help="drive a Triton server's gRPC (make serve-triton) instead"
+    )
+    parser.add_argument("--triton-token", default=os.environ.get("TRITON_ACCESS_TOKEN"), help="for its statistics")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     # Distinct images: Gradio caches outputs by content hash, and identical outputs of concurrent
     # requests rewrite one cached file while it is being sent (see the note in README, Serve).
     folder = Path(tempfile.mkdtemp(prefix="load-"))
     images = [args.image] if args.image else _random_images(args.clients, folder, tuple(args.size))
-    r = run_load(args.url, args.clients, args.seconds, images, args.model, args.precision, args.backend)
-    print("| clients | seconds | requests | requests/s | p50 ms | p99 ms | max ms | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if args.triton:
+        r = run_triton_load(args.triton, args.clients, args.seconds, images, args.model, args.triton_token)
+    else:
+        r = run_load(args.url, args.clients, args.seconds, images, args.model, args.precision, args.backend)
+    print("| clients | seconds | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {r['clients']} | {r['seconds']:.1f} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.1f} "
-        f"| {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['errors']} |"
+        f"| {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['errors']} |"
     )
+    if "server_ms" in r:
+        print("Triton, mean per request: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["server_ms"].items() if v))
     for message, count in r["error_messages"].items():
         print(f"error x{count}: {message}")
     if args.json:

@@ -1,7 +1,7 @@
 """A real Triton Inference Server on this host, through PyTriton: the torch-free segmenter as Triton models.
 
 python -m serve.triton_server --engines runs/<name>/export [--models cnn vit ensemble] [--http-port 8000]
-    [--grpc-port 8001] [--metrics-port 8002] [--queue-delay-us 2000] [--max-side 4096]
+    [--grpc-port 8001] [--metrics-port 8002] [--queue-delay-us 2000] [--max-side 4096] [--access-token T]
 
 One Triton model per (model, variant, backend) this host runs, named `<model>_<variant>_<backend>`
 (`cnn_fp32_onnxruntime`, `ensemble_bf16_openvino`, ...), plus `<model>` for the fastest of them (timed at
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import sysconfig
 from pathlib import Path
@@ -77,10 +78,13 @@ def serve(engines: Path, models: list[str], args: argparse.Namespace) -> None:
     libdir = sysconfig.get_config_var("LIBDIR")
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     config = TritonConfig(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
-    with Triton(config=config) as triton:
+    # PyTriton guards the admin endpoints (statistics, model repository, ...) with a token: a random
+    # one unless given, so that only who started the server can read them
+    security = TritonSecurityConfig(access_token=args.access_token)
+    with Triton(config=config, security_config=security) as triton:
         for name, segmenter in segmenters(engines, models).items():
             batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= segmenter.max_batch]
             triton.bind(
@@ -115,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching's wait for more requests")
     parser.add_argument("--max-side", type=int, default=4096, help="longer image sides are refused")
+    parser.add_argument(
+        "--access-token",
+        default=os.environ.get("TRITON_ACCESS_TOKEN"),
+        help="the token of the statistics and other admin endpoints (default: $TRITON_ACCESS_TOKEN, else random)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -126,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.engines.is_dir():
         print(f"error: {args.engines}: no such export dir (python -m export --run RUN first)", file=sys.stderr)
         return 2
+    # tritonserver exits on a busy port but PyTriton then waits forever: say it before starting
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    for flag, port in ports.items():
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                print(f"error: port {port} is in use ({flag}): stop what serves there or pick another", file=sys.stderr)
+                return 2
     serve(args.engines, args.models, args)
     return 0
 

@@ -21,6 +21,7 @@ from tests.serve.conftest import _free_port
 
 TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"  # `make serve-triton` / `make test` make it
 MAX_SIDE = 256
+TOKEN = "test-token"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def triton(engines, tmp_path_factory):
     process = subprocess.Popen(
         [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(engines), "--models", "cnn", "ensemble",
          "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-         "--metrics-port", str(ports["metrics"]), "--max-side", str(MAX_SIDE)],
+         "--metrics-port", str(ports["metrics"]), "--max-side", str(MAX_SIDE), "--access-token", TOKEN],
         cwd=REPO, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     # PyTriton's server is up before the models are bound; serve.triton_server says when all are
@@ -118,6 +119,25 @@ def test_a_bad_request_is_answered_with_an_error_and_the_next_one_succeeds(trito
     with pytest.raises(InferenceServerException):
         infer(triton["ports"], "cnn", images, "FP32" if images.dtype == np.float32 else "UINT8")
     assert infer(triton["ports"], "cnn", pixels(1, 32, 40)).shape == (1, 32, 40)
+
+
+def test_the_load_check_drives_triton_and_reads_its_statistics(triton, tmp_path):
+    from benchmarks.load import main as load
+
+    out = tmp_path / "load.json"
+    args = ["--triton", f"127.0.0.1:{triton['ports']['grpc']}", "--model", "cnn", "--clients", "3", "--seconds", "2",
+            "--size", "40", "56", "--triton-token", TOKEN, "--json", str(out)]  # fmt: skip
+    assert load(args) == 0
+    r = json.loads(out.read_text())
+    assert r["errors"] == 0 and r["requests"] >= 3 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+    assert r["server_ms"]["compute_infer"] > 0 and r["server_ms"]["queue"] is not None
+
+
+def test_a_busy_port_is_named_instead_of_hanging(triton, tmp_path):
+    busy = str(triton["ports"]["grpc"])
+    command = [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(tmp_path), "--grpc-port", busy]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"port {busy} is in use (--grpc-port)" in done.stderr
 
 
 def test_the_server_stops_cleanly(triton):
