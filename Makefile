@@ -2,7 +2,7 @@
 # clone needs no manual step.
 PYTHON ?= python3
 VENV := .venv
-TRITON_VENV := .venv-triton
+TRITON_VENV := $(VENV)/triton
 PY := $(VENV)/bin/python
 CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
@@ -68,7 +68,7 @@ serve: setup
 	$(PY) -m serve --engines $(RUN)/export $(ARGS)
 
 # A real Triton Inference Server (PyTriton's) on a run's engines: HTTP :8000, gRPC :8001, metrics :8002.
-# PyTriton pins numpy < 2: it gets its own torch-free environment, .venv-triton.
+# PyTriton pins numpy < 2: it gets its own torch-free environment, .venv/triton (inside .venv: ignored like it).
 $(TRITON_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip

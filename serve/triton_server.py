@@ -10,7 +10,7 @@ maps `labels` [N, H, W] uint8 at the input size; Triton batches requests of one 
 engines' max batch. HTTP/REST and gRPC follow KServe v2 (`/v2/health/ready`, `/v2/models/<name>/infer`),
 Prometheus metrics on the metrics port. The server binary is the one in the `nvidia-pytriton` wheel.
 
-PyTriton pins numpy < 2, so it lives in its own environment (`make serve-triton` makes `.venv-triton`).
+PyTriton pins numpy < 2, so it lives in its own environment (`make serve-triton` makes `.venv/triton`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from serve.triton_server import model_name
 from tests.conftest import REPO
 from tests.serve.conftest import _free_port
 
-TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"  # `make serve-triton` / `make test` make it
+TRITON_PYTHON = REPO / ".venv" / "triton" / "bin" / "python"  # `make serve-triton` / `make test` make it
 MAX_SIDE = 256
 TOKEN = "test-token"
 
