@@ -167,10 +167,9 @@ class EngineRunner:
         for member in members:
             manifest = read_manifest(engines / member)
             if not any((e.format, e.variant) == (fmt, variant) for e in manifest.engines):
-                left_out = [s for s in manifest.skipped if (s.get("backend", "onnx"), s["variant"]) == (fmt, variant)]
-                why = [s["reason"] for s in left_out]
-                if why:
-                    raise NotShipped(f"{member} {fmt} {variant}: {why[0]}")
+                left_out = (s for s in manifest.skipped if (s.get("backend", "onnx"), s["variant"]) == (fmt, variant))
+                if why := next((s["reason"] for s in left_out), None):
+                    raise NotShipped(f"{member} {fmt} {variant}: {why}")
         device = ORT_DEVICE[backend.split(".")[1]] if kind == "onnxruntime" else "auto"
         engines_ = [open_engine(engines / s, variant, io, kind, device, threads) for s in members]
         self.segmenter = Segmenter(model, engines_)
@@ -310,9 +309,6 @@ def model_gflop(models: list[torch.nn.Module], size: tuple[int, int]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-PEAK_OF = {"fp32": "fp32", "bf16": "bf16", "int8": "int8"}  # a CPU row's precision -> its GEMM peak
-
-
 def machine(cuda: bool) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -420,7 +416,7 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
                 row.pop("first_call_s")
                 row["gflop"] = gflop[(model, (h, w))]
                 row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
-                peak = (peaks or {}).get(PEAK_OF.get(precision, ""))
+                peak = (peaks or {}).get(precision)  # fp32, bf16, int8: the GEMM peak of the row's precision
                 row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
                 row["build_s"] = build_s
                 row["status"] = "ok"

@@ -182,16 +182,15 @@ def usable_backends() -> tuple[str, ...]:
     return tuple(usable)
 
 
-def fastest(
+def timed_segmenters(
     engines_root: str | Path, model: str, variant: str | None = None, backend: str | None = None, runs: int = 3
-) -> tuple[str, str, dict[tuple[str, str], float]]:
-    """The quickest gated engine of `model` this host runs (optionally of one variant or backend), timed
-    at the engines' serving size: (variant, backend, median ms of every engine that opened). Measured,
-    not guessed: which precision and backend wins depends on the CPU or GPU and on the model."""
+) -> dict[tuple[str, str], tuple[Segmenter, float]]:
+    """Every gated engine of `model` this host runs (optionally of one variant or backend), opened, warmed
+    up and timed at the engines' serving size: {(variant, backend): (segmenter, median ms)}."""
     members, _ = engines_of(model)
     h, w = read_manifest(engine_dirs(engines_root)[members[0]]).shapes["opt"][1:]
     image = np.zeros((h, w, 3), np.uint8)
-    times = {}
+    found = {}
     for m, v, b in choices(engines_root, usable_backends()):
         if m != model or (variant and v != variant) or (backend and b != backend):
             continue
@@ -201,9 +200,19 @@ def fastest(
         except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks: not a candidate
             log.info("%s %s on %s cannot run here: %s", model, v, b, e)
             continue
-        times[(v, b)] = median_ms(segmenter.predict, image, min_runs=runs)
-    if not times:
+        found[(v, b)] = segmenter, median_ms(segmenter.predict, image, min_runs=runs)
+    if not found:
         raise FileNotFoundError(f"{engines_root}: no {model} engine this host can run")
+    return found
+
+
+def fastest(
+    engines_root: str | Path, model: str, variant: str | None = None, backend: str | None = None, runs: int = 3
+) -> tuple[str, str, dict[tuple[str, str], float]]:
+    """The quickest gated engine of `model` this host runs (optionally of one variant or backend), timed
+    at the engines' serving size: (variant, backend, median ms of every engine that opened). Measured,
+    not guessed: which precision and backend wins depends on the CPU or GPU and on the model."""
+    times = {key: ms for key, (_, ms) in timed_segmenters(engines_root, model, variant, backend, runs).items()}
     best = min(times, key=times.get)
     return best[0], best[1], times
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.manifest import IO_SPECS
-from serve.segmenter import MODELS, Segmenter, choices, fastest, load_segmenter, usable_backends
+from serve.segmenter import MODELS, Segmenter, timed_segmenters
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +56,15 @@ def infer_function(segmenter: Segmenter, max_side: int):
 
 
 def segmenters(engines: Path, models: list[str]) -> dict[str, Segmenter]:
-    """Every (model, variant, backend) this host opens, by Triton name, plus each model's fastest."""
+    """Every (model, variant, backend) this host runs, by Triton name, plus each model's fastest (each
+    engine opened once; one that cannot run here is logged and not served)."""
     found: dict[str, Segmenter] = {}
-    for model, variant, backend in choices(engines, usable_backends()):
-        if model not in models:
-            continue
-        try:
-            found[model_name(model, variant, backend)] = load_segmenter(engines, model, variant, backend)
-        except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks
-            log.warning("%s %s on %s is not served: %s", model, variant, backend, e)
     for model in models:
-        variant, backend, _ = fastest(engines, model)
-        found[model] = found[model_name(model, variant, backend)]
+        timed = timed_segmenters(engines, model)
+        for (variant, backend), (segmenter, _) in timed.items():
+            found[model_name(model, variant, backend)] = segmenter
+        variant, backend = min(timed, key=lambda key: timed[key][1])
+        found[model] = timed[(variant, backend)][0]
         log.info("%s: the fastest here is %s on %s", model, variant, backend)
     return found
 
