@@ -82,17 +82,22 @@ def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backe
     """The Gradio app's /segment. `images`: one path per client (or one for all)."""
     from gradio_client import Client, handle_file
 
-    # Not Gradio's default /tmp/gradio: on the server's own machine that is the server's cache, and
-    # a client rewriting a file there while the server streams it truncates other responses.
-    downloads = tempfile.mkdtemp(prefix="load-")
     images = images if len(images) == clients else [images[0]] * clients
+    # Not Gradio's default /tmp/gradio: on the server's own machine that is the server's cache, and
+    # a client rewriting a file there while the server streams it truncates other responses. The
+    # client also leaves an empty temp dir per download: both go with this dir.
+    with tempfile.TemporaryDirectory(prefix="load-") as downloads:
+        tempfile.tempdir, previous = downloads, tempfile.tempdir
 
-    def make_sender(i: int):
-        client = Client(url, verbose=False, download_files=downloads)
-        upload = handle_file(str(images[i]))
-        return lambda: client.predict(upload, model, precision, backend, 0.5, api_name="/segment")
+        def make_sender(i: int):
+            client = Client(url, verbose=False, download_files=downloads)
+            upload = handle_file(str(images[i]))
+            return lambda: client.predict(upload, model, precision, backend, 0.5, api_name="/segment")
 
-    result = summary(*drive(clients, seconds, make_sender))
+        try:
+            result = summary(*drive(clients, seconds, make_sender))
+        finally:
+            tempfile.tempdir = previous
     return {"url": url, "clients": clients, "model": model, "precision": precision, "backend": backend, **result}
 
 
@@ -159,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Distinct images: Gradio caches outputs by content hash, and identical outputs of concurrent
     # requests rewrite one cached file while it is being sent (see the note in README, Serve).
-    folder = Path(tempfile.mkdtemp(prefix="load-"))
-    images = [args.image] if args.image else _random_images(args.clients, folder, tuple(args.size))
-    if args.triton:
-        r = run_triton_load(args.triton, args.clients, args.seconds, images, args.model, args.triton_token)
-    else:
-        r = run_load(args.url, args.clients, args.seconds, images, args.model, args.precision, args.backend)
+    with tempfile.TemporaryDirectory(prefix="load-images-") as folder:
+        images = [args.image] if args.image else _random_images(args.clients, Path(folder), tuple(args.size))
+        if args.triton:
+            r = run_triton_load(args.triton, args.clients, args.seconds, images, args.model, args.triton_token)
+        else:
+            r = run_load(args.url, args.clients, args.seconds, images, args.model, args.precision, args.backend)
     print("| clients | seconds | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(

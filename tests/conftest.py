@@ -3,11 +3,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_in_pytests_tmp(tmp_path_factory):
+    """In-process temp files under pytest's own dir, which it prunes: gradio_client leaves an empty
+    /tmp/<40 hex> dir behind for every file it downloads (thousands per test run)."""
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")
