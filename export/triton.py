@@ -1,17 +1,26 @@
 """A Triton Inference Server model repository from a run's engine dirs.
 
 python -m export.triton --run runs/<name> [--out RUN/triton] [--io labels logits] [--variants ...]
-    [--instances 1] [--cpu] [--queue-delay-us 100]
+    [--instances 1] [--cpu] [--queue-delay-us 100] [--tensorrt RELEASE] [--python-backend]
 
 One Triton model per engine: `<student>_<variant>[_logits][_trt]/config.pbtxt` and
 `<model>/1/model.onnx` (platform onnxruntime_onnx) or `model.plan` (tensorrt_plan). Batch is
 Triton's (max_batch_size from the manifest, dims without it), height and width are -1, requests
 of equal shape are batched dynamically. Everything comes from the manifests: no torch here.
 
+The ensemble of the two students is a Triton ensemble, `ensemble_<variant>[_trt]`, wherever both
+students' logits models of a variant are in the repository: `ensemble_preprocess` (uint8 NHWC to
+normalised NCHW, an ONNX graph written here), both logits models, then `ensemble_combine` (the mean of
+their softmax, argmax: another small ONNX graph). Its input and output are the labels models'.
+
 The int8.qdq ONNX graph is TensorRT's input (ONNX Runtime on a GPU runs its Q/DQ pairs as fake
 quantization, slower than fp32): on GPU its plan serves it, and only `--cpu` repositories hold it.
 A plan runs only on the TensorRT release and GPU it was built for: `--tensorrt RELEASE` (the
 server's, e.g. 10.16.0) leaves out plans built for another one.
+
+`--python-backend` serves each ONNX file through Triton's Python backend (`serve/triton_onnx_model.py`
+running it with ONNX Runtime) instead of the onnxruntime_onnx platform: for a server without Triton's
+ONNX Runtime backend, like PyTriton's (`make serve-triton ARGS="--repository RUN/triton"`). No plans.
 """
 
 from __future__ import annotations
@@ -22,13 +31,20 @@ import shutil
 import sys
 from pathlib import Path
 
+import onnx
+from onnx import TensorProto, helper
+
 from serve.manifest import IO_SPECS, EngineEntry, Manifest, ManifestError, read_manifest
-from serve.segmenter import engine_dirs
+from serve.segmenter import STUDENTS, engine_dirs
 
 log = logging.getLogger(__name__)
 
 TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}
+PYTHON_MODEL = Path(__file__).resolve().parents[1] / "serve" / "triton_onnx_model.py"
+PREPROCESS, COMBINE = "ensemble_preprocess", "ensemble_combine"
+NORMALISED = "normalised"  # preprocess's output: the logits engines' input
+OPSET = 18
 
 
 def model_name(student: str, entry: EngineEntry) -> str:
@@ -47,27 +63,27 @@ def tensor_dims(manifest: Manifest, io: str, which: str) -> list[int]:
     return [3, -1, -1] if which == "input" else [manifest.num_classes, -1, -1]
 
 
-def config_pbtxt(name: str, manifest: Manifest, entry: EngineEntry, kind: str, instances: int, delay_us: int) -> str:
-    platform, filename = PLATFORMS[entry.format]
-    spec = IO_SPECS[entry.io]
-    lines = [
-        f'name: "{name}"',
-        f'platform: "{platform}"',
-        f"max_batch_size: {manifest.shapes['max'][0]}",
-        f'default_model_filename: "{filename}"',
+def tensors_pbtxt(which: str, tensors: list[tuple[str, str, list[int]]]) -> list[str]:
+    """`input [...]` or `output [...]` from (name, TYPE_*, dims without the batch)."""
+    blocks = [
+        f'  {{ name: "{n}", data_type: {t}, dims: [ {", ".join(str(d) for d in dims)} ] }}' for n, t, dims in tensors
     ]
-    for which in ("input", "output"):
-        t = spec[which]
-        dims = ", ".join(str(d) for d in tensor_dims(manifest, entry.io, which))
-        lines += [
-            f"{which} [",
-            "  {",
-            f'    name: "{t["name"]}"',
-            f"    data_type: {TRITON_TYPES[t['dtype']]}",
-            f"    dims: [ {dims} ]",
-            "  }",
-            "]",
-        ]
+    return [f"{which} [", ",\n".join(blocks), "]"]
+
+
+def config_pbtxt(
+    name: str,
+    runtime: str,
+    max_batch: int,
+    inputs: list[tuple[str, str, list[int]]],
+    outputs: list[tuple[str, str, list[int]]],
+    kind: str,
+    instances: int,
+    delay_us: int,
+) -> str:
+    """An ONNX or plan model's config; `runtime` is its `platform: ...` or `backend: ...` line."""
+    lines = [f'name: "{name}"', runtime, f"max_batch_size: {max_batch}"]
+    lines += tensors_pbtxt("input", inputs) + tensors_pbtxt("output", outputs)
     lines += [
         f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}",
         f"instance_group [ {{ count: {instances}, kind: {kind} }} ]",
@@ -75,61 +91,179 @@ def config_pbtxt(name: str, manifest: Manifest, entry: EngineEntry, kind: str, i
     return "\n".join(lines) + "\n"
 
 
+def engine_tensors(manifest: Manifest, io: str, which: str) -> list[tuple[str, str, list[int]]]:
+    t = IO_SPECS[io][which]
+    return [(t["name"], TRITON_TYPES[t["dtype"]], tensor_dims(manifest, io, which))]
+
+
+def preprocess_graph(manifest: Manifest) -> onnx.ModelProto:
+    """uint8 RGB [N, H, W, 3] to the logits engines' input: (x - mean) / std as float [N, 3, H, W]."""
+    scale = manifest.preprocess.get("scale", 255)
+    mean = [m * scale for m in manifest.preprocess["mean"]]
+    std = [s * scale for s in manifest.preprocess["std"]]
+    image = IO_SPECS["labels"]["input"]["name"]
+    nodes = [
+        helper.make_node("Cast", [image], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "std"], ["nhwc"]),
+        helper.make_node("Transpose", ["nhwc"], [NORMALISED], perm=[0, 3, 1, 2]),
+    ]
+    constants = [
+        helper.make_tensor("mean", TensorProto.FLOAT, [3], mean),
+        helper.make_tensor("std", TensorProto.FLOAT, [3], std),
+    ]
+    graph = helper.make_graph(
+        nodes, PREPROCESS,
+        [helper.make_tensor_value_info(image, TensorProto.UINT8, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info(NORMALISED, TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        initializer=constants,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def combine_graph(num_classes: int) -> onnx.ModelProto:
+    """Both students' logits [N, C, H, W] to the class map [N, H, W] uint8: argmax of their mean softmax
+    (the sum has the same argmax), as the local segmenter's ensemble computes it."""
+    labels = IO_SPECS["labels"]["output"]["name"]
+    nodes = [helper.make_node("Softmax", [s], [f"{s}_p"], axis=1) for s in STUDENTS]
+    nodes += [
+        helper.make_node("Add", [f"{s}_p" for s in STUDENTS], ["p"]),
+        helper.make_node("ArgMax", ["p"], ["index"], axis=1, keepdims=0),
+        helper.make_node("Cast", ["index"], [labels], to=TensorProto.UINT8),
+    ]
+    graph = helper.make_graph(
+        nodes, COMBINE,
+        [helper.make_tensor_value_info(s, TensorProto.FLOAT, ["N", num_classes, "H", "W"]) for s in STUDENTS],
+        [helper.make_tensor_value_info(labels, TensorProto.UINT8, ["N", "H", "W"])],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def ensemble_pbtxt(name: str, members: dict[str, str], max_batch: int) -> str:
+    """Triton's ensemble scheduler: preprocess, both students' logits models, combine (no backend of its own)."""
+    image, labels = (IO_SPECS["labels"][w]["name"] for w in ("input", "output"))
+    normalised, logits = (IO_SPECS["logits"][w]["name"] for w in ("input", "output"))
+
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+        maps = [f'input_map {{ key: "{k}", value: "{v}" }}' for k, v in inputs.items()]
+        maps += [f'output_map {{ key: "{k}", value: "{v}" }}' for k, v in outputs.items()]
+        return f'    {{ model_name: "{model}", model_version: -1, {", ".join(maps)} }}'
+
+    steps = [step(PREPROCESS, {image: image}, {NORMALISED: NORMALISED})]
+    steps += [step(members[s], {normalised: NORMALISED}, {logits: f"{s}_logits"}) for s in STUDENTS]
+    steps.append(step(COMBINE, {s: f"{s}_logits" for s in STUDENTS}, {labels: labels}))
+    lines = [f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}"]
+    lines += tensors_pbtxt("input", [(image, "TYPE_UINT8", [-1, -1, 3])])
+    lines += tensors_pbtxt("output", [(labels, "TYPE_UINT8", [-1, -1])])
+    lines += ["ensemble_scheduling {", "  step [", ",\n".join(steps), "  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def shipped(student: str, entry: EngineEntry, io, variants, cpu_only: bool, tensorrt, python_backend: bool) -> bool:
+    """Whether an engine gets a Triton model (and why not, in the log)."""
+    if entry.io not in io or (variants and entry.variant not in variants):
+        return False
+    if entry.format == "plan" and (cpu_only or python_backend):  # plans need Triton's TensorRT backend
+        return False
+    if entry.format == "openvino":  # its ONNX file is served by the onnxruntime_onnx model of that variant
+        log.info("%s/%s: OpenVINO %s left out (Triton's OpenVINO backend reads IR)", student, entry.file, entry.variant)
+        return False
+    if entry.format == "onnx" and entry.target == "tensorrt" and not cpu_only:
+        log.info("%s/%s: left out, TensorRT's graph (its plan serves it on GPU)", student, entry.file)
+        return False
+    if entry.format == "plan":
+        built = entry.tensorrt or {}
+        if tensorrt and built.get("version") != tensorrt:
+            log.warning(
+                "%s/%s: left out, built for TensorRT %s, the server runs %s (python -m export.tensorrt "
+                "with TensorRT %s rebuilds it)", student, entry.file, built.get("version"), tensorrt, tensorrt,
+            )  # fmt: skip
+            return False
+        log.info(
+            "%s/%s: runs only on TensorRT %s and a %s (compute %s)",
+            student, entry.file, built.get("version"), built.get("gpu"), built.get("compute_capability"),
+        )  # fmt: skip
+    return True
+
+
 def write_repository(
     engines_root: Path,
     out: Path,
-    io: tuple[str, ...] = ("labels",),
+    io: tuple[str, ...] = ("labels", "logits"),
     variants: tuple[str, ...] | None = None,
     instances: int = 1,
     cpu_only: bool = False,
     delay_us: int = 100,
     tensorrt: str | None = None,
+    python_backend: bool = False,
 ) -> list[str]:
     """Write (replacing) the repository; returns the model names."""
     staged = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staged, ignore_errors=True)
-    names = []
+    names: list[str] = []
+    manifests: dict[str, Manifest] = {}
+    logits_models: dict[tuple[str, str], dict[str, str]] = {}  # (variant, format) -> {student: model}
+
+    def write_onnx(name: str, source: Path | onnx.ModelProto, config: str) -> None:
+        version = staged / name / "1"
+        version.mkdir(parents=True)
+        if isinstance(source, onnx.ModelProto):
+            onnx.save(source, version / "model.onnx")
+        else:
+            shutil.copyfile(source, version / "model.onnx")
+        if python_backend:
+            shutil.copyfile(PYTHON_MODEL, version / "model.py")
+        (staged / name / "config.pbtxt").write_text(config)
+        names.append(name)
+
+    def runtime(fmt: str) -> str:
+        if python_backend:
+            return 'backend: "python"'
+        platform, filename = PLATFORMS[fmt]
+        return f'platform: "{platform}"\ndefault_model_filename: "{filename}"'
+
     for student, engine_dir in engine_dirs(engines_root).items():
-        manifest = read_manifest(engine_dir)
+        manifest = manifests[student] = read_manifest(engine_dir)
         for entry in manifest.engines:
-            if entry.io not in io or (variants and entry.variant not in variants):
+            if not shipped(student, entry, io, variants, cpu_only, tensorrt, python_backend):
                 continue
-            if cpu_only and entry.format == "plan":
-                continue
-            if entry.format == "openvino":  # its ONNX file is served by the onnxruntime_onnx model of that variant
-                log.info(
-                    "%s/%s: OpenVINO %s left out (Triton's OpenVINO backend reads IR)",
-                    student,
-                    entry.file,
-                    entry.variant,
-                )
-                continue
-            if entry.format == "onnx" and entry.target == "tensorrt" and not cpu_only:
-                log.info("%s/%s: left out, TensorRT's graph (its plan serves it on GPU)", student, entry.file)
-                continue
-            if entry.format == "plan":
-                built = entry.tensorrt or {}
-                if tensorrt and built.get("version") != tensorrt:
-                    log.warning(
-                        "%s/%s: left out, built for TensorRT %s, the server runs %s (python -m export.tensorrt "
-                        "with TensorRT %s rebuilds it)", student, entry.file, built.get("version"), tensorrt, tensorrt,
-                    )  # fmt: skip
-                    continue
-                log.info(
-                    "%s/%s: runs only on TensorRT %s and a %s (compute %s)",
-                    student, entry.file, built.get("version"), built.get("gpu"), built.get("compute_capability"),
-                )  # fmt: skip
             kind = "KIND_CPU" if cpu_only or entry.target == "cpu" else "KIND_GPU"
             name = model_name(student, entry)
-            version = staged / name / "1"
-            version.mkdir(parents=True)
-            target = version / PLATFORMS[entry.format][1]
-            shutil.copyfile(engine_dir / entry.file, target)
-            external = engine_dir / f"{entry.file}.data"
-            if external.is_file():  # weights over 2 GB live beside the graph under the name it records
-                shutil.copyfile(external, version / external.name)
-            text = config_pbtxt(name, manifest, entry, kind, instances, delay_us)
-            (staged / name / "config.pbtxt").write_text(text)
+            ios = [engine_tensors(manifest, entry.io, which) for which in ("input", "output")]
+            text = config_pbtxt(name, runtime(entry.format), manifest.shapes["max"][0], *ios, kind, instances, delay_us)
+            if entry.format == "plan":
+                (staged / name / "1").mkdir(parents=True)
+                shutil.copyfile(engine_dir / entry.file, staged / name / "1" / "model.plan")
+                (staged / name / "config.pbtxt").write_text(text)
+                names.append(name)
+            else:
+                write_onnx(name, engine_dir / entry.file, text)
+                external = engine_dir / f"{entry.file}.data"
+                if external.is_file():  # weights over 2 GB live beside the graph under the name it records
+                    shutil.copyfile(external, staged / name / "1" / external.name)
+            if entry.io == "logits":
+                logits_models.setdefault((entry.variant, entry.format), {})[student] = name
+    pairs = {key: members for key, members in logits_models.items() if set(members) == set(STUDENTS)}
+    if pairs:
+        first, *others = (manifests[s] for s in STUDENTS)
+        if any(m.preprocess != first.preprocess or m.classes != first.classes for m in others):
+            log.warning("no ensemble: the students differ in normalisation or classes")
+            pairs = {}
+    if pairs:
+        max_batch = min(manifests[s].shapes["max"][0] for s in STUDENTS)
+        kind = "KIND_CPU" if cpu_only else "KIND_GPU"
+        uint8_in = engine_tensors(first, "labels", "input")
+        normalised = [(NORMALISED, "TYPE_FP32", tensor_dims(first, "logits", "input"))]
+        logits = [(s, "TYPE_FP32", tensor_dims(first, "logits", "output")) for s in STUDENTS]
+        labels_out = engine_tensors(first, "labels", "output")
+        write_onnx(PREPROCESS, preprocess_graph(first), config_pbtxt(
+            PREPROCESS, runtime("onnx"), max_batch, uint8_in, normalised, kind, instances, delay_us))  # fmt: skip
+        write_onnx(COMBINE, combine_graph(first.num_classes), config_pbtxt(
+            COMBINE, runtime("onnx"), max_batch, logits, labels_out, kind, instances, delay_us))  # fmt: skip
+        for (variant, fmt), members in sorted(pairs.items()):
+            name = "_".join(["ensemble", variant.replace(".", "_"), *(["trt"] if fmt == "plan" else [])])
+            (staged / name / "1").mkdir(parents=True)  # Triton wants a version dir, even an empty one
+            (staged / name / "config.pbtxt").write_text(ensemble_pbtxt(name, members, max_batch))
             names.append(name)
     if not names:
         shutil.rmtree(staged, ignore_errors=True)
@@ -144,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.triton", description=__doc__)
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--out", type=Path, help="default: RUN/triton")
-    parser.add_argument("--io", nargs="+", default=["labels"], choices=list(IO_SPECS))
+    parser.add_argument(
+        "--io", nargs="+", default=["labels", "logits"], choices=list(IO_SPECS), help="logits: the ensemble's too"
+    )
     parser.add_argument("--variants", nargs="+", help="default: every variant exported")
     parser.add_argument("--instances", type=int, default=1, help="model instances per device")
     parser.add_argument("--cpu", action="store_true", help="every ONNX model on KIND_CPU; no plans")
@@ -152,19 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tensorrt", metavar="RELEASE", help="the server's TensorRT (e.g. 10.16.0): other plans left out"
     )
+    parser.add_argument(
+        "--python-backend", action="store_true", help="ONNX files run by ONNX Runtime in Triton's Python backend"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = args.out or args.run / "triton"
     try:
         names = write_repository(
             args.run / "export", out, tuple(args.io), tuple(args.variants or ()), args.instances, args.cpu,
-            args.queue_delay_us, args.tensorrt,
+            args.queue_delay_us, args.tensorrt, args.python_backend,
         )  # fmt: skip
     except (FileNotFoundError, ManifestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(names)} models in {out}: {', '.join(names)}")
-    print(f"tritonserver --model-repository {out.resolve()}")
+    if args.python_backend:
+        print(f'make serve-triton RUN={args.run} ARGS="--repository {out}"')
+    else:
+        print(f"tritonserver --model-repository {out.resolve()}")
     return 0
 
 

@@ -122,7 +122,12 @@ class OnnxRuntimeEngine:
         providers: list = list(requested)
         if requested[0] == PROVIDER_NAMES["tensorrt"] and isinstance(source, str) and manifest and entry:
             providers[0] = (requested[0], tensorrt_provider_options(Path(source), manifest, entry))
-        self.session = ort.InferenceSession(source, options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own types, all bare Exception subclasses
+            raise RuntimeError(
+                f"{source if isinstance(source, str) else 'the graph'}: ONNX Runtime cannot open it ({e})"
+            ) from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()

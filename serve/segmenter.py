@@ -198,7 +198,7 @@ def timed_segmenters(
             segmenter = load_segmenter(engines_root, model, v, b)
             segmenter.predict(image)  # warm-up: first-call allocations and compilation
         except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks: not a candidate
-            log.info("%s %s on %s cannot run here: %s", model, v, b, e)
+            log.warning("%s %s on %s cannot run here: %s", model, v, b, e)
             continue
         found[(v, b)] = segmenter, median_ms(segmenter.predict, image, min_runs=runs)
     if not found:

@@ -2,6 +2,7 @@
 
 python -m serve.triton_server --engines runs/<name>/export [--models cnn vit ensemble] [--http-port 8000]
     [--grpc-port 8001] [--metrics-port 8002] [--queue-delay-us 2000] [--max-side 4096] [--access-token T]
+    [--repository runs/<name>/triton]
 
 One Triton model per (model, variant, backend) this host runs, named `<model>_<variant>_<backend>`
 (`cnn_fp32_onnxruntime`, `ensemble_bf16_openvino`, ...), plus `<model>` for the fastest of them (timed at
@@ -9,6 +10,10 @@ start, as the app does). Each takes a batch of uint8 RGB images `image` [N, H, W
 maps `labels` [N, H, W] uint8 at the input size; Triton batches requests of one shape dynamically, up to the
 engines' max batch. HTTP/REST and gRPC follow KServe v2 (`/v2/health/ready`, `/v2/models/<name>/infer`),
 Prometheus metrics on the metrics port. The server binary is the one in the `nvidia-pytriton` wheel.
+
+`--repository DIR` also loads the models of a Triton model repository (`python -m export.triton
+--python-backend --cpu`: this server has Triton's Python backend, not its ONNX Runtime or TensorRT ones).
+A model that fails to load is logged with Triton's reason; the others are served.
 
 PyTriton pins numpy < 2, so it lives in its own environment (`make serve-triton` makes `.venv/triton`).
 """
@@ -31,6 +36,7 @@ from serve.segmenter import MODELS, Segmenter, timed_segmenters
 log = logging.getLogger(__name__)
 
 INPUT, OUTPUT = IO_SPECS["labels"]["input"]["name"], IO_SPECS["labels"]["output"]["name"]
+GRPC_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"  # the admin endpoints' token, over gRPC
 
 
 def model_name(model: str, variant: str, backend: str) -> str:
@@ -69,7 +75,27 @@ def segmenters(engines: Path, models: list[str]) -> dict[str, Segmenter]:
     return found
 
 
-def serve(engines: Path, models: list[str], args: argparse.Namespace) -> None:
+def check_repository(grpc_url: str, repository: Path, token: str) -> list[str]:
+    """The models of `repository` that Triton loaded at start (PyTriton loads them all; an ensemble needs
+    its steps). One that failed is logged with Triton's reason, and the others are served."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    index = client.get_model_repository_index(headers={GRPC_TOKEN_HEADER: token}, as_json=True).get("models", [])
+    states = {m["name"]: (m.get("state", "UNAVAILABLE"), m.get("reason", "")) for m in index}
+    loaded = []
+    for name in sorted(config.parent.name for config in repository.glob("*/config.pbtxt")):
+        state, reason = states.get(name, ("UNAVAILABLE", "not in the server's repository index"))
+        if state == "READY":
+            loaded.append(name)
+            log.info("serving %s from %s", name, repository)
+        else:
+            reason = reason.split("\n\nAt:")[0]  # the Python backend appends the stub's traceback
+            log.error("%s: model %s failed to load: %s", repository, name, reason or state)
+    return loaded
+
+
+def serve(engines: Path | None, models: list[str], args: argparse.Namespace) -> None:
     # PyTriton's Python-backend stub must load this interpreter's own libpython: without it, it finds the
     # system's (Debian's 3.11.2 beside pyenv's 3.11.7 here) and fails on the other stdlib.
     libdir = sysconfig.get_config_var("LIBDIR")
@@ -77,12 +103,17 @@ def serve(engines: Path, models: list[str], args: argparse.Namespace) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-    config = TritonConfig(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    config = TritonConfig(
+        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        model_repository=args.repository.resolve() if args.repository else None,
+    )  # fmt: skip
+    if args.repository:  # its models load at start: one that fails must neither stop the server nor unready it
+        config.exit_on_error = config.strict_readiness = False
     # PyTriton guards the admin endpoints (statistics, model repository, ...) with a token: a random
     # one unless given, so that only who started the server can read them
     security = TritonSecurityConfig(access_token=args.access_token)
     with Triton(config=config, security_config=security) as triton:
-        for name, segmenter in segmenters(engines, models).items():
+        for name, segmenter in (segmenters(engines, models) if engines else {}).items():
             batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= segmenter.max_batch]
             triton.bind(
                 model_name=name,
@@ -98,6 +129,8 @@ def serve(engines: Path, models: list[str], args: argparse.Namespace) -> None:
                 strict=True,
             )
             log.info("serving %s (max batch %d)", name, segmenter.max_batch)
+        if args.repository:
+            check_repository(f"127.0.0.1:{args.grpc_port}", args.repository, security.access_token)
         print(
             f"Triton: HTTP :{args.http_port}, gRPC :{args.grpc_port}, metrics :{args.metrics_port}/metrics",
             flush=True,
@@ -109,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m serve.triton_server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--engines", required=True, type=Path, help="a run's export dir")
+    parser.add_argument("--engines", type=Path, help="a run's export dir")
+    parser.add_argument("--repository", type=Path, help="a model repository to load too (export.triton's)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
@@ -129,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         need = "the Triton server needs nvidia-pytriton, which pins numpy < 2: make serve-triton makes its environment"
         print(f"error: {need} (or pip install 'segdeploy[cpu,openvino,triton]' in a venv of its own)", file=sys.stderr)
         return 2
-    if not args.engines.is_dir():
+    if not (args.engines or args.repository):
+        parser.error("give --engines, --repository or both")
+    if args.engines and not args.engines.is_dir():
         print(f"error: {args.engines}: no such export dir (python -m export --run RUN first)", file=sys.stderr)
+        return 2
+    if args.repository and not any(args.repository.glob("*/config.pbtxt")):
+        need = "python -m export.triton --run RUN --cpu --python-backend writes one"
+        print(f"error: {args.repository}: not a model repository (no <model>/config.pbtxt; {need})", file=sys.stderr)
         return 2
     # tritonserver exits on a busy port but PyTriton then waits forever: say it before starting
     ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}

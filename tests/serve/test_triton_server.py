@@ -1,9 +1,11 @@
-"""A real Triton Inference Server (PyTriton's) on the shared export, queried with tritonclient and plain HTTP."""
+"""A real Triton Inference Server (PyTriton's) on the shared export and on the model repository export.triton
+writes, queried with tritonclient and plain HTTP; an engine and repository models that cannot load among them."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.triton import write_repository
+from serve.runtime import open_engine
 from serve.segmenter import choices, load_segmenter, usable_backends
 from serve.triton_server import model_name
 from tests.conftest import REPO
@@ -22,16 +26,41 @@ from tests.serve.conftest import _free_port
 TRITON_PYTHON = REPO / ".venv" / "triton" / "bin" / "python"  # `make serve-triton` / `make test` make it
 MAX_SIDE = 256
 TOKEN = "test-token"
+BROKEN_ENGINE = ("cnn", "fp16", "onnxruntime")  # its file truncated in the server's copy of the export
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
 
 
 @pytest.fixture(scope="module")
-def triton(engines, tmp_path_factory):
+def served(engines, tmp_path_factory) -> dict[str, Path]:
+    """What the server loads: a copy of the export with one engine file broken, and the model repository
+    of its fp32 engines for Triton's Python backend with two models that cannot load added: an ONNX Runtime
+    backend model (no such backend in PyTriton's server) and one whose ONNX file is broken."""
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(engines, root / "export")
+    truncate(root / "export" / "cnn" / "model.fp16.onnx")
+    repository = root / "repository"
+    write_repository(engines, repository, variants=("fp32",), cpu_only=True, python_backend=True)
+    write_repository(engines, root / "native", io=("labels",), variants=("fp32",), cpu_only=True)
+    for source, name in ((root / "native" / "cnn_fp32", "cnn_fp32_ort"), (repository / "vit_fp32", "vit_broken")):
+        shutil.copytree(source, repository / name)
+        config = repository / name / "config.pbtxt"
+        config.write_text(config.read_text().replace(f'name: "{source.name}"', f'name: "{name}"'))
+    truncate(repository / "vit_broken" / "1" / "model.onnx")
+    return {"export": root / "export", "repository": repository}
+
+
+@pytest.fixture(scope="module")
+def triton(served, tmp_path_factory):
     if not TRITON_PYTHON.exists():
         pytest.skip(f"{TRITON_PYTHON} is missing: make serve-triton (or make test) creates it")
     ports = {name: _free_port() for name in ("http", "grpc", "metrics")}
     log_path = tmp_path_factory.mktemp("triton") / "server.log"
     process = subprocess.Popen(
-        [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(engines), "--models", "cnn", "ensemble",
+        [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(served["export"]),
+         "--models", "cnn", "ensemble", "--repository", str(served["repository"]),
          "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
          "--metrics-port", str(ports["metrics"]), "--max-side", str(MAX_SIDE), "--access-token", TOKEN],
         cwd=REPO, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -55,37 +84,75 @@ def triton(engines, tmp_path_factory):
         process.wait(timeout=60)
 
 
-def infer(ports: dict, model: str, images: np.ndarray, datatype: str = "UINT8") -> np.ndarray:
+def infer(ports: dict, model: str, images: np.ndarray, datatype: str = "UINT8", output: str = "labels") -> np.ndarray:
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc']}")
     request = grpcclient.InferInput("image", list(images.shape), datatype)
     request.set_data_from_numpy(images)
-    return client.infer(model, [request]).as_numpy("labels")
+    return client.infer(model, [request]).as_numpy(output)
+
+
+def ready(ports: dict, model: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/models/{model}/ready").status == 200
+    except urllib.error.HTTPError:
+        return False
 
 
 def pixels(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def test_every_model_answers_like_the_local_segmenter(triton, engines):
+def test_every_model_answers_like_the_local_segmenter(triton, served):
     """One Triton model per (model, variant, backend) this host runs, each equal to the local segmenter."""
-    ports = triton["ports"]
-    expected = [c for c in choices(engines, usable_backends()) if c[0] in ("cnn", "ensemble")]
+    ports, engines = triton["ports"], served["export"]
+    expected = [c for c in choices(engines, usable_backends()) if c[0] in ("cnn", "ensemble") and c != BROKEN_ENGINE]
     assert ("cnn", "fp32", "openvino") in expected and ("ensemble", "fp32", "onnxruntime") in expected
     images = pixels(2, 45, 77)
     for model, variant, backend in expected:
         name = model_name(model, variant, backend)
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/models/{name}/ready")
-        except urllib.error.HTTPError as e:
-            pytest.fail(f"{name} is not ready ({e.code}):\n{triton['log'].read_text()[-3000:]}")
+        assert ready(ports, name), f"{name} is not ready:\n{triton['log'].read_text()[-3000:]}"
         local = load_segmenter(engines, model, variant, backend).predict_batch(list(images))
         got = infer(ports, name, images)
         assert got.shape == (2, 45, 77) and got.dtype == np.uint8
         assert (got == np.stack([p.labels for p in local])).mean() >= 0.999, name
     for alias in ("cnn", "ensemble"):  # the fastest of each, under the model's own name
         assert infer(ports, alias, images).shape == (2, 45, 77)
+
+
+def test_an_engine_that_cannot_load_is_named_and_the_others_serve(triton):
+    model, variant, backend = BROKEN_ENGINE
+    assert not ready(triton["ports"], model_name(*BROKEN_ENGINE))
+    log = triton["log"].read_text()
+    assert (
+        f"{model} {variant} on {backend} cannot run here" in log and "model.fp16.onnx: ONNX Runtime cannot open" in log
+    )
+
+
+def test_the_generated_repository_serves_like_the_local_engines(triton, served, engines):
+    """export.triton's repository (Python backend) in the same server: the students, their logits and the
+    Triton ensemble (preprocess, both logits models, combine) equal to the local engines and segmenter."""
+    ports = triton["ports"]
+    images = pixels(2, 48, 64, seed=2)  # inside the engines' profile: repository models run the engine as is
+    for model in ("cnn", "vit", "ensemble"):
+        name = f"{model}_fp32"
+        assert ready(ports, name), f"{name} is not ready:\n{triton['log'].read_text()[-3000:]}"
+        local = np.stack([p.labels for p in load_segmenter(engines, model, "fp32").predict_batch(list(images))])
+        assert (infer(ports, name, images) == local).mean() >= 0.999, name
+    normalised = infer(ports, "ensemble_preprocess", images, output="normalised")
+    logits = infer(ports, "vit_fp32_logits", normalised.astype(np.float32), "FP32", output="logits")
+    np.testing.assert_allclose(logits, open_engine(engines / "vit", "fp32", "logits").run(normalised), atol=1e-4)
+
+
+def test_repository_models_that_cannot_load_are_named_and_the_others_serve(triton, served):
+    ports, log = triton["ports"], triton["log"].read_text()
+    repository = served["repository"]
+    assert f"{repository}: model cnn_fp32_ort failed to load" in log and "backend 'onnxruntime'" in log
+    assert f"{repository}: model vit_broken failed to load" in log and "INVALID_PROTOBUF" in log
+    assert not ready(ports, "cnn_fp32_ort") and not ready(ports, "vit_broken")
+    assert ready(ports, "vit_fp32")  # the model vit_broken was copied from
+    urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/health/ready")  # the server itself is ready
 
 
 def test_plain_http_and_the_metrics(triton):
@@ -161,6 +228,11 @@ def test_a_missing_export_dir_is_named(tmp_path):
         cwd=REPO, capture_output=True, text=True, env={**os.environ},
     )  # fmt: skip
     assert done.returncode == 2 and "nope: no such export dir" in done.stderr
+    done = subprocess.run(
+        [str(TRITON_PYTHON), "-m", "serve.triton_server", "--repository", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and f"{tmp_path}: not a model repository" in done.stderr
 
 
 def test_without_pytriton_the_fix_is_named(tmp_path):
