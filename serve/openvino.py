@@ -22,7 +22,10 @@ import numpy as np
 
 from serve.manifest import EngineEntry, Manifest
 
-VARIANT_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8.cpu": "f32"}  # int8.cpu: int8 kernels, f32 elsewhere
+# OpenVINO's inference precision per variant. int8.cpu: int8 kernels where the graph has Q/DQ, and the
+# float ops between them (the final resize, the argmax, pooling) at bf16 where the CPU computes it natively:
+# CNN at 512x1024, batch 1, 57.9 -> 52.7 ms at the same agreement. The int8 engine is gated per CPU.
+VARIANT_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8.cpu": "bf16"}
 SHAPES_KEPT = 8  # compiled models per engine, one per input shape, least recently used dropped
 
 
@@ -84,7 +87,10 @@ class OpenVinoEngine:
         host = capabilities(core)
         check_host(variant, (entry.openvino if entry else None), host)
         self.manifest, self.entry, self.variant, self.model = manifest, entry, variant, str(model)
-        self.precision, self.device = VARIANT_PRECISION[variant], f"openvino.{VARIANT_PRECISION[variant]}"
+        self.precision = VARIANT_PRECISION[variant]
+        if variant == "int8.cpu" and "BF16" not in host["precisions"]:
+            self.precision = "f32"
+        self.device = f"openvino.{'int8' if variant == 'int8.cpu' else self.precision}"
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads

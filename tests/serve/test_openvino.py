@@ -58,6 +58,10 @@ def test_the_precision_asked_for_is_the_one_compiled(engines):
     if NATIVE_BF16:
         bf16 = open_engine(engines / "cnn", "bf16", "labels", "openvino")
         assert hint(bf16.for_shape((1, 32, 48, 3))) == "bf16"
+    # int8: its float ops at bf16 where the CPU has it natively, else f32 (never emulated)
+    int8 = open_engine(engines / "cnn", "int8.cpu", "labels", "openvino")
+    assert hint(int8.for_shape((1, 32, 48, 3))) == int8.precision == ("bf16" if NATIVE_BF16 else "f32")
+    assert int8.device == "openvino.int8"
 
 
 def test_each_input_shape_runs_its_own_static_compile_and_only_the_last_few_are_kept(engines, monkeypatch):
