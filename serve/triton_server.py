@@ -91,7 +91,8 @@ def check_repository(grpc_url: str, repository: Path, token: str) -> list[str]:
             log.info("serving %s from %s", name, repository)
         else:
             reason = reason.split("\n\nAt:")[0]  # the Python backend appends the stub's traceback
-            log.error("%s: model %s failed to load: %s", repository, name, reason or state)
+            reason = reason or f"{state} (no reason given, e.g. an unreadable config: Triton's log above says why)"
+            log.error("%s: model %s failed to load: %s", repository, name, reason)
     return loaded
 
 
