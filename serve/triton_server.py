@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -110,6 +111,9 @@ def serve(engines: Path | None, models: list[str], args: argparse.Namespace) -> 
     )  # fmt: skip
     if args.repository:  # its models load at start: one that fails must neither stop the server nor unready it
         config.exit_on_error = config.strict_readiness = False
+    # SIGTERM (docker stop, Kubernetes) stops like Ctrl+C: PyTriton then unloads the models and removes its
+    # workspace (a copy of the server, ~20 MB per start under $PYTRITON_HOME); killed outright, it left them
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # PyTriton guards the admin endpoints (statistics, model repository, ...) with a token: a random
     # one unless given, so that only who started the server can read them
     security = TritonSecurityConfig(access_token=args.access_token)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -58,12 +59,16 @@ def triton(served, tmp_path_factory):
         pytest.skip(f"{TRITON_PYTHON} is missing: make serve-triton (or make test) creates it")
     ports = {name: _free_port() for name in ("http", "grpc", "metrics")}
     log_path = tmp_path_factory.mktemp("triton") / "server.log"
+    # PyTriton's workspaces (a copy of the server per start) hold its IPC sockets, whose paths must stay under
+    # 108 characters: a short dir, not pytest's
+    home = Path(tempfile.mkdtemp(prefix="pytriton-", dir="/tmp"))
     process = subprocess.Popen(
         [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(served["export"]),
          "--models", "cnn", "ensemble", "--repository", str(served["repository"]),
          "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
          "--metrics-port", str(ports["metrics"]), "--max-side", str(MAX_SIDE), "--access-token", TOKEN],
         cwd=REPO, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYTRITON_HOME": str(home)},
     )  # fmt: skip
     # PyTriton's server is up before the models are bound; serve.triton_server says when all are
     ready = f"http://127.0.0.1:{ports['http']}/v2/health/ready"
@@ -78,10 +83,11 @@ def triton(served, tmp_path_factory):
             process.kill()
             pytest.fail(f"the Triton server did not start:\n{log_path.read_text()[-4000:]}")
         time.sleep(1)
-    yield {"process": process, "ports": ports, "log": log_path}
+    yield {"process": process, "ports": ports, "log": log_path, "home": home}
     if process.poll() is None:
         process.terminate()
         process.wait(timeout=60)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def infer(ports: dict, model: str, images: np.ndarray, datatype: str = "UINT8", output: str = "labels") -> np.ndarray:
@@ -218,6 +224,7 @@ def test_the_server_stops_cleanly(triton):
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{triton['ports']['http']}/v2/health/ready", timeout=2)
     assert "Traceback" not in Path(triton["log"]).read_text().split("Triton: HTTP")[0]
+    assert not list(triton["home"].glob("workspace_*")), "PyTriton's workspace was left behind"
 
 
 def test_a_missing_export_dir_is_named(tmp_path):
