@@ -107,6 +107,8 @@ def run_triton_load(url: str, clients: int, seconds: float, images: list[Path], 
     time per request."""
     import tritonclient.grpc as grpcclient
 
+    from serve.triton_server import GRPC_TOKEN_HEADER
+
     arrays = [np.asarray(Image.open(p).convert("RGB"))[None] for p in images]
     arrays = arrays if len(arrays) == clients else [arrays[0]] * clients
 
@@ -119,7 +121,7 @@ def run_triton_load(url: str, clients: int, seconds: float, images: list[Path], 
     def stats() -> dict:
         if not token:
             return {}
-        headers = {"triton-grpc-protocol-triton-access-token": token}
+        headers = {GRPC_TOKEN_HEADER: token}
         found = grpcclient.InferenceServerClient(url).get_inference_statistics(model, headers=headers, as_json=True)
         return found["model_stats"][0]["inference_stats"] if found.get("model_stats") else {}
 

@@ -139,8 +139,9 @@ def combine_graph(num_classes: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def ensemble_pbtxt(name: str, members: dict[str, str], max_batch: int) -> str:
-    """Triton's ensemble scheduler: preprocess, both students' logits models, combine (no backend of its own)."""
+def ensemble_pbtxt(name: str, members: dict[str, str], max_batch: int, inputs: list, outputs: list) -> str:
+    """Triton's ensemble scheduler: preprocess, both students' logits models, combine (no backend of its own);
+    its `inputs` and `outputs` are the labels models'."""
     image, labels = (IO_SPECS["labels"][w]["name"] for w in ("input", "output"))
     normalised, logits = (IO_SPECS["logits"][w]["name"] for w in ("input", "output"))
 
@@ -153,8 +154,7 @@ def ensemble_pbtxt(name: str, members: dict[str, str], max_batch: int) -> str:
     steps += [step(members[s], {normalised: NORMALISED}, {logits: f"{s}_logits"}) for s in STUDENTS]
     steps.append(step(COMBINE, {s: f"{s}_logits" for s in STUDENTS}, {labels: labels}))
     lines = [f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}"]
-    lines += tensors_pbtxt("input", [(image, "TYPE_UINT8", [-1, -1, 3])])
-    lines += tensors_pbtxt("output", [(labels, "TYPE_UINT8", [-1, -1])])
+    lines += tensors_pbtxt("input", inputs) + tensors_pbtxt("output", outputs)
     lines += ["ensemble_scheduling {", "  step [", ",\n".join(steps), "  ]", "}"]
     return "\n".join(lines) + "\n"
 
@@ -204,14 +204,15 @@ def write_repository(
     manifests: dict[str, Manifest] = {}
     logits_models: dict[tuple[str, str], dict[str, str]] = {}  # (variant, format) -> {student: model}
 
-    def write_onnx(name: str, source: Path | onnx.ModelProto, config: str) -> None:
+    def write_model(name: str, config: str, source: Path | onnx.ModelProto | None = None, fmt: str = "onnx") -> None:
+        """`<name>/config.pbtxt` and version 1 with the model file (an ensemble has none, but the dir)."""
         version = staged / name / "1"
         version.mkdir(parents=True)
         if isinstance(source, onnx.ModelProto):
-            onnx.save(source, version / "model.onnx")
-        else:
-            shutil.copyfile(source, version / "model.onnx")
-        if python_backend:
+            onnx.save(source, version / PLATFORMS[fmt][1])
+        elif source is not None:
+            shutil.copyfile(source, version / PLATFORMS[fmt][1])
+        if source is not None and python_backend:
             shutil.copyfile(PYTHON_MODEL, version / "model.py")
         (staged / name / "config.pbtxt").write_text(config)
         names.append(name)
@@ -231,16 +232,10 @@ def write_repository(
             name = model_name(student, entry)
             ios = [engine_tensors(manifest, entry.io, which) for which in ("input", "output")]
             text = config_pbtxt(name, runtime(entry.format), manifest.shapes["max"][0], *ios, kind, instances, delay_us)
-            if entry.format == "plan":
-                (staged / name / "1").mkdir(parents=True)
-                shutil.copyfile(engine_dir / entry.file, staged / name / "1" / "model.plan")
-                (staged / name / "config.pbtxt").write_text(text)
-                names.append(name)
-            else:
-                write_onnx(name, engine_dir / entry.file, text)
-                external = engine_dir / f"{entry.file}.data"
-                if external.is_file():  # weights over 2 GB live beside the graph under the name it records
-                    shutil.copyfile(external, staged / name / "1" / external.name)
+            write_model(name, text, engine_dir / entry.file, entry.format)
+            external = engine_dir / f"{entry.file}.data"
+            if external.is_file():  # weights over 2 GB live beside the graph under the name it records
+                shutil.copyfile(external, staged / name / "1" / external.name)
             if entry.io == "logits":
                 logits_models.setdefault((entry.variant, entry.format), {})[student] = name
     pairs = {key: members for key, members in logits_models.items() if set(members) == set(STUDENTS)}
@@ -256,15 +251,16 @@ def write_repository(
         normalised = [(NORMALISED, "TYPE_FP32", tensor_dims(first, "logits", "input"))]
         logits = [(s, "TYPE_FP32", tensor_dims(first, "logits", "output")) for s in STUDENTS]
         labels_out = engine_tensors(first, "labels", "output")
-        write_onnx(PREPROCESS, preprocess_graph(first), config_pbtxt(
-            PREPROCESS, runtime("onnx"), max_batch, uint8_in, normalised, kind, instances, delay_us))  # fmt: skip
-        write_onnx(COMBINE, combine_graph(first.num_classes), config_pbtxt(
-            COMBINE, runtime("onnx"), max_batch, logits, labels_out, kind, instances, delay_us))  # fmt: skip
+        write_model(PREPROCESS, config_pbtxt(
+            PREPROCESS, runtime("onnx"), max_batch, uint8_in, normalised, kind, instances, delay_us,
+        ), preprocess_graph(first))  # fmt: skip
+        write_model(COMBINE, config_pbtxt(
+            COMBINE, runtime("onnx"), max_batch, logits, labels_out, kind, instances, delay_us,
+        ), combine_graph(first.num_classes))  # fmt: skip
         for (variant, fmt), members in sorted(pairs.items()):
             name = "_".join(["ensemble", variant.replace(".", "_"), *(["trt"] if fmt == "plan" else [])])
-            (staged / name / "1").mkdir(parents=True)  # Triton wants a version dir, even an empty one
-            (staged / name / "config.pbtxt").write_text(ensemble_pbtxt(name, members, max_batch))
-            names.append(name)
+            # Triton wants a version dir, even an empty one
+            write_model(name, ensemble_pbtxt(name, members, max_batch, uint8_in, labels_out))
     if not names:
         shutil.rmtree(staged, ignore_errors=True)
         raise ManifestError(f"{engines_root}: no engine matches io={list(io)} variants={variants or 'all'}")
