@@ -176,6 +176,15 @@ def term_rows(results: dict) -> list[list[str]]:
     return rows
 
 
+def machine(device: str) -> str:
+    """What trained the runs: the GPU (and its host's CPU) where they ran on one, else the CPU."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__} (host CPU {cpu_model()})"
+    return cpu_model()
+
+
 def report(results: dict, args, cfg) -> str:
     d = cfg.data
     seeds = sorted({s for r in results.values() for s in r})
@@ -189,7 +198,7 @@ def report(results: dict, args, cfg) -> str:
         f"- Budget per run: {cfg.iterations} iterations, batch {d.batch_size}, crop {d.crop_size[0]}x{d.crop_size[1]}; "
         f"seeds {', '.join(map(str, seeds))}; checkpoints picked on `{d.eval_split}` every {cfg.eval_interval} "
         f"iterations, numbers from `{split}`",
-        f"- Machine: {cpu_model()}, {args.jobs} run(s) at a time; {datetime.date.today()}",
+        f"- Machine: {machine(cfg.device)}, {args.jobs} run(s) at a time; {datetime.date.today()}",
         f"- Arms: {arms}",
         "",
     ]

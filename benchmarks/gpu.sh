@@ -8,19 +8,23 @@
 #   ort    onnxruntime-gpu's CUDA rows (fp32, fp16) with the provider check, where onnxruntime-gpu is
 #          installed or its wheel lies in $ORT_WHEELS (whole, or split: *.whl.part-*), with the wheels of
 #          onnxslim and onnxconverter-common there too where the host lacks them (the export needs both)
+#   ablation  the method's paired-seed protocol (independent, dml, full x seeds 0-2, every run at once) on
+#          the synthetic set at 256x256 (configs/synthetic-256.yaml); its report and the runs' logs, metrics
+#          and TensorBoard events (no weights) in OUT_DIR. $ABLATION_OVERRIDES: config overrides for every run
 #
 #   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (default: train check bench ort; python: $PYTHON or python3)
 #   GPU_SH_SECONDS=480: the deadline of the whole script; a step gets what is left of it at most.
+#   GPU_SH_RUN=DIR: the run that check, bench and ort measure (default runs/gpu-full, which train rewrites).
 #
 # Each step has its own time limit and its log in OUT_DIR; a failed step does not stop the others.
 # GPU_SH_DRY=1 prints the steps instead of running them, each as if it used its whole limit
 # (tests/benchmarks/test_gpu_sh.py).
 set -u
-OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [bench] [ort]}
+OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [bench] [ort] [ablation]}
 shift
 PHASES=${*:-train check bench ort}
 PY=${PYTHON:-python3}
-RUN=runs/gpu-full
+RUN=${GPU_SH_RUN:-runs/gpu-full}
 SIZE="1024x2048"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
@@ -100,14 +104,14 @@ for phase in $PHASES; do
         have_run
         step gpu-check 60 $PY -m benchmarks.gpu_check --run "$RUN" --out "$OUT_DIR" --size 1024 2048 --images 4
         ;;
-    bench)  # the PyTorch rows on the GPU at a Cityscapes-sized input
+    bench)  # the PyTorch rows on the GPU at a Cityscapes-sized input (compiled first: the ViT's are still to do)
         have_run
-        step bench-eager 80 $PY -m benchmarks.bench --run "$RUN" --models cnn vit ensemble \
-            --backends torch torch.bf16 torch.fp16 --batch-sizes 1 8 --sizes $SIZE --seconds 1 \
-            --eval-images 10 --out "$OUT_DIR/bench-eager"
         step bench-compiled 120 $PY -m benchmarks.bench --run "$RUN" --models cnn vit \
             --backends torch torch.compile torch.cudagraphs --batch-sizes 1 8 --sizes $SIZE --seconds 1 \
             --eval-images 4 --out "$OUT_DIR/bench-compiled"
+        step bench-eager 80 $PY -m benchmarks.bench --run "$RUN" --models cnn vit ensemble \
+            --backends torch torch.bf16 torch.fp16 --batch-sizes 1 8 --sizes $SIZE --seconds 1 \
+            --eval-images 10 --out "$OUT_DIR/bench-eager"
         ;;
     ort)  # ONNX engines at 1024x2048 on the CUDA provider (the bench asserts it is active)
         have_run
@@ -119,6 +123,15 @@ for phase in $PHASES; do
                 --seconds 1 --eval-images 4 --out "$OUT_DIR/bench-ort-cuda"
         fi
         ;;
-    *) echo "unknown phase '$phase' (speed, train, check, bench, ort)" >&2; exit 2 ;;
+    ablation)  # not in the default phases: it needs the whole session (issue 15's GPU part)
+        step data-256 60 $PY -m train.data.synthetic --out data/synthetic-256 --height 256 --width 256 --jobs "$(nproc)"
+        step ablation-256 480 $PY -m benchmarks.ablation --config configs/synthetic-256.yaml --out runs/ablation-256 \
+            --jobs 9 --arms independent dml full --seeds 0 1 2 -- ${ABLATION_OVERRIDES:-}
+        if [ -z "${GPU_SH_DRY:-}" ]; then  # what comes back: the report, and every run without its weights
+            cp runs/ablation-256/table.md runs/ablation-256/results.json runs/ablation-256/curves.png "$OUT_DIR/" 2>/dev/null
+            tar czf "$OUT_DIR/ablation-256-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint runs/ablation-256
+        fi
+        ;;
+    *) echo "unknown phase '$phase' (speed, train, check, bench, ort, ablation)" >&2; exit 2 ;;
     esac
 done

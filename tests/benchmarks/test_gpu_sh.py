@@ -33,8 +33,16 @@ def test_the_plan_measures_what_a_gpu_host_without_tensorrt_can_and_fits_8_minut
 
 def test_steps_past_the_deadline_are_skipped_and_said(tmp_path):
     steps = plan(tmp_path, seconds=200)
-    assert any(s.startswith("== bench-compiled: skipped, out of time") for s in steps)
+    assert any(s.startswith("== bench-eager: skipped, out of time") for s in steps)
     assert steps[-1].startswith("== bench-ort-cuda: skipped")
+
+
+def test_the_ablation_phase_runs_the_paired_protocol_at_256_on_its_own_set(tmp_path):
+    steps = plan(tmp_path, seconds=540, phases=["ablation"])
+    assert [s.split()[1] for s in steps] == ["data-256", "ablation-256"]
+    assert "--height 256 --width 256" in steps[0] and "--out data/synthetic-256" in steps[0]
+    assert "--config configs/synthetic-256.yaml" in steps[1] and "--arms independent dml full --seeds 0 1 2" in steps[1]
+    assert sum(int(re.match(r"step \S+ (\d+)s:", s)[1]) for s in steps) <= 540
 
 
 def test_unknown_phase_exits_2(tmp_path):

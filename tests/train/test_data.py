@@ -294,6 +294,16 @@ def test_synthetic_splits_do_not_depend_on_each_other(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_synthetic_in_several_processes_writes_the_same_files(tmp_path):
+    args = dict(num_train=5, num_val=2, height=24, width=32, num_test=2)
+    generate(tmp_path / "one", **args)
+    generate(tmp_path / "two", **args, jobs=2)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 2 * 9 + 3 + 2  # images and masks, split lists, classes.json and the stamp
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
 def test_base_size_scales_from_the_fitted_image(monkeypatch):
     """mmseg's RandomResize: the image is fitted to (long, short) = (2048, 512), then scaled by the ratio."""
     sizes, resize = [], Image.Image.resize

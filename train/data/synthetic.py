@@ -12,6 +12,7 @@ two-colour textures (stripes, checker, dots, grid) stayed confused with each oth
 different statistics are learnt from local evidence, as road, vegetation and sky are.
 
     python -m train.data.synthetic --out data/synthetic [--train 800 --val 100 --test 500 --height 64 --width 64]
+        [--jobs N]
 
 Three splits: `train`; `val`, which training evaluates to pick each student's best weights; and
 `test`, held out for the numbers a comparison reports (`data.test_split`).
@@ -21,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +139,14 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+def _write(out: Path, split: str, index: int, height: int, width: int, seed: int) -> str:
+    sample_id = f"{split}_{index:05d}"
+    image, mask = render(np.random.default_rng([seed, SPLIT_IDS[split], index]), height, width)
+    Image.fromarray(image).save(out / "images" / f"{sample_id}.png")
+    Image.fromarray(mask).save(out / "masks" / f"{sample_id}.png")
+    return sample_id
+
+
 def generate(
     out: str | Path,
     num_train: int = 800,
@@ -143,9 +155,11 @@ def generate(
     width: int = 64,
     seed: int = 0,
     num_test: int = 500,
+    jobs: int = 1,
 ) -> Path:
     """Write the dataset; a second call with the same parameters (and generator format) does nothing.
-    A split's images depend only on (seed, split, index), so adding a split leaves the others as they were."""
+    A split's images depend only on (seed, split, index), so adding a split leaves the others as they were,
+    and `jobs` processes write the same files as one."""
     out = Path(out)
     params = {"format": FORMAT, "num_train": num_train, "num_val": num_val, "num_test": num_test}
     params |= {"height": height, "width": width, "seed": seed}
@@ -154,13 +168,12 @@ def generate(
         return out
     for sub in ("images", "masks", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
-        ids = [f"{split}_{i:05d}" for i in range(count)]
-        for i, sample_id in enumerate(ids):
-            image, mask = render(np.random.default_rng([seed, SPLIT_IDS[split], i]), height, width)
-            Image.fromarray(image).save(out / "images" / f"{sample_id}.png")
-            Image.fromarray(mask).save(out / "masks" / f"{sample_id}.png")
-        (out / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    with ProcessPoolExecutor(jobs) if jobs > 1 else nullcontext() as pool:
+        run = partial(pool.map, chunksize=16) if pool else map
+        for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+            write = partial(_write, out, split, height=height, width=width, seed=seed)
+            ids = run(write, range(count))
+            (out / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (out / "classes.json").write_text(json.dumps({"names": CLASS_NAMES, "palette": PALETTE}, indent=1))
     stamp.write_text(json.dumps(params))
     return out
@@ -175,8 +188,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="processes that render images (same files as one)")
     args = parser.parse_args()
-    out = generate(args.out, args.train, args.val, args.height, args.width, args.seed, args.test)
+    out = generate(args.out, args.train, args.val, args.height, args.width, args.seed, args.test, args.jobs)
     print(
         f"synthetic dataset: {args.train} train + {args.val} val + {args.test} test images "
         f"({args.height}x{args.width}) in {out}"
