@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --config FILE (a new run) or --resume RUN_DIR")
 
         from train import distributed  # imports torch; keep --help and config errors fast
-        from train.trainer import Trainer
+        from train.trainer import Trainer, TrainingDiverged
 
         distributed.init(cfg.device)
         try:
             Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
         finally:
             distributed.shutdown()
     except (ConfigError, DatasetError, FileNotFoundError) as e:

@@ -26,7 +26,7 @@ from train.checkpoint import load_state, save_state, save_weights
 from train.config import Config, ConfigError, OptimizerConfig, save_config
 from train.data import DatasetError, SegmentationDataset, build_dataset
 from train.evaluate import eval_loader, evaluate, format_table
-from train.losses import Objective
+from train.losses import WEIGHTS, Objective
 from train.models import build_student, locate
 from train.run_dir import (
     CHECKPOINT_FILE,
@@ -46,6 +46,7 @@ _SHORT = {
     "pixel_vit_to_cnn": "p_v2c",
     "pixel_cnn_to_vit": "p_c2v",
 }
+_LOSSES = {"loss", "ce_cnn", "ce_vit", *WEIGHTS}  # what a step returns besides statistics
 _BAR_INTERVAL = 10  # iterations between progress-bar updates (each reads the losses off the device)
 
 
@@ -137,6 +138,10 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" and cpu_has_bf16() else None
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss went NaN or infinite: the run stops before a checkpoint keeps such weights."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -203,10 +208,11 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
-        self.iteration = 0
+        self.iteration, self.saved_at = 0, None
         self.best = {name: {"miou": -1.0, "iteration": 0} for name in STUDENTS}
         if resume:
             self.load_checkpoint()
+            self.saved_at = self.iteration
         self.model: nn.Module = Collaboration(self.students, self.objective)
         if self.dist.enabled:
             self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.cuda else None)
@@ -312,6 +318,8 @@ class Trainer:
             logs = self.step(images, labels.to(self.device, non_blocking=True), diagnose)
             bar.update(1)
             log_now = it % cfg.log_interval == 0 or it == cfg.iterations
+            if log_now or it % cfg.checkpoint_interval == 0:  # before a checkpoint could keep NaN weights
+                self._stop_if_diverged(logs)
             if main and (log_now or (show_bar and it % _BAR_INTERVAL == 0)):
                 self._report(logs, writer, bar, log_now, show_bar, (it - start_iter) / (time.perf_counter() - started))
             if it % cfg.eval_interval == 0 or it == cfg.iterations:
@@ -322,6 +330,26 @@ class Trainer:
         if writer is not None:
             writer.close()
         return self.final_metrics()
+
+    def _stop_if_diverged(self, logs: dict) -> None:
+        """A non-finite loss never recovers: stop with what to change instead of training NaN weights."""
+        bad = {k: float(v) for k, v in logs.items() if k in _LOSSES and not torch.isfinite(v)}
+        if len(bad) > 1:
+            bad.pop("loss")  # the sum: its parts say which student
+        if not bad:
+            return
+        kept = (
+            f"The checkpoint of iteration {self.saved_at} is intact: continue from it with a steadier recipe, "
+            f"e.g. `python -m train --resume {self.run_dir} amp=none`"
+            if self.saved_at is not None
+            else "No checkpoint was saved yet: train again with a steadier recipe, e.g. amp=none"
+        )
+        raise TrainingDiverged(
+            f"training diverged at iteration {self.iteration}: "
+            + ", ".join(f"{k} is {v}" for k, v in bad.items())
+            + f". {kept}, a lower <student>.optimizer.lr or <student>.optimizer.grad_clip=1 "
+            "(bf16 autocast diverged where fp32 did not: SegFormer from random init at 256x256 on a GPU)"
+        )
 
     def _report(self, logs: dict, writer: SummaryWriter, bar: tqdm, log_now: bool, show_bar: bool, rate: float):
         """Progress bar (loss, learning rates, who teaches whom) and, every log_interval, TensorBoard."""
@@ -424,6 +452,7 @@ class Trainer:
         if self.cuda:
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         save_state(state, self.run_dir / CHECKPOINT_FILE)
+        self.saved_at = self.iteration
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT_FILE

@@ -36,7 +36,7 @@ def test_the_256_synthetic_config_is_the_demo_recipe_at_another_size():
 
     demo, big = (flat(config_to_dict(load_config(f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-256"))
     assert {k for k in demo if demo[k] != big[k]} == {
-        "name", "iterations", "checkpoint_interval", "device", "compile_losses",
+        "name", "iterations", "checkpoint_interval", "device", "amp", "compile_losses",
         "data.root", "data.crop_size", "data.num_workers",
     }  # fmt: skip
     assert big["data.crop_size"] == [256, 256] and big["method.preset"] == "independent"

@@ -241,6 +241,24 @@ def test_bad_input_exits_with_a_clear_message(synthetic_root, tmp_path, args, me
     assert "Traceback" not in result.stderr
 
 
+def test_a_diverged_run_stops_with_its_last_checkpoint_intact_and_resumes_with_a_fix(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    assert train_cli(run, synthetic_root, "method.preset=independent", iterations=2).returncode == 0
+    saved = load_state(run / "checkpoint" / "last.safetensors")
+
+    blown = run_module("train", "--resume", str(run), "iterations=6", "cnn.optimizer.lr=1e30")
+    assert blown.returncode == 3 and "Traceback" not in blown.stderr
+    # NaN at iteration 4, when a checkpoint is due: the check comes first
+    assert "training diverged at iteration 4: ce_cnn is nan. The checkpoint of iteration 2 is intact" in blown.stderr
+    kept = load_state(run / "checkpoint" / "last.safetensors")  # not overwritten by NaN weights
+    assert kept["iteration"] == 2
+    for name, weight in saved["students"]["cnn"].items():
+        assert torch.equal(kept["students"]["cnn"][name], weight), name
+
+    assert run_module("train", "--resume", str(run), "cnn.optimizer.lr=0.01").returncode == 0  # the fix
+    assert json.loads((run / "metrics.json").read_text())["iteration"] == 6
+
+
 def test_resume_without_checkpoint_is_explained(tmp_path):
     result = run_module("train", "--resume", str(tmp_path))
     assert result.returncode == 2 and "not a run dir" in result.stderr
