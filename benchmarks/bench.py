@@ -2,12 +2,13 @@
 
 python -m benchmarks.bench --run runs/<name> [--models cnn vit ensemble] [--backends ...]
     [--batch-sizes 1 4 16] [--sizes 64x64 512x1024] [--seconds 3] [--min-runs 10] [--warmup 0.2]
-    [--eval-images 50] [--threads 0] [--out RUN/bench]
+    [--eval-images 50] [--threads 0] [--rounds 1] [--out RUN/bench]
 
 Every configuration (model x backend x batch size x input size) is timed end to end, uint8 RGB
 images on the host in, class maps on the host out, after a time-based warm-up and over a time
 budget; on GPU the model call alone is also timed with CUDA events (`compute_*`). Speed-ups are
-ratios to PyTorch eager fp32 of the same model, batch and size, measured in the same run. Each
+ratios to PyTorch eager fp32 of the same model, batch and size, measured in the same run; with
+`--rounds N` each point times every backend in turn, N times, so the two are measured seconds apart. Each
 (model, backend) is also scored on the eval split: mIoU next to the PyTorch student's, and the
 share of pixels whose class agrees with it. A backend that fails is recorded with its error and
 the others go on. Writes results.json, report.md, pareto.png and latency_vs_batch.png.
@@ -25,6 +26,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +176,7 @@ class EngineRunner:
         engines_ = [open_engine(engines / s, variant, io, kind, device, threads) for s in members]
         self.segmenter = Segmenter(model, engines_)
         self.entries = [e.entry for e in engines_]
-        self.variant = variant
+        self.backend, self.variant = backend, variant
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.stack([p.labels for p in self.segmenter.run_batch(list(images), images.shape[1:3])])
@@ -360,6 +362,7 @@ class Settings:
     warmup: float = 0.2
     eval_images: int = 50
     threads: int = 0
+    rounds: int = 1
 
 
 def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -> dict:
@@ -378,56 +381,52 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     gflop = {(m, hw): model_gflop([students[s] for s in (STUDENTS if m == "ensemble" else (m,))], hw)
              for m in settings.models for hw in settings.sizes}  # fmt: skip
     rows: list[dict] = []
-    baseline: dict[tuple, float] = {}
-    configs = [(m, b) for m in settings.models for b in settings.backends]
     points = [(bs, hw) for hw in settings.sizes for bs in settings.batch_sizes]
-    bar = tqdm(total=len(configs) * len(points), desc="bench", unit="config")
-    for model, backend in configs:
+    bar = tqdm(total=len(settings.models) * len(settings.backends) * len(points), desc="bench", unit="config")
+    for model in settings.models:
         members = STUDENTS if model == "ensemble" else (model,)
-        kind, precision, _ = BACKENDS[backend]
-        base = {"model": model, "backend": backend, "precision": precision, "device": meta["machine"]["device"]}
         reference = TorchRunner([students[s] for s in members], BASELINE, device)
-        try:
-            if kind == "torch":
-                runner = TorchRunner([students[s] for s in members], backend, device)
-                file_bytes = sum(weights_file(run_dir, s).stat().st_size for s in members)
-                build_s = None
-            else:
-                runner = EngineRunner(engines, model, backend, settings.threads)
-                file_bytes, build_s = runner.file_bytes, runner.build_s
-                base["variant"] = runner.variant
-            scores = {hw: accuracy(runner, reference, eval_set, settings.eval_images, cfg.data.num_classes, hw)
-                      for hw in settings.sizes}  # fmt: skip
-            if backend in COMPILED:  # compilation happens in the first call, here at the first size
-                build_s = scores[settings.sizes[0]]["first_call_s"]
-            for score in scores.values():
-                score.pop("first_call_s")
-        except Exception as e:  # the whole backend is unusable here: one failed row per point
-            status = "not shipped" if isinstance(e, NotShipped) else "failed"
-            for batch, (h, w) in points:
-                rows.append({**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)})
-                bar.update()
-            continue
-        for batch, (h, w) in points:
-            bar.set_postfix_str(f"{model} {backend} b{batch} {h}x{w}")
-            row = {**base, "batch": batch, "height": h, "width": w, "file_mib": file_bytes / 2**20, **scores[(h, w)]}
+        ready = {}  # backend -> its runner and the row fields every point shares
+        for backend in settings.backends:
+            kind, precision, _ = BACKENDS[backend]
+            base = {"model": model, "backend": backend, "precision": precision, "device": meta["machine"]["device"]}
             try:
-                row.update(_measure(runner, kind, batch, (h, w), settings, cuda))
-                row.pop("first_call_s")
-                row["gflop"] = gflop[(model, (h, w))]
-                row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
-                peak = (peaks or {}).get(precision)  # fp32, bf16, int8: the GEMM peak of the row's precision
-                row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
-                row["build_s"] = build_s
-                row["status"] = "ok"
-                if backend == BASELINE:
-                    baseline[(model, batch, h, w)] = row["mean_ms"]
-                ref = baseline.get((model, batch, h, w))
-                row["speedup"] = ref / row["mean_ms"] if ref else None
-            except Exception as e:
-                row.update(status="failed", error=_why(e))
-            rows.append(row)
-            bar.update()
+                if kind == "torch":
+                    runner = TorchRunner([students[s] for s in members], backend, device)
+                    file_bytes = sum(weights_file(run_dir, s).stat().st_size for s in members)
+                    build_s = None
+                else:
+                    runner = EngineRunner(engines, model, backend, settings.threads)
+                    file_bytes, build_s = runner.file_bytes, runner.build_s
+                    base["variant"] = runner.variant
+                scores = {hw: accuracy(runner, reference, eval_set, settings.eval_images, cfg.data.num_classes, hw)
+                          for hw in settings.sizes}  # fmt: skip
+                if backend in COMPILED:  # compilation happens in the first call, here at the first size
+                    build_s = scores[settings.sizes[0]]["first_call_s"]
+                for score in scores.values():
+                    score.pop("first_call_s")
+            except Exception as e:  # the whole backend is unusable here: one failed row per point
+                status = "not shipped" if isinstance(e, NotShipped) else "failed"
+                for batch, (h, w) in points:
+                    rows.append({**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)})
+                    bar.update()
+                continue
+            shared = {"runner": runner, "kind": kind, "precision": precision, "base": base, "file_bytes": file_bytes,
+                      "build_s": build_s, "scores": scores}  # fmt: skip
+            if backend in COMPILED:  # each resets dynamo, which would undo another's compilation: timed alone
+                rows += _time_points({backend: shared}, points, 1, model, settings, cuda, peaks, gflop, bar)
+            else:
+                ready[backend] = shared
+        rows += _time_points(ready, points, settings.rounds, model, settings, cuda, peaks, gflop, bar)
+    baseline = {(r["model"], r["batch"], r["height"], r["width"]): r["mean_ms"]
+                for r in rows if r["backend"] == BASELINE and r["status"] == "ok"}  # fmt: skip
+    for row in rows:
+        if row["status"] == "ok":
+            ref = baseline.get((row["model"], row["batch"], row["height"], row["width"]))
+            row["speedup"] = ref / row["mean_ms"] if ref else None
+    place = lambda r: (settings.models.index(r["model"]), settings.backends.index(r["backend"]),  # noqa: E731
+                       points.index((r["batch"], (r["height"], r["width"]))))  # fmt: skip
+    rows.sort(key=place)
     bar.close()
     recorded = {**settings.__dict__, "sizes": [list(s) for s in settings.sizes]}
     result = {"schema": SCHEMA, "run": str(run_dir), "command": command, **meta, "settings": recorded, "results": rows}
@@ -439,21 +438,54 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     return result
 
 
-def _measure(runner, kind: str, batch: int, size: tuple[int, int], settings: Settings, cuda: bool) -> dict:
-    images = np.random.default_rng(0).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
-    on_gpu = cuda and kind == "torch"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    timing, first = time_it(lambda: runner(images), settings.warmup, settings.seconds, settings.min_runs, sync)
-    row = {**timing.summary(), "first_call_s": first}
-    row["images_per_s"] = 1e3 * batch / row["mean_ms"]
-    if on_gpu:
-        runner.prepare(images)
-        row.update(time_cuda(runner.compute, settings.warmup, settings.seconds, settings.min_runs).summary("compute_"))
-        row["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    row["rss_mib"] = _rss_mib()
-    return row
+def _time_points(ready: dict, points: list, rounds: int, model: str, settings: Settings, cuda: bool, peaks, gflop,
+                 bar) -> list[dict]:  # fmt: skip
+    """One row per backend and point. At each point every backend is timed in `rounds` blocks of
+    seconds/rounds, in turn, so that the speed-ups compare engines measured seconds apart."""
+    rows = []
+    for batch, (h, w) in points:
+        images = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+        samples: dict[str, list[float]] = {b: [] for b in ready}
+        errors: dict[str, str] = {}
+        for r in range(rounds):
+            for backend, x in ready.items():
+                if backend in errors:
+                    continue
+                bar.set_postfix_str(
+                    f"{model} {backend} b{batch} {h}x{w}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
+                )
+                sync = torch.cuda.synchronize if cuda and x["kind"] == "torch" else (lambda: None)
+                try:
+                    run = partial(x["runner"], images)
+                    warmup = settings.warmup if r == 0 else 0.0  # later blocks: time_it's first call re-warms
+                    timing, _ = time_it(run, warmup, settings.seconds / rounds, -(-settings.min_runs // rounds), sync)
+                    samples[backend] += timing.samples_ms
+                except Exception as e:
+                    errors[backend] = _why(e)
+        for backend, x in ready.items():
+            row = {**x["base"], "batch": batch, "height": h, "width": w, "file_mib": x["file_bytes"] / 2**20,
+                   **x["scores"][(h, w)]}  # fmt: skip
+            if backend in errors:
+                rows.append({**row, "status": "failed", "error": errors[backend]})
+                bar.update()
+                continue
+            row.update(Timing(samples[backend]).summary(), rounds=rounds)
+            row["images_per_s"] = 1e3 * batch / row["mean_ms"]
+            if cuda and x["kind"] == "torch":  # the model call alone, from CUDA events, and its memory
+                torch.cuda.reset_peak_memory_stats()
+                x["runner"].prepare(images)
+                compute = time_cuda(x["runner"].compute, settings.warmup, settings.seconds, settings.min_runs)
+                row.update(compute.summary("compute_"), gpu_peak_mib=torch.cuda.max_memory_allocated() / 2**20)
+            row["rss_mib"] = _rss_mib()
+            row["gflop"] = gflop[(model, (h, w))]
+            row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
+            peak = (peaks or {}).get(x["precision"])  # fp32, bf16, int8: the GEMM peak of the row's precision
+            row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
+            row["build_s"] = x["build_s"]
+            row["status"] = "ok"
+            rows.append(row)
+            bar.update()
+    return rows
 
 
 def _rss_mib() -> float:
@@ -481,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=0.2, help="seconds of warm-up per configuration")
     parser.add_argument("--eval-images", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: each library's default)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time each point in N rounds, every backend in turn (seconds/N each): speed-ups of "
+                             "engines measured seconds apart, not minutes (a VM's speed drifts)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="default: RUN/bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -505,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         eval_images=args.eval_images,
         threads=args.threads,
+        rounds=args.rounds,
     )
     command = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run_bench(args.run, settings, args.out or args.run / "bench", command)

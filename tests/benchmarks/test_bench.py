@@ -53,6 +53,30 @@ def test_results_json_is_complete(bench):
     assert all(r["agreement"] == 1.0 and r["speedup"] == 1.0 for r in torch_rows)
 
 
+def test_rounds_time_every_backend_in_turn_at_each_point(exported_run, tmp_path, monkeypatch):
+    """--rounds: a VM's speed drifts over minutes, so each point's engines are timed in interleaved blocks."""
+    import benchmarks.bench as bench_module
+
+    blocks, time_it = [], bench_module.time_it
+
+    def recorded(run, *args, **kwargs):
+        blocks.append((run.func.backend, run.args[0].shape[0]))  # (backend, batch) of the timed block
+        return time_it(run, *args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "time_it", recorded)
+    run = shutil.copytree(exported_run, tmp_path / "run")  # the bench rewrites the model cards' latency
+    args = ["--run", str(run), "--models", "cnn", "--backends", "ort.cpu.fp32", "ov.fp32",
+            "--batch-sizes", "1", "2", "--sizes", "40x56", "--seconds", "0.06", "--min-runs", "3", "--warmup", "0",
+            "--eval-images", "1", "--rounds", "3", "--out", str(tmp_path / "bench")]  # fmt: skip
+    assert main(args) == 0
+    turn = ["torch", "ort.cpu.fp32", "ov.fp32"]
+    assert blocks == [(b, batch) for batch in (1, 2) for _ in range(3) for b in turn]
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [(b, batch) for b in turn for batch in (1, 2)]
+    assert all(r["status"] == "ok" and r["rounds"] == 3 and r["runs"] >= 3 for r in rows)
+    assert "--rounds 3" in (tmp_path / "bench" / "report.md").read_text()
+
+
 def test_a_backend_that_raises_is_recorded_and_the_others_complete(bench):
     _, result = bench
     failed = [r for r in result["results"] if r["status"] == "failed"]
