@@ -335,7 +335,7 @@ class Trainer:
         """A non-finite loss never recovers: stop with what to change instead of training NaN weights."""
         bad = {k: float(v) for k, v in logs.items() if k in _LOSSES and not torch.isfinite(v)}
         if len(bad) > 1:
-            bad.pop("loss")  # the sum: its parts say which student
+            bad.pop("loss", None)  # the sum: its parts say which student
         if not bad:
             return
         kept = (
