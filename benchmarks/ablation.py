@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.train_speed import cpu_model
 from train.config import load_config
 from train.losses import PRESETS, WEIGHTS
@@ -178,8 +180,6 @@ def term_rows(results: dict) -> list[list[str]]:
 
 def machine(device: str) -> str:
     """What trained the runs: the GPU (and its host's CPU) where they ran on one, else the CPU."""
-    import torch
-
     if device != "cpu" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__} (host CPU {cpu_model()})"
     return cpu_model()

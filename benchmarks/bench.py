@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmarks.report import write_plots, write_report
+from benchmarks.train_speed import cpu_model
 from export.card import write_cards
 from export.graphs import LogitsModel
 from serve.manifest import read_manifest
@@ -312,15 +313,7 @@ def model_gflop(models: list[torch.nn.Module], size: tuple[int, int]) -> float:
 
 
 def machine(cuda: bool) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name() if cuda else None}
+    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name() if cuda else None}
     info["device"] = info["gpu"] or info["cpu"]
     return info
 
@@ -411,8 +404,7 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
                     rows.append({**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)})
                     bar.update()
                 continue
-            shared = {"runner": runner, "kind": kind, "precision": precision, "base": base, "file_bytes": file_bytes,
-                      "build_s": build_s, "scores": scores}  # fmt: skip
+            shared = {"runner": runner, "base": base, "file_bytes": file_bytes, "build_s": build_s, "scores": scores}
             if backend in COMPILED:  # each resets dynamo, which would undo another's compilation: timed alone
                 rows += _time_points({backend: shared}, points, 1, model, settings, cuda, peaks, gflop, bar)
             else:
@@ -454,7 +446,8 @@ def _time_points(ready: dict, points: list, rounds: int, model: str, settings: S
                 bar.set_postfix_str(
                     f"{model} {backend} b{batch} {h}x{w}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
                 )
-                sync = torch.cuda.synchronize if cuda and x["kind"] == "torch" else (lambda: None)
+                on_gpu = cuda and BACKENDS[backend][0] == "torch"
+                sync = torch.cuda.synchronize if on_gpu else (lambda: None)
                 try:
                     run = partial(x["runner"], images)
                     warmup = settings.warmup if r == 0 else 0.0  # later blocks: time_it's first call re-warms
@@ -471,7 +464,8 @@ def _time_points(ready: dict, points: list, rounds: int, model: str, settings: S
                 continue
             row.update(Timing(samples[backend]).summary(), rounds=rounds)
             row["images_per_s"] = 1e3 * batch / row["mean_ms"]
-            if cuda and x["kind"] == "torch":  # the model call alone, from CUDA events, and its memory
+            kind, precision, _ = BACKENDS[backend]
+            if cuda and kind == "torch":  # the model call alone, from CUDA events, and its memory
                 torch.cuda.reset_peak_memory_stats()
                 x["runner"].prepare(images)
                 compute = time_cuda(x["runner"].compute, settings.warmup, settings.seconds, settings.min_runs)
@@ -479,7 +473,7 @@ def _time_points(ready: dict, points: list, rounds: int, model: str, settings: S
             row["rss_mib"] = _rss_mib()
             row["gflop"] = gflop[(model, (h, w))]
             row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
-            peak = (peaks or {}).get(x["precision"])  # fp32, bf16, int8: the GEMM peak of the row's precision
+            peak = (peaks or {}).get(precision)  # fp32, bf16, int8: the GEMM peak of the row's precision
             row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
             row["build_s"] = x["build_s"]
             row["status"] = "ok"
