@@ -21,9 +21,12 @@ Three splits: `train`; `val`, which training evaluates to pick each student's be
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +45,7 @@ PALETTE = [
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 MAX_OVERLAP = 0.3  # share of a new object that may cover earlier ones
 FORMAT = 2  # bump when the generator changes, so `generate` rewrites an older dataset
+STAMP = "synthetic.json"  # the parameters a dataset was written with
 
 
 def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
@@ -139,12 +143,35 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def _write(out: Path, split: str, index: int, height: int, width: int, seed: int) -> str:
+@dataclass(frozen=True)
+class Scene:
+    """What a synthetic set draws: its class table and one picklable `render(rng, height, width)`.
+    `params` are what the renderer depends on beyond the code (hashed with `format` into the stamp)."""
+
+    name: str
+    format: int  # bump when the renderer changes, so `generate` rewrites an older dataset
+    names: list[str]
+    palette: list[list[int]]
+    render: Callable[[np.random.Generator, int, int], tuple[np.ndarray, np.ndarray]]
+    params: dict = field(default_factory=dict)
+
+
+SCENE = Scene("synthetic", FORMAT, CLASS_NAMES, PALETTE, render)
+
+
+def _write(out: Path, split: str, index: int, height: int, width: int, seed: int, scene: Scene) -> str:
     sample_id = f"{split}_{index:05d}"
-    image, mask = render(np.random.default_rng([seed, SPLIT_IDS[split], index]), height, width)
+    image, mask = scene.render(np.random.default_rng([seed, SPLIT_IDS[split], index]), height, width)
     Image.fromarray(image).save(out / "images" / f"{sample_id}.png")
     Image.fromarray(mask).save(out / "masks" / f"{sample_id}.png")
     return sample_id
+
+
+def stamp(scene: Scene, **sizes: int) -> dict:
+    """The parameters a dataset was written with, and their hash (the data's identity in a results file)."""
+    params = {"scene": scene.name, "format": scene.format, **sizes, **scene.params}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    return {**params, "hash": digest}
 
 
 def generate(
@@ -156,43 +183,45 @@ def generate(
     seed: int = 0,
     num_test: int = 500,
     jobs: int = 1,
+    scene: Scene = SCENE,
 ) -> Path:
     """Write the dataset; a second call with the same parameters (and generator format) does nothing.
     A split's images depend only on (seed, split, index), so adding a split leaves the others as they were,
     and `jobs` processes write the same files as one."""
     out = Path(out)
-    params = {"format": FORMAT, "num_train": num_train, "num_val": num_val, "num_test": num_test}
-    params |= {"height": height, "width": width, "seed": seed}
-    stamp = out / "synthetic.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+    sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+    params = stamp(scene, **sizes, height=height, width=width, seed=seed)
+    stamp_file = out / STAMP
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == params:
         return out
     for sub in ("images", "masks", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(jobs) if jobs > 1 else nullcontext() as pool:
         run = partial(pool.map, chunksize=16) if pool else map
         for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
-            write = partial(_write, out, split, height=height, width=width, seed=seed)
+            write = partial(_write, out, split, height=height, width=width, seed=seed, scene=scene)
             ids = run(write, range(count))
             (out / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    (out / "classes.json").write_text(json.dumps({"names": CLASS_NAMES, "palette": PALETTE}, indent=1))
-    stamp.write_text(json.dumps(params))
+    (out / "classes.json").write_text(json.dumps({"names": scene.names, "palette": scene.palette}, indent=1))
+    stamp_file.write_text(json.dumps(params))
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, scene: Scene = SCENE, sizes: dict | None = None) -> None:
+    """The generator's CLI; `sizes` are a scene's default split sizes."""
+    sizes = {"train": 800, "val": 100, "test": 500} | (sizes or {})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/synthetic")
-    parser.add_argument("--train", type=int, default=800)
-    parser.add_argument("--val", type=int, default=100)
-    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--out", default=f"data/{scene.name}")
+    for split, count in sizes.items():
+        parser.add_argument(f"--{split}", type=int, default=count, help=f"images in the {split} split")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="processes that render images (same files as one)")
-    args = parser.parse_args()
-    out = generate(args.out, args.train, args.val, args.height, args.width, args.seed, args.test, args.jobs)
+    args = parser.parse_args(argv)
+    out = generate(args.out, args.train, args.val, args.height, args.width, args.seed, args.test, args.jobs, scene)
     print(
-        f"synthetic dataset: {args.train} train + {args.val} val + {args.test} test images "
+        f"{scene.name} dataset: {args.train} train + {args.val} val + {args.test} test images "
         f"({args.height}x{args.width}) in {out}"
     )
 
