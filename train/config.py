@@ -95,8 +95,11 @@ class MethodConfig:
     training). The defaults are the measured ones (benchmarks/results/ablation-synthetic.md); the first
     design was start 0, warmup 0.05, hfd_weight 1, no margins, no adapters, pixel_norm `active`."""
 
-    preset: Literal["independent", "dml", "hfd", "bsd", "full"] = "full"
-    terms: list[Literal["hfd", "region_bsd", "pixel_bsd", "dml"]] | None = None  # overrides the preset
+    preset: str = "full"  # a name of train.losses.PRESETS (independent, dml, hfd, bsd, full)
+    terms: list[str] | None = None  # names of train.losses.TERMS; overrides the preset
+    # reliable: the selective terms transfer where one student is the more reliable (the method);
+    # random: as many regions and pixels in each direction, chosen at random (the control)
+    selection: Literal["reliable", "random"] = "reliable"
     start: float = 0.25  # share of iterations before any distillation (CE alone)
     warmup: float = 0.1  # share of iterations over which every distillation weight ramps up from 0
     hfd_weight: float = 0.2

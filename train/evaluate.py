@@ -19,7 +19,7 @@ from torch import nn
 from train.config import EvalConfig
 from train.data import build_dataset, pad_collate
 from train.data.transforms import fit_scale
-from train.metrics import ConfusionMatrix
+from train.metrics import Complementarity, ConfusionMatrix
 from train.run_dir import load_run_config, load_students, resolve_device
 
 log = logging.getLogger(__name__)
@@ -67,30 +67,39 @@ def evaluate(
     eval_cfg: EvalConfig | None = None,
     crop: list[int] = (512, 512),
 ) -> dict[str, dict]:
-    """Metrics of each student and, for two or more, of their ensemble (mean of softmax). Always in
-    fp32, also during mixed-precision training: the numbers then match `train.evaluate` and the
-    fp32 engines the export checks against."""
+    """Metrics of each student and, for two or more, of their ensemble (mean of softmax); for two, also
+    of their oracle (`Complementarity`: a student that is right, per pixel). Always in fp32, also during
+    mixed-precision training: the numbers then match `train.evaluate` and the fp32 engines the export
+    checks against."""
     eval_cfg = eval_cfg or EvalConfig()
     names = list(students) + (["ensemble"] if len(students) > 1 else [])
     matrices = {name: ConfusionMatrix(num_classes, device) for name in names}
+    pair = Complementarity(num_classes, device) if len(students) == 2 else None
     was_training = {name: m.training for name, m in students.items()}
     for m in students.values():
         m.eval()
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        probs = 0
+        probs, preds = 0, []
         for name, model in students.items():
             logits = predict_logits(model, images, eval_cfg, list(crop))
-            matrices[name].update(logits.argmax(1), labels)
+            preds.append(logits.argmax(1))
+            matrices[name].update(preds[-1], labels)
             probs = probs + logits.softmax(1)
         if "ensemble" in matrices:
             matrices["ensemble"].update(probs.argmax(1), labels)
+        if pair is not None:
+            pair.update(*preds, labels)
     for name, m in students.items():
         m.train(was_training[name])
     results = {}
     for name, matrix in matrices.items():
         matrix.all_reduce()
         results[name] = matrix.compute()
+    if pair is not None:
+        pair.all_reduce()
+        a, b = students
+        results["oracle"] = pair.compute(results[a]["miou"] >= results[b]["miou"])
     return results
 
 

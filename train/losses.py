@@ -8,24 +8,17 @@ averaged over valid (non-ignore) pixels, so no term grows with batch or image si
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import MethodConfig
+from train.config import ConfigError, MethodConfig
 from train.data import IGNORE_INDEX
 from train.models import StudentOutput
-
-# term -> its MethodConfig weight (every distillation term also follows the method's schedule)
-WEIGHTS = {"hfd": "hfd_weight", "region_bsd": "region_weight", "pixel_bsd": "pixel_weight", "dml": "dml_weight"}
-PRESETS = {
-    "independent": [],
-    "dml": ["dml"],
-    "hfd": ["hfd"],
-    "bsd": ["region_bsd", "pixel_bsd"],
-    "full": ["hfd", "region_bsd", "pixel_bsd"],
-}
 
 
 def upsample_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -134,11 +127,14 @@ def region_bsd_loss(
     margin: float = 0.0,
     adapters: tuple[nn.Module, nn.Module] | None = None,
     tau: float = 4.0,
+    selection: str = "reliable",
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Region-wise BSD: in each k x k region of the stride-4 grid, the student whose mean CE (or entropy)
     there is lower by more than `margin` teaches the other its decoder feature; regions without labels
     are skipped. `adapters` (CNN's, ViT's): learner-side maps from a student's feature to the other's
-    width; without them the two features are compared channel by channel."""
+    width; without them the two features are compared channel by channel. `selection="random"`: as many
+    regions in each direction, chosen at random among the labelled ones (`shuffled`)."""
     grid = cnn.feat.shape[-2:]
     with torch.no_grad():
         small = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0].long()
@@ -155,6 +151,8 @@ def region_bsd_loss(
         has_labels = mass > 0
         vit_teaches = has_labels & (region_v + margin < region_c)
         cnn_teaches = has_labels & (region_c + margin < region_v)
+        if selection == "random":
+            vit_teaches, cnn_teaches = shuffled(vit_teaches, cnn_teaches, has_labels, generator)
         regions = has_labels.sum().clamp(min=1)
 
     target_c, target_v = channel_norm(cnn.feat), channel_norm(vit.feat)
@@ -167,6 +165,18 @@ def region_bsd_loss(
         "region_cnn_to_vit": cnn_teaches.sum() / regions,
     }
     return loss, stats
+
+
+def shuffled(
+    first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random-selection control: two disjoint masks over `valid` positions, chosen at random, with as
+    many positions as `first` and `second` (two disjoint direction masks) have in the whole batch. No
+    device sync: each valid position's rank in a random order decides."""
+    scores = torch.rand(valid.shape, generator=generator, device=valid.device).masked_fill(~valid, 2.0)
+    rank = scores.flatten().argsort().argsort().view(valid.shape)
+    n_first, n_both = first.sum(), first.sum() + second.sum()
+    return rank < n_first, (rank >= n_first) & (rank < n_both)
 
 
 def _kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
@@ -184,11 +194,14 @@ def pixel_bsd_loss(
     ce: tuple[torch.Tensor, torch.Tensor] | None = None,
     margin: float = 0.0,
     norm: str = "active",
+    selection: str = "reliable",
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel-wise BSD: at each labelled pixel the reliable student (correct, and, when both are, of CE
     lower by more than `margin`) teaches the other its distribution; where both are wrong nothing is
     transferred. `norm`: each direction's KL is averaged over the pixels where it is active (`active`)
     or over all labelled pixels (`valid`, DML's scale: a pixel weighs the same whatever the share).
+    `selection="random"`: as many pixels in each direction, chosen at random among the labelled ones.
 
     `ce`: the students' per-pixel CE when the caller has it already (the CE terms' own, see `pixel_ce`).
     """
@@ -203,6 +216,8 @@ def pixel_bsd_loss(
             right_c, right_v = zc.argmax(1) == labels, zv.argmax(1) == labels
             vit_teaches = valid & right_v & (~right_c | better_v)
             cnn_teaches = valid & right_c & (~right_v | better_c)
+        if selection == "random":
+            vit_teaches, cnn_teaches = shuffled(vit_teaches, cnn_teaches, valid, generator)
         n_valid = valid.sum().clamp(min=1)
     t2 = temperature**2
     logp_c, logp_v = (zc / temperature).log_softmax(1), (zv / temperature).log_softmax(1)
@@ -234,36 +249,214 @@ def _norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
     return torch.stack([t.float().square().sum() for t in tensors if t is not None] or [torch.zeros(())]).sum().sqrt()
 
 
+# --- the table of terms ----------------------------------------------------------------------------
+
+
+class Pixels(NamedTuple):
+    """What every pixel term shares in a step: both students' logits at label resolution and their CE."""
+
+    cnn: torch.Tensor
+    vit: torch.Tensor
+    ce_cnn: torch.Tensor
+    ce_vit: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Term:
+    """One distillation term, declared once: the config's checks, the objective, the diagnostics, the
+    ablation and the docs' option list read this row. Adding a term is one row (and its test)."""
+
+    name: str
+    summary: str  # one line, for the docs and the ablation's report
+    weight: str  # the MethodConfig field of its weight (the method's schedule multiplies it)
+    options: tuple[str, ...]  # the MethodConfig fields it reads
+    compute: Callable[[Objective, StudentOutput, StudentOutput, torch.Tensor, Pixels], tuple[torch.Tensor, dict]]
+    acts_on: Callable[[StudentOutput, MethodConfig], list[torch.Tensor]]  # where its gradient ratio is measured
+    stats: tuple[str, ...] = ()  # what it logs besides its value
+    selective: bool = False  # it chooses where knowledge flows, so `method.selection` applies to it
+    check: Callable[[MethodConfig, Geometry], str | None] = lambda cfg, geometry: None  # why it cannot apply
+
+
+class Geometry(NamedTuple):
+    """What the options are checked against: the training crop and the students' widths."""
+
+    crop: tuple[int, int]
+    decoder_channels: tuple[int, int]
+    cnn_channels: list[int] | None = None  # encoder stages (None: not built yet, not checked)
+    vit_channels: list[int] | None = None
+
+
+def _hfd(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, px: Pixels):
+    c = obj.cfg
+    loss = sum(
+        hfd_loss(
+            cnn.low[s - 1],
+            vit.low[s - 1],
+            obj.cnn_to_vit[str(s)],
+            obj.vit_to_cnn[str(s)],
+            c.hfd_distance,
+            c.cwd_temperature,
+        )
+        for s in c.hfd_stages
+    )
+    return loss, {}
+
+
+def _region_bsd(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, px: Pixels):
+    c = obj.cfg
+    adapters = (obj.cnn_adapter, obj.vit_adapter) if obj.cnn_adapter is not None else None
+    return region_bsd_loss(
+        cnn,
+        vit,
+        labels,
+        c.region_size,
+        c.region_criterion,
+        c.region_distance,
+        c.region_margin,
+        adapters,
+        c.cwd_temperature,
+        c.selection,
+        obj.generator,
+    )
+
+
+def _pixel_bsd(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, px: Pixels):
+    c = obj.cfg
+    return pixel_bsd_loss(
+        px.cnn,
+        px.vit,
+        labels,
+        c.temperature,
+        c.pixel_criterion,
+        (px.ce_cnn, px.ce_vit),
+        c.pixel_margin,
+        c.pixel_norm,
+        c.selection,
+        obj.generator,
+    )
+
+
+def _dml(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, px: Pixels):
+    return dml_loss(px.cnn, px.vit, labels, obj.cfg.temperature), {}
+
+
+def _check_hfd(cfg: MethodConfig, g: Geometry) -> str | None:
+    if g.cnn_channels is None or g.vit_channels is None:
+        return None
+    stages = min(len(g.cnn_channels), len(g.vit_channels))
+    if bad := [s for s in cfg.hfd_stages if not 1 <= s <= stages]:
+        return f"method.hfd_stages: stage {bad[0]} does not exist (1..{stages})"
+    return None
+
+
+def _check_region_bsd(cfg: MethodConfig, g: Geometry) -> str | None:
+    grid = [side // 4 for side in g.crop]
+    if any(side % cfg.region_size for side in grid):
+        return (
+            f"method.region_size={cfg.region_size}: does not divide the {grid[0]}x{grid[1]} stride-4 feature map "
+            f"of a {g.crop[0]}x{g.crop[1]} crop (pick a divisor of {grid[0]} and {grid[1]})"
+        )
+    if not cfg.region_adapter and g.decoder_channels[0] != g.decoder_channels[1]:
+        return (
+            "region-wise BSD without adapters compares the two decoder features channel by channel: "
+            f"cnn.decoder_channels ({g.decoder_channels[0]}) must equal vit.decoder_channels "
+            f"({g.decoder_channels[1]}), or set method.region_adapter=true"
+        )
+    return None
+
+
+TERMS = {
+    t.name: t
+    for t in [
+        Term(
+            "hfd",
+            "heterogeneous feature distillation: each student's projected encoder stage imitates the other's",
+            "hfd_weight",
+            ("hfd_stages", "hfd_distance", "hfd_decay", "cwd_temperature"),
+            _hfd,
+            lambda o, c: [o.low[s - 1] for s in c.hfd_stages],
+            check=_check_hfd,
+        ),
+        Term(
+            "region_bsd",
+            "region-wise BSD: per region, the student of lower CE teaches the other its decoder feature",
+            "region_weight",
+            ("region_size", "region_criterion", "region_distance", "region_margin", "region_adapter", "selection"),
+            _region_bsd,
+            lambda o, c: [o.feat],
+            ("region_vit_to_cnn", "region_cnn_to_vit"),
+            selective=True,
+            check=_check_region_bsd,
+        ),
+        Term(
+            "pixel_bsd",
+            "pixel-wise BSD: per pixel, the reliable student teaches the other its distribution",
+            "pixel_weight",
+            ("pixel_criterion", "pixel_margin", "pixel_norm", "temperature", "selection"),
+            _pixel_bsd,
+            lambda o, c: [o.logits],
+            ("pixel_vit_to_cnn", "pixel_cnn_to_vit"),
+            selective=True,
+        ),
+        Term(
+            "dml",
+            "deep mutual learning: symmetric KL to the peer on every labelled pixel",
+            "dml_weight",
+            ("temperature",),
+            _dml,
+            lambda o, c: [o.logits],
+        ),
+    ]
+}
+PRESETS = {
+    "independent": [],
+    "dml": ["dml"],
+    "hfd": ["hfd"],
+    "bsd": ["region_bsd", "pixel_bsd"],
+    "full": ["hfd", "region_bsd", "pixel_bsd"],
+}
+
+
+def method_terms(cfg: MethodConfig, geometry: Geometry | None = None) -> list[str]:
+    """The terms a method config trains, after every check that can fail at start (each names its field)."""
+    if cfg.terms is None and cfg.preset not in PRESETS:
+        raise ConfigError(f"method.preset={cfg.preset!r}: not one of {list(PRESETS)}")
+    terms = list(cfg.terms) if cfg.terms is not None else PRESETS[cfg.preset]
+    if unknown := [t for t in terms if t not in TERMS]:
+        raise ConfigError(f"method.terms: {unknown[0]!r} is not one of {list(TERMS)}")
+    if cfg.selection == "random" and not any(TERMS[t].selective for t in terms):
+        selective = [t.name for t in TERMS.values() if t.selective]
+        raise ConfigError(
+            f"method.selection=random: the control randomises a selective term ({', '.join(selective)}), "
+            f"and this method trains none ({', '.join(terms) or 'CE only'})"
+        )
+    for t in terms if geometry is not None else ():
+        if problem := TERMS[t].check(cfg, geometry):
+            raise ConfigError(problem)
+    return terms
+
+
 class Objective(nn.Module):
-    """CE of both students plus the method's distillation terms, as named, weighted terms.
+    """CE of both students plus the method's distillation terms (`TERMS`), as named, weighted terms.
 
     Holds the training-only modules of the learner sides: HFD projectors (`cnn_to_vit.*` follow the
     CNN's optimizer, `vit_to_cnn.*` the ViT's) and region-BSD adapters (`cnn_adapter`, `vit_adapter`).
-    They are never part of a student's saved weights.
+    They are never part of a student's saved weights. `generator` draws the random-selection control.
     """
 
-    def __init__(
-        self,
-        cfg: MethodConfig,
-        cnn_channels: list[int],
-        vit_channels: list[int],
-        decoder_channels: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, cfg: MethodConfig, geometry: Geometry, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.terms = list(cfg.terms) if cfg.terms is not None else PRESETS[cfg.preset]
+        self.terms = method_terms(cfg, geometry)
+        self.generator = torch.Generator().manual_seed(seed)
         self.cnn_to_vit, self.vit_to_cnn = nn.ModuleDict(), nn.ModuleDict()
         if "hfd" in self.terms:
             for s in cfg.hfd_stages:
-                if not 1 <= s <= min(len(cnn_channels), len(vit_channels)):
-                    raise ValueError(f"method.hfd_stages: stage {s} does not exist (1..{len(vit_channels)})")
-                self.cnn_to_vit[str(s)] = projector(cnn_channels[s - 1], vit_channels[s - 1])
-                self.vit_to_cnn[str(s)] = projector(vit_channels[s - 1], cnn_channels[s - 1])
+                c, v = geometry.cnn_channels[s - 1], geometry.vit_channels[s - 1]
+                self.cnn_to_vit[str(s)], self.vit_to_cnn[str(s)] = projector(c, v), projector(v, c)
         self.cnn_adapter = self.vit_adapter = None
         if "region_bsd" in self.terms and cfg.region_adapter:
-            if decoder_channels is None:
-                raise ValueError("method.region_adapter needs the students' decoder widths")
-            c, v = decoder_channels
+            c, v = geometry.decoder_channels
             self.cnn_adapter, self.vit_adapter = projector(c, v), projector(v, c)
 
     def learner_modules(self, student: str) -> nn.ModuleList:
@@ -289,72 +482,38 @@ class Objective(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         losses, stats = self.unweighted(cnn, vit, labels)
         for name in self.terms:
-            losses[name] = self.schedule(name, progress) * getattr(self.cfg, WEIGHTS[name]) * losses[name]
+            losses[name] = self.schedule(name, progress) * getattr(self.cfg, TERMS[name].weight) * losses[name]
         return losses, stats
 
     def unweighted(
         self, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every term at weight 1: the tensor work of a step, with no per-step Python value in it, so that
-        `compile_terms` compiles it once."""
-        c = self.cfg
+        `compile_terms` compiles it once. Also logs `one_right`, the share of labelled pixels exactly one
+        student gets right: what any selective transfer has to work with."""
         # Full-resolution logits and per-pixel CE once per step, shared by every pixel term.
         zc, zv = upsample_logits(cnn.logits, labels), upsample_logits(vit.logits, labels)
-        ce_c, ce_v = pixel_ce(zc, labels), pixel_ce(zv, labels)
-        losses = {"ce_cnn": cross_entropy(zc, labels, ce_c), "ce_vit": cross_entropy(zv, labels, ce_v)}
-        stats: dict[str, torch.Tensor] = {}
-        if "hfd" in self.terms:
-            losses["hfd"] = sum(
-                hfd_loss(
-                    cnn.low[s - 1],
-                    vit.low[s - 1],
-                    self.cnn_to_vit[str(s)],
-                    self.vit_to_cnn[str(s)],
-                    c.hfd_distance,
-                    c.cwd_temperature,
-                )
-                for s in c.hfd_stages
-            )
-        if "region_bsd" in self.terms:
-            adapters = (self.cnn_adapter, self.vit_adapter) if self.cnn_adapter is not None else None
-            losses["region_bsd"], s = region_bsd_loss(
-                cnn,
-                vit,
-                labels,
-                c.region_size,
-                c.region_criterion,
-                c.region_distance,
-                c.region_margin,
-                adapters,
-                c.cwd_temperature,
-            )
-            stats.update(s)
-        if "pixel_bsd" in self.terms:
-            losses["pixel_bsd"], s = pixel_bsd_loss(
-                zc, zv, labels, c.temperature, c.pixel_criterion, (ce_c, ce_v), c.pixel_margin, c.pixel_norm
-            )
-            stats.update(s)
-        if "dml" in self.terms:
-            losses["dml"] = dml_loss(zc, zv, labels, c.temperature)
+        px = Pixels(zc, zv, pixel_ce(zc, labels), pixel_ce(zv, labels))
+        losses = {"ce_cnn": cross_entropy(zc, labels, px.ce_cnn), "ce_vit": cross_entropy(zv, labels, px.ce_vit)}
+        with torch.no_grad():
+            valid = labels != IGNORE_INDEX
+            one_right = ((zc.argmax(1) == labels) ^ (zv.argmax(1) == labels)) & valid
+            stats = {"one_right": one_right.sum() / valid.sum().clamp(min=1)}
+        for name in self.terms:
+            losses[name], term_stats = TERMS[name].compute(self, cnn, vit, labels, px)
+            stats.update(term_stats)
         return losses, stats
 
     def grad_ratios(
         self, cnn: StudentOutput, vit: StudentOutput, losses: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """For each distillation term and student, |d term / d x| / |d CE / d x| at the tensor x of that
-        student the term acts on (HFD: the distilled encoder stages; region BSD: the decoder feature;
-        pixel BSD and DML: the logits), with the term at its current weight. Diagnostics: it keeps the
-        graph, so call it before the backward pass, and not every step."""
-        acts_on = {
-            "hfd": lambda o: [o.low[s - 1] for s in self.cfg.hfd_stages],
-            "region_bsd": lambda o: [o.feat],
-            "pixel_bsd": lambda o: [o.logits],
-            "dml": lambda o: [o.logits],
-        }
+        student the term acts on (`Term.acts_on`), with the term at its current weight. Diagnostics: it
+        keeps the graph, so call it before the backward pass, and not every step."""
         ratios = {}
         for student, out in (("cnn", cnn), ("vit", vit)):
             for name in self.terms:
-                xs = acts_on[name](out)
+                xs = TERMS[name].acts_on(out, self.cfg)
                 grad = torch.autograd.grad(losses[name], xs, retain_graph=True, allow_unused=True)
                 ce = torch.autograd.grad(losses[f"ce_{student}"], xs, retain_graph=True, allow_unused=True)
                 ratios[f"ratio_{name}_{student}"] = (_norm(grad) / _norm(ce).clamp(min=1e-12)).detach()

@@ -26,7 +26,7 @@ from train.checkpoint import load_state, save_state, save_weights
 from train.config import Config, ConfigError, OptimizerConfig, save_config
 from train.data import DatasetError, SegmentationDataset, build_dataset
 from train.evaluate import eval_loader, evaluate, format_table
-from train.losses import WEIGHTS, Objective
+from train.losses import TERMS, Geometry, Objective, method_terms
 from train.models import build_student, locate
 from train.run_dir import (
     CHECKPOINT_FILE,
@@ -46,7 +46,7 @@ _SHORT = {
     "pixel_vit_to_cnn": "p_v2c",
     "pixel_cnn_to_vit": "p_c2v",
 }
-_LOSSES = {"loss", "ce_cnn", "ce_vit", *WEIGHTS}  # what a step returns besides statistics
+_LOSSES = {"loss", "ce_cnn", "ce_vit", *TERMS}  # what a step returns besides statistics
 _BAR_INTERVAL = 10  # iterations between progress-bar updates (each reads the losses off the device)
 
 
@@ -155,6 +155,8 @@ class Trainer:
                 f"data.batch_size={cfg.data.batch_size} (the global batch) "
                 f"does not split evenly over {self.dist.world} processes"
             )
+        widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
+        method_terms(cfg.method, Geometry(tuple(cfg.data.crop_size), widths))  # fails before any data is read
         torch.manual_seed(cfg.seed)
         if self.cuda:  # TF32 matmuls for fp32 (cuDNN's convolutions use TF32 by default already)
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -177,18 +179,12 @@ class Trainer:
         k = cfg.data.num_classes
         students = nn.ModuleDict({name: build_student(getattr(cfg, name), k, init[name]) for name in STUDENTS})
         channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
-        widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
+        geometry = Geometry(tuple(cfg.data.crop_size), widths, channels["cnn"], channels["vit"])
         # The objective's own modules draw from a generator of their own, so every method arm of one seed
         # trains with the same random stream (dropout) as `independent`: paired comparisons stay paired.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            objective = Objective(cfg.method, channels["cnn"], channels["vit"], widths)
-        if "region_bsd" in objective.terms and not cfg.method.region_adapter and widths[0] != widths[1]:
-            raise ConfigError(
-                "region-wise BSD without adapters compares the two decoder features channel by channel: "
-                f"cnn.decoder_channels ({widths[0]}) must equal vit.decoder_channels ({widths[1]}), "
-                "or set method.region_adapter=true"
-            )
+            objective = Objective(cfg.method, geometry, seed=cfg.seed + 2)
         if self.dist.enabled and self.cuda:  # a few images per GPU: batch statistics over all of them
             students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
             objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
@@ -447,7 +443,7 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": {"torch": torch.get_rng_state(), "selection": self.objective.generator.get_state()},
         }
         if self.cuda:
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -466,6 +462,8 @@ class Trainer:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
+        if "selection" in state["rng"]:
+            self.objective.generator.set_state(state["rng"]["selection"])
         if self.cuda and "cuda" in state["rng"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.iteration, self.best = state["iteration"], state["best"]

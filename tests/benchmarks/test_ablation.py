@@ -1,4 +1,6 @@
 import json
+import math
+import statistics
 
 import pytest
 
@@ -19,7 +21,7 @@ def rows_of(text: str, section: str) -> dict[str, list[str]]:
     return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in rows}
 
 
-def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(synthetic_root, tmp_path):
+def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(synthetic_root, tmp_path, capsys):
     out = tmp_path / "ablation"
     args = ["--out", str(out), "--seeds", "0", "1", "--jobs", "2", "--arms", "independent", "pixel_bsd"]
     args += ["--arm", "gentle", "method.preset=dml method.dml_weight=0.5"]
@@ -46,6 +48,10 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
     diffs = [test_best("pixel_bsd", s, "cnn") - test_best("independent", s, "cnn") for s in (0, 1)]
     assert deltas["pixel_bsd"][0].startswith(f"{sum(diffs) / 2:+.2f} ±")
     assert f"(min {min(diffs):+.2f})" in deltas["pixel_bsd"][0]
+    half = 12.706 * statistics.stdev(diffs) / math.sqrt(2)  # t(0.975, 1 degree of freedom)
+    assert f"[{sum(diffs) / 2 - half:+.2f}, {sum(diffs) / 2 + half:+.2f}]" in deltas["pixel_bsd"][0]
+    per_class = rows_of(text, "## Per-class IoU Δ to `independent`")
+    assert len(per_class["gentle cnn"]) == 5  # the synthetic set's classes
     assert "## test, last weights" in text and "| gentle | 1 |" in text
 
     terms = rows_of(text, "## Distillation terms")
@@ -56,9 +62,26 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
     assert len(results["independent"]["0"]["curve"]["ensemble"]) >= 2  # evaluated at 3 and 4
 
     # A second call re-tabulates without training again.
-    stamp = (out / "gentle" / "seed1" / CHECKPOINT_FILE).stat().st_mtime_ns
+    stamp = lambda arm: (out / arm / "seed1" / CHECKPOINT_FILE).stat().st_mtime_ns  # noqa: E731
+    before = {arm: stamp(arm) for arm in ("independent", "gentle")}
     assert main(args) == 0
-    assert (out / "gentle" / "seed1" / CHECKPOINT_FILE).stat().st_mtime_ns == stamp
+    assert {arm: stamp(arm) for arm in before} == before
+
+    # An arm asked for with another config is trained again, and says so; the old run is kept aside.
+    changed = [a.replace("dml_weight=0.5", "dml_weight=0.7") for a in args]
+    assert main(changed) == 0
+    said = capsys.readouterr().out
+    assert "[gentle/seed1] asked for another config than it was trained with (method.dml_weight: 0.5 -> 0.7)" in said
+    assert stamp("gentle") != before["gentle"] and stamp("independent") == before["independent"]
+    assert "dml_weight: 0.7" in (out / "gentle" / "seed1" / "config.yaml").read_text()
+    assert "dml_weight: 0.5" in (out / "gentle" / "seed1.stale-1" / "config.yaml").read_text()
+
+
+def test_arm_whose_option_cannot_apply_fails_before_training(tmp_path, synthetic_root):
+    args = ["--out", str(tmp_path / "a"), *tiny_run_args(synthetic_root), "--arms", "independent"]
+    with pytest.raises(SystemExit, match=r"arm 'control': method.selection=random: .* trains none \(dml\)"):
+        main([*args, "--arm", "control", "method.preset=dml method.selection=random"])
+    assert not (tmp_path / "a").exists()
 
 
 def test_unknown_arm_fails_before_training(tmp_path):

@@ -40,6 +40,7 @@ def test_ensemble_combines_both_students():
     r = evaluate({"a": PixelModel(), "b": Leaning()}, [(x, labels)], 2, torch.device("cpu"))
     assert r["a"]["acc"] == 0.5 and r["b"]["acc"] == 0.5
     assert r["ensemble"]["acc"] == 1.0  # mean of softmax: (1.0 + 0.12) / 2 > 0.5 at pixel 0, (0.5 + 0.88) / 2 at 1
+    assert r["oracle"]["acc"] == 1.0 and r["oracle"]["one_right"] == 1.0  # each pixel has one right student
 
 
 def test_eval_scale_predicts_on_the_fitted_image_and_answers_at_label_size():

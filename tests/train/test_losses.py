@@ -11,6 +11,7 @@ from torch import nn
 from train.config import MethodConfig
 from train.losses import (
     PRESETS,
+    Geometry,
     Objective,
     channel_norm,
     dml_loss,
@@ -19,6 +20,7 @@ from train.losses import (
     pixel_bsd_loss,
     pixel_ce,
     region_bsd_loss,
+    shuffled,
 )
 from train.models import StudentOutput
 
@@ -176,7 +178,12 @@ def test_hfd_targets_are_detached_and_normalised():
 
 def objective_of(cfg: MethodConfig) -> Objective:
     """The objective for `student_pair`'s students (ResNet-18 / MiT-B0 stage widths, 8-wide decoders)."""
-    return Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256], decoder_channels=(8, 8))
+    return Objective(cfg, geometry())
+
+
+def geometry(cnn=(64, 128, 256, 512), vit=(32, 64, 160, 256), widths=(8, 8), crop=(64, 64)) -> Geometry:
+    """A training geometry the default options fit (region_size 8 divides a 64x64 crop's 16x16 grid)."""
+    return Geometry(crop, widths, list(cnn), list(vit))
 
 
 def student_pair(labels_hw=(16, 16)):
@@ -340,7 +347,7 @@ def test_schedule_starts_late_ramps_and_decays_hfd():
     assert objective.schedule("pixel_bsd", 0.9) == 1.0
     assert objective.schedule("hfd", 0.6) == pytest.approx(0.5)  # half-way through distillation (0.2 -> 1)
     assert objective.schedule("hfd", 1.0) == pytest.approx(0.0)
-    cosine = Objective(MethodConfig(preset="hfd", start=0, warmup=0, hfd_decay="cosine"), [64, 128], [32, 64])
+    cosine = Objective(MethodConfig(preset="hfd", start=0, warmup=0, hfd_decay="cosine"), geometry([64, 128], [32, 64]))
     assert cosine.schedule("hfd", 0.5) == pytest.approx(0.5) and cosine.schedule("hfd", 0.25) > 0.75
 
 
@@ -365,7 +372,7 @@ def test_objective_region_adapters_bridge_widths_and_follow_the_learner():
     cnn, vit, labels = student_pair()
     vit = StudentOutput(vit.low, torch.randn(2, 12, 4, 4), vit.logits)  # decoder widths 8 and 12
     cfg = MethodConfig(preset="bsd", region_adapter=True)
-    objective = Objective(cfg, [64, 128, 256, 512], [32, 64, 160, 256], decoder_channels=(8, 12))
+    objective = Objective(cfg, geometry(widths=(8, 12)))
     losses, _ = objective(cnn, vit, labels, progress=0.5)
     assert torch.isfinite(losses["region_bsd"])
     assert objective.cnn_adapter[0].weight.shape == (12, 8, 1, 1)
@@ -392,6 +399,51 @@ def test_grad_ratios_scale_with_the_weight_and_vanish_without_transfer():
     # Both students wrong everywhere: pixel BSD transfers nothing, and its ratio says so.
     wrong = (labels + 1) % K
     flat = [StudentOutput(o.low, o.feat, confident(wrong).requires_grad_()) for o in (cnn, vit)]
-    objective = Objective(MethodConfig(terms=["pixel_bsd"], warmup=0), [64], [32])
+    objective = Objective(MethodConfig(terms=["pixel_bsd"], warmup=0), geometry([64], [32]))
     losses, _ = objective(*flat, labels, progress=0.5)
     assert objective.grad_ratios(*flat, losses)["ratio_pixel_bsd_cnn"] == 0
+
+
+def test_random_selection_transfers_the_same_shares_elsewhere():
+    """The control: as many regions / pixels in each direction as the reliable choice, at random places."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, K, (2, 32, 32), generator=g)
+    labels[:, :4] = 255  # unlabelled rows are never chosen
+    zc, zv = torch.randn(2, K, 32, 32, generator=g), torch.randn(2, K, 32, 32, generator=g)
+    _, reliable = pixel_bsd_loss(zc, zv, labels)
+    draws = [pixel_bsd_loss(zc, zv, labels, selection="random", generator=g)[1] for _ in range(2)]
+    for stats in draws:
+        assert floats(stats) == pytest.approx(floats(reliable))
+    # where the reliable CNN->ViT pixels are is not where the random ones are
+    masks = []
+    for seed in (1, 2):
+        valid = labels != 255
+        right_c, right_v = zc.argmax(1) == labels, zv.argmax(1) == labels
+        first, second = valid & right_v & ~right_c, valid & right_c & ~right_v
+        a, b = shuffled(first, second, valid, torch.Generator().manual_seed(seed))
+        assert a.sum() == first.sum() and b.sum() == second.sum() and not (a & b).any()
+        assert not (a & ~valid).any() and not (b & ~valid).any()
+        masks.append(a)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], first)
+
+    labels, _, cnn, vit = two_region_case()
+    _, reliable = region_bsd_loss(cnn, vit, labels, region_size=4)
+    _, control = region_bsd_loss(cnn, vit, labels, region_size=4, selection="random", generator=g)
+    assert floats(control) == floats(reliable) == {"region_vit_to_cnn": 0.5, "region_cnn_to_vit": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("method", "crop", "message"),
+    [
+        ({"preset": "bsd", "region_size": 3}, (64, 64), r"method.region_size=3: does not divide the 16x16"),
+        ({"preset": "dml", "selection": "random"}, (64, 64), r"method.selection=random: .* trains none \(dml\)"),
+        ({"preset": "strong"}, (64, 64), r"method.preset='strong': not one of"),
+        ({"terms": ["hfd", "kd"]}, (64, 64), r"method.terms: 'kd' is not one of"),
+        ({"preset": "hfd", "hfd_stages": [5]}, (64, 64), r"method.hfd_stages: stage 5 does not exist"),
+    ],
+)
+def test_method_options_that_cannot_apply_fail_at_start_naming_the_field(method, crop, message):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        Objective(MethodConfig(**method), geometry(crop=crop))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from train.metrics import ConfusionMatrix
+from train.metrics import Complementarity, ConfusionMatrix
 
 
 def test_confusion_matrix_against_hand_computed_values():
@@ -45,3 +45,18 @@ def test_matches_torchmetrics_jaccard():
 
 def test_empty_matrix_has_nan_accuracy():
     assert math.isnan(ConfusionMatrix(3).compute()["acc"])
+
+
+def test_complementarity_on_hand_built_predictions():
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2, 255]])
+    a = torch.tensor([[0, 1, 1, 0, 0, 2, 0]])  # right at 0, 2, 5
+    b = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])  # right at 0, 1, 3; both wrong at 4; pixel 6 unlabelled
+    pair = Complementarity(3)
+    pair.update(a, b, labels)
+    on_a, on_b = pair.compute(a_is_better=True), pair.compute(a_is_better=False)
+    assert on_a["one_right"] == pytest.approx(4 / 6)  # pixels 1, 2, 3, 5
+    assert on_a["shared_errors"] == pytest.approx(1 / 5)  # pixel 4, of the five that either gets wrong
+    # the oracle predicts 0 0 1 1 ? 2, and at pixel 4 the better student's guess: a's 0 or b's 1
+    assert on_a["iou"] == pytest.approx([2 / 3, 1.0, 0.5])
+    assert on_b["iou"] == pytest.approx([1.0, 2 / 3, 0.5])
+    assert on_a["acc"] == pytest.approx(5 / 6)
