@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.train_speed import cpu_model
+from benchmarks.hardware import cpu_model
 from train.config import ConfigError, config_to_dict, load_config
 from train.data.synthetic import STAMP
 from train.losses import PRESETS, TERMS, Geometry, method_terms

@@ -17,7 +17,6 @@ the others go on. Writes results.json, report.md, pareto.png and latency_vs_batc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -35,13 +34,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from benchmarks.hardware import cpu_model, gemm_peaks
 from benchmarks.report import write_plots, write_report
-from benchmarks.train_speed import cpu_model
-from export.card import write_cards
 from export.graphs import LogitsModel
+from serve.backends import BACKENDS, usable
 from serve.manifest import read_manifest
-from serve.runtime import import_onnxruntime, open_engine
-from serve.segmenter import STUDENTS, Segmenter, engines_of
+from serve.runtime import import_onnxruntime
+from serve.segmenter import STUDENTS, engines_of, load_segmenter
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.metrics import ConfusionMatrix
@@ -52,54 +51,27 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 BASELINE = "torch"
 MODELS = (*STUDENTS, "ensemble")
-# backend -> (kind, precision, what it needs)
-BACKENDS = {
-    "torch": ("torch", "fp32", "any"),
-    "torch.compile": ("torch", "fp32", "any"),
-    "torch.fp16": ("torch", "fp16", "cuda"),
-    "torch.bf16": ("torch", "bf16", "cuda"),
-    "torch.cudagraphs": ("torch", "fp32", "cuda"),
-    "ort.cpu.fp32": ("onnxruntime", "fp32", "cpu"),
-    "ort.cpu.int8": ("onnxruntime", "int8", "cpu"),
-    "ort.cuda.fp32": ("onnxruntime", "fp32", "cuda"),
-    "ort.cuda.fp16": ("onnxruntime", "fp16", "cuda"),
-    "ort.trt.fp32": ("onnxruntime", "fp32", "tensorrt"),
-    "ort.trt.fp16": ("onnxruntime", "fp16", "tensorrt"),
-    "ort.trt.int8": ("onnxruntime", "int8", "tensorrt"),
-    "trt.fp32": ("tensorrt", "fp32", "tensorrt"),
-    "trt.fp16": ("tensorrt", "fp16", "tensorrt"),
-    "trt.int8": ("tensorrt", "int8", "tensorrt"),
-    "ov.fp32": ("openvino", "fp32", "cpu"),
-    "ov.bf16": ("openvino", "bf16", "cpu"),
-    "ov.int8": ("openvino", "int8", "cpu"),
+# The PyTorch rows every engine is compared with (name -> precision, whether it needs CUDA); the engines'
+# rows are serve.backends.BACKENDS.
+TORCH = {
+    "torch": ("fp32", False),
+    "torch.compile": ("fp32", False),
+    "torch.fp16": ("fp16", True),
+    "torch.bf16": ("bf16", True),
+    "torch.cudagraphs": ("fp32", True),
 }
 COMPILED = ("torch.compile", "torch.cudagraphs")
-ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "trt": "tensorrt"}
-VARIANT = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8.qdq"}  # int8.cpu on the CPU provider
+ROWS = [*TORCH, *BACKENDS]  # every name --backends takes
+
+
+def precision_of(backend: str) -> str:
+    return TORCH[backend][0] if backend in TORCH else BACKENDS[backend].precision
 
 
 def default_backends(cuda: bool) -> list[str]:
-    """What this machine can run: every row's kind, minus GPU rows on a CPU host."""
-    ort = import_onnxruntime().get_available_providers()
-    picked = ["torch", "torch.compile", "ort.cpu.fp32", "ort.cpu.int8"]
-    if cuda:
-        picked += ["torch.fp16", "torch.bf16", "torch.cudagraphs"]
-    if importlib.util.find_spec("openvino") is not None:
-        from serve.openvino import capabilities
-
-        picked += ["ov.fp32", "ov.int8"] + (["ov.bf16"] if "BF16" in capabilities()["precisions"] else [])
-    if "CUDAExecutionProvider" in ort:
-        picked += ["ort.cuda.fp32", "ort.cuda.fp16"]
-    if "TensorrtExecutionProvider" in ort:
-        picked += ["ort.trt.fp32", "ort.trt.fp16", "ort.trt.int8"]
-    try:
-        import pycuda.driver  # noqa: F401
-        import tensorrt  # noqa: F401
-
-        picked += ["trt.fp32", "trt.fp16", "trt.int8"]
-    except ImportError:
-        pass
-    return picked
+    """What this machine can run: the PyTorch rows (GPU ones on a GPU host) and every engine backend whose
+    runtime, device and precision this host has."""
+    return [name for name, (_, gpu) in TORCH.items() if cuda or not gpu] + [b.name for b in usable()]
 
 
 class TorchRunner:
@@ -155,29 +127,19 @@ class NotShipped(Exception):
 
 
 class EngineRunner:
-    """ONNX Runtime, native TensorRT or OpenVINO engines behind serve's Segmenter (no fitting, any batch)."""
+    """A backend's engines (serve.backends.BACKENDS) behind serve's Segmenter (no fitting, any batch)."""
 
     def __init__(self, engines: Path, model: str, backend: str, threads: int) -> None:
-        kind, precision, _ = BACKENDS[backend]
+        row = BACKENDS[backend]
         members, io = engines_of(model)
-        variant = VARIANT[precision]
-        fmt = "openvino" if kind == "openvino" else "onnx"
-        if backend == "ov.int8":
-            variant = "int8.cpu"  # OpenVINO's int8 runs the CPU graph (on the symmetric one it fails the gate)
-        elif backend == "ort.cpu.int8":
-            shipped = {e.variant for e in read_manifest(engines / members[0]).engines if e.format == "onnx"}
-            variant = "int8.cpu" if "int8.cpu" in shipped else "int8.qdq"
         for member in members:
             manifest = read_manifest(engines / member)
-            if not any((e.format, e.variant) == (fmt, variant) for e in manifest.engines):
-                left_out = (s for s in manifest.skipped if (s.get("backend", "onnx"), s["variant"]) == (fmt, variant))
-                if why := next((s["reason"] for s in left_out), None):
-                    raise NotShipped(f"{member} {fmt} {variant}: {why}")
-        device = ORT_DEVICE[backend.split(".")[1]] if kind == "onnxruntime" else "auto"
-        engines_ = [open_engine(engines / s, variant, io, kind, device, threads) for s in members]
-        self.segmenter = Segmenter(model, engines_)
-        self.entries = [e.entry for e in engines_]
-        self.backend, self.variant = backend, variant
+            missing = manifest.first(row.runtime, row.precision, row.variants, io) is None
+            if missing and (why := manifest.left_out(row.runtime, row.precision, row.variants)):
+                raise NotShipped(f"{member} {backend}: {why}")
+        self.segmenter = load_segmenter(engines, model, row, threads)
+        self.entries = [e.entry for e in self.segmenter.engines]
+        self.backend, self.variant = backend, self.entries[0].variant
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.stack([p.labels for p in self.segmenter.run_batch(list(images), images.shape[1:3])])
@@ -273,34 +235,6 @@ def accuracy(runner, reference, eval_set, count: int, num_classes: int, size: tu
             "first_call_s": first_call_s}  # fmt: skip
 
 
-def gemm_peaks(seconds: float = 0.5) -> dict[str, float]:
-    """This CPU's GFLOP/s ceiling in fp32, bf16 and int8, the best of a 2048^3 matrix product and a
-    1x1 convolution of the same size (oneDNN's conv kernels, the ones inference engines reach, beat
-    torch.mm's BLAS on some CPUs); int8: torch's int8 GEMM. Measured with the bench's threads."""
-    n = 2048
-    a = torch.randn(n, n)
-    x = torch.randn(1, n, 32, 64).contiguous(memory_format=torch.channels_last)  # 2048 pixels
-    w = torch.randn(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
-    candidates = {
-        "fp32": [(torch.mm, a, a), (F.conv2d, x, w)],
-        "bf16": [(torch.mm, a.bfloat16(), a.bfloat16()), (F.conv2d, x.bfloat16(), w.bfloat16())],
-        "int8": [(torch._int_mm, *(a.clamp(-1, 1).mul(127).to(torch.int8),) * 2)],
-    }
-    peaks = {}
-    with torch.no_grad():
-        for precision, ops in candidates.items():
-            best = float("inf")
-            for op, u, v in ops:
-                op(u, v)  # warm-up
-                deadline = time.perf_counter() + seconds
-                while time.perf_counter() < deadline:
-                    started = time.perf_counter()
-                    op(u, v)
-                    best = min(best, time.perf_counter() - started)
-            peaks[precision] = 2 * n**3 / best / 1e9
-    return peaks
-
-
 def model_gflop(models: list[torch.nn.Module], size: tuple[int, int]) -> float:
     """GFLOP of one image through the model(s) (convolutions and matrix products: what the kernels do)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -381,10 +315,10 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
         reference = TorchRunner([students[s] for s in members], BASELINE, device)
         ready = {}  # backend -> its runner and the row fields every point shares
         for backend in settings.backends:
-            kind, precision, _ = BACKENDS[backend]
-            base = {"model": model, "backend": backend, "precision": precision, "device": meta["machine"]["device"]}
+            base = {"model": model, "backend": backend, "precision": precision_of(backend)}
+            base["device"] = meta["machine"]["device"]
             try:
-                if kind == "torch":
+                if backend in TORCH:
                     runner = TorchRunner([students[s] for s in members], backend, device)
                     file_bytes = sum(weights_file(run_dir, s).stat().st_size for s in members)
                     build_s = None
@@ -426,7 +360,6 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     write_report(result, out / "report.md")
     write_plots(result, out)
-    write_cards(Path(run_dir) / "export", out / "results.json")  # the model cards show this host's latency
     return result
 
 
@@ -446,7 +379,7 @@ def _time_points(ready: dict, points: list, rounds: int, model: str, settings: S
                 bar.set_postfix_str(
                     f"{model} {backend} b{batch} {h}x{w}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
                 )
-                on_gpu = cuda and BACKENDS[backend][0] == "torch"
+                on_gpu = cuda and backend in TORCH
                 sync = torch.cuda.synchronize if on_gpu else (lambda: None)
                 try:
                     run = partial(x["runner"], images)
@@ -464,8 +397,7 @@ def _time_points(ready: dict, points: list, rounds: int, model: str, settings: S
                 continue
             row.update(Timing(samples[backend]).summary(), rounds=rounds)
             row["images_per_s"] = 1e3 * batch / row["mean_ms"]
-            kind, precision, _ = BACKENDS[backend]
-            if cuda and kind == "torch":  # the model call alone, from CUDA events, and its memory
+            if cuda and backend in TORCH:  # the model call alone, from CUDA events, and its memory
                 torch.cuda.reset_peak_memory_stats()
                 x["runner"].prepare(images)
                 compute = time_cuda(x["runner"].compute, settings.warmup, settings.seconds, settings.min_runs)
@@ -473,7 +405,7 @@ def _time_points(ready: dict, points: list, rounds: int, model: str, settings: S
             row["rss_mib"] = _rss_mib()
             row["gflop"] = gflop[(model, (h, w))]
             row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
-            peak = (peaks or {}).get(precision)  # fp32, bf16, int8: the GEMM peak of the row's precision
+            peak = (peaks or {}).get(precision_of(backend))  # fp32, bf16, int8: the GEMM peak of its precision
             row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
             row["build_s"] = x["build_s"]
             row["status"] = "ok"
@@ -499,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), help="default: all this machine runs")
+    parser.add_argument("--backends", nargs="+", choices=ROWS, help="default: all this machine runs")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--sizes", nargs="+", type=parse_size, help="HxW (default: the eval size and 512x1024)")
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per configuration")
@@ -515,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     backends = list(dict.fromkeys([BASELINE, *(args.backends or default_backends(torch.cuda.is_available()))]))
     manifests = sorted((args.run / "export").glob("*/manifest.json"))
-    engine_backends = [b for b in backends if BACKENDS[b][0] != "torch"]
+    engine_backends = [b for b in backends if b not in TORCH]
     if engine_backends and not manifests:  # the PyTorch rows alone need no export
         print(f"error: {args.run}/export has no engines for {' '.join(engine_backends)}: "
               f"run python -m export --run {args.run} first", file=sys.stderr)  # fmt: skip

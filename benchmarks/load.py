@@ -1,8 +1,8 @@
 """Load check of a running server: N concurrent users for T seconds, of the Gradio app or of Triton.
 
 python -m benchmarks.load [--url http://127.0.0.1:7860/] [--clients 16] [--seconds 60]
-    [--image PATH | --size 512 1024] [--model cnn] [--precision fp32] [--backend onnxruntime] [--json FILE]
-python -m benchmarks.load --triton 127.0.0.1:8001 --model cnn_fp32_onnxruntime [--clients 16] [--seconds 60]
+    [--image PATH | --size 512 1024] [--model cnn] [--backend ort.cpu.fp32] [--json FILE]
+python -m benchmarks.load --triton 127.0.0.1:8001 --model cnn_ort_cpu_fp32 [--clients 16] [--seconds 60]
 
 Each client sends requests back to back (the app's /segment with gradio_client, or a Triton model's
 gRPC infer with tritonclient). Prints requests/s, latency percentiles as a client sees them and the
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from serve.backends import legacy
 
 
 def drive(clients: int, seconds: float, make_sender) -> tuple[list[float], Counter, float]:
@@ -78,7 +80,7 @@ def summary(latencies: list[float], errors: Counter, elapsed: float) -> dict:
     }
 
 
-def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backend="onnxruntime") -> dict:
+def run_load(url, clients, seconds, images, model="cnn", backend="ort.cpu.fp32") -> dict:
     """The Gradio app's /segment. `images`: one path per client (or one for all)."""
     from gradio_client import Client, handle_file
 
@@ -92,13 +94,13 @@ def run_load(url, clients, seconds, images, model="cnn", precision="fp32", backe
         def make_sender(i: int):
             client = Client(url, verbose=False, download_files=downloads)
             upload = handle_file(str(images[i]))
-            return lambda: client.predict(upload, model, precision, backend, 0.5, api_name="/segment")
+            return lambda: client.predict(upload, model, backend, 0.5, api_name="/segment")
 
         try:
             result = summary(*drive(clients, seconds, make_sender))
         finally:
             tempfile.tempdir = previous
-    return {"url": url, "clients": clients, "model": model, "precision": precision, "backend": backend, **result}
+    return {"url": url, "clients": clients, "model": model, "backend": backend, **result}
 
 
 def run_triton_load(url: str, clients: int, seconds: float, images: list[Path], model: str, token=None) -> dict:
@@ -156,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     parser.add_argument("--model", default="cnn")
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--backend", default="ort.cpu.fp32", help="a backend of the app (serve.backends.BACKENDS)")
+    parser.add_argument("--precision", help="with a runtime name as --backend (earlier versions' flags)")
     parser.add_argument(
         "--triton", metavar="HOST:PORT", help="drive a Triton server's gRPC (make serve-triton) instead"
     )
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.triton:
             r = run_triton_load(args.triton, args.clients, args.seconds, images, args.model, args.triton_token)
         else:
-            r = run_load(args.url, args.clients, args.seconds, images, args.model, args.precision, args.backend)
+            backend = legacy(args.precision, args.backend).name if args.precision else args.backend
+            r = run_load(args.url, args.clients, args.seconds, images, args.model, backend)
     print("| clients | seconds | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {100 * worst['miou']:.2f} / {100 * worst['miou_torch']:.2f} |"
             )
         for s in m.skipped:
-            print(f"not shipped: {s.get('backend', 'onnx')} {s['variant']}: {s['reason']}")
+            print(f"not shipped: {s['runtime']} {s['precision']} ({s['variant']}): {s['reason']}")
     return 0
 
 

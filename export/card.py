@@ -1,10 +1,9 @@
-"""Model cards: README.md in each engine dir and one for the export dir, written from the manifests
-(and a bench's results.json when one has run). `export`, `export.tensorrt` and the bench rewrite them,
-so a card always lists the engines beside it."""
+"""Model cards: README.md in each engine dir and one for the export dir, written from the manifests.
+`export` and `export.tensorrt` (which change the engines) rewrite them, so a card always lists the engines
+beside it; the bench writes its own report (`<run>/bench/report.md`), which the cards point to."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,99 +18,91 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def _bench_rows(results: dict | None, student: str) -> list[dict]:
-    rows = (results or {}).get("results", [])
-    return [r for r in rows if r.get("model") == student and r.get("status") == "ok"]
-
-
-def engine_card(engine_dir: Path, manifest: Manifest, config: dict | None, bench: dict | None) -> str:
+def engine_card(engine_dir: Path, manifest: Manifest, config: dict | None) -> str:
     m, data = manifest, (config or {}).get("data", {})
-    name = f"{m.student}: {m.arch} on {m.backbone}"
     dataset = f"{data.get('root', '?')} ({data.get('format', '?')})"
     source = m.source
-    parity = m.exporter.get("parity", {})
-    opt, biggest, classes = m.shapes["opt"], m.shapes["max"], (m.classes, m.palette)
     lines = [
-        f"# {name}",
+        f"# {m.student}: {m.arch} on {m.backbone}",
         "",
         f"A semantic segmentation model for the {m.num_classes} classes of {dataset}, exported by segdeploy "
         f"{m.exporter.get('segdeploy', '?')} from run `{Path(str(source.get('run', '?'))).name}` "
         f"(weights `{source.get('weights')}`, sha256 `{str(source.get('sha256'))[:16]}…`). "
         f"Best validation mIoU of the PyTorch student: **{_pct(source.get('val_miou'))} %**.",
         "",
+        *_engines(m),
+        "",
+        "## Classes",
+        "",
+        "| id | class | colour |",
+        "|---:|---|---|",
+        *(
+            f"| {i} | {c} | `{hex_colour(rgb)}` {tuple(rgb)} |"
+            for i, (c, rgb) in enumerate(zip(m.classes, m.palette, strict=True))
+        ),
+        "",
+        *_usage(engine_dir, m),
+        "",
+        "## Limits",
+        "",
+        f"- Trained on {dataset} only: scenes and classes unlike those are outside what it learnt.",
+        f"- Engines accept batch 1–{m.shapes['max'][0]} and sizes from {m.shapes['min'][1]}×{m.shapes['min'][2]} "
+        f"to {m.shapes['max'][1]}×{m.shapes['max'][2]} (larger images are scaled down into the range by `serve`); "
+        f"the parity gate checked {m.shapes['opt'][1]}×{m.shapes['opt'][2]} only.",
+        "- Reduced-precision engines are gated on the eval images above; check them on your own data before "
+        "relying on them.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _engines(m: Manifest) -> list[str]:
+    """The engines beside the card, how each was gated, and what was left out."""
+    parity, opt = m.exporter.get("parity", {}), m.shapes["opt"]
+    lines = [
         "## Engines",
         "",
         "Each was checked against the PyTorch student by the export's parity gate (pixel agreement and mIoU "
         f"difference on {parity.get('images', '?')} eval images at {opt[1]}×{opt[2]}, batch sizes "
         f"{', '.join(map(str, parity.get('batch_sizes', [])))}).",
         "",
-        "| file | precision | I/O | runs on | MiB | agreement | ΔmIoU |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| file | variant | precision | I/O | runs on | MiB | agreement | ΔmIoU |",
+        "|---|---|---|---|---|---:|---:|---:|",
     ]
     for e in m.engines:
         p = e.parity or {}
-        runs_on = "TensorRT " + (e.tensorrt or {}).get("gpu", "") if e.format == "plan" else e.target
+        gpu = f", TensorRT {(e.tensorrt or {}).get('gpu', '')}" if e.format == "plan" else f", {e.device}"
         agreement = f"{p['agreement']:.4f}" if "agreement" in p else "-"
         delta = f"{p['miou_delta']:.4f}" if "miou_delta" in p else "-"
-        size = f"{e.size_bytes / 2**20:.1f}"
-        lines.append(f"| `{e.file}` | {e.variant} | {IO_TEXT[e.io]} | {runs_on} | {size} | {agreement} | {delta} |")
+        cells = [f"`{e.file}`", e.variant, e.precision, IO_TEXT[e.io], e.runtime + gpu, f"{e.size_bytes / 2**20:.1f}"]
+        lines.append("| " + " | ".join([*cells, agreement, delta]) + " |")
     for s in m.skipped:
-        lines.append(f"\nNot shipped: **{s['variant']}**, {s['reason']}")
-    rows = _bench_rows(bench, m.student)
-    if rows:
-        machine = (bench or {}).get("machine", {})
-        lines += [
-            "",
-            f"## Latency on {machine.get('gpu') or machine.get('cpu', 'this host')}",
-            "",
-            "From `python -m benchmarks.bench` (median of timed runs after warm-up):",
-            "",
-            "| backend | batch | size | p50 ms | images/s | ΔmIoU vs PyTorch |",
-            "|---|---:|---|---:|---:|---:|",
-        ]
-        for r in rows:
-            delta = "-" if r.get("delta_miou") is None else f"{r['delta_miou']:+.4f}"
-            lines.append(
-                f"| {r['backend']} | {r['batch']} | {r['height']}×{r['width']} | {r['p50_ms']:.1f} | "
-                f"{r['images_per_s']:.1f} | {delta} |"
-            )
-    lines += [
-        "",
-        "## Classes",
-        "",
-        "| id | class | colour |",
-        "|---:|---|---|",
-        *(f"| {i} | {c} | `{hex_colour(rgb)}` {tuple(rgb)} |" for i, (c, rgb) in enumerate(zip(*classes, strict=True))),
-        "",
+        lines.append(f"\nNot shipped: **{s['runtime']} {s['precision']}** ({s['variant']}), {s['reason']}")
+    run = m.source.get("run", "RUN")
+    lines += ["", f"Latency and accuracy on a host: `python -m benchmarks.bench --run {run}` (`bench/report.md`)."]
+    return lines
+
+
+def _usage(engine_dir: Path, m: Manifest) -> list[str]:
+    return [
         "## How to run it",
         "",
         "```bash",
         f"python -m serve.predict --engines {engine_dir.parent} --model {m.student} --out masks photos/ video.mp4",
         f"python -m serve.predict --engines {engine_dir / 'model.fp32.onnx'} --out masks photos/  # the file alone",
         f"python -m serve --engines {engine_dir.parent}                 # the Gradio demo",
-        f"python -m export.triton --run {source.get('run', 'RUN')}      # a Triton model repository",
+        f"python -m export.triton --run {m.source.get('run', 'RUN')}      # a Triton model repository",
         "```",
         "",
         "```python",
         "from serve.images import read_image",
         "from serve.segmenter import load_segmenter",
-        f'segmenter = load_segmenter("{engine_dir.parent}", "{m.student}", "fp32")',
+        f'segmenter = load_segmenter("{engine_dir.parent}", "{m.student}", "ort.cpu.fp32")',
         'labels = segmenter.predict(read_image("photo.jpg")).labels  # (H, W) uint8 class ids',
         "```",
         "",
         f"Input: RGB, normalised with mean {m.preprocess['mean']} and std {m.preprocess['std']} (the `labels` "
         "engines take uint8 and do it inside).",
-        "",
-        "## Limits",
-        "",
-        f"- Trained on {dataset} only: scenes and classes unlike those are outside what it learnt.",
-        f"- Engines accept batch 1–{biggest[0]} and sizes from {m.shapes['min'][1]}×{m.shapes['min'][2]} to "
-        f"{biggest[1]}×{biggest[2]} (larger images are scaled down into the range by `serve`); the parity gate "
-        f"checked {opt[1]}×{opt[2]} only.",
-        "- Reduced-precision engines are gated on the eval images above; check them on your own data before "
-        "relying on them.",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def export_card(root: Path, manifests: dict[str, Manifest], config: dict | None) -> str:
@@ -127,15 +118,14 @@ def export_card(root: Path, manifests: dict[str, Manifest], config: dict | None)
         "|---|---|---:|---|",
     ]
     for student, m in manifests.items():
-        variants = ", ".join(sorted({f"{e.variant} ({e.format})" for e in m.engines}))
+        variants = ", ".join(sorted({f"{e.precision} on {e.runtime}" for e in m.engines}))
         model = f"{m.arch} on {m.backbone}"
         lines.append(f"| [{student}]({student}/{CARD}) | {model} | {_pct(m.source.get('val_miou'))} | {variants} |")
     return "\n".join(lines) + "\n"
 
 
-def write_cards(root: str | Path, bench_results: str | Path | None = None) -> list[Path]:
-    """(Re)write the cards of every engine dir under `root` (a run's export dir). The bench's
-    results are read from `bench_results`, else from <run>/bench/results.json when present."""
+def write_cards(root: str | Path) -> list[Path]:
+    """(Re)write the cards of every engine dir under `root` (a run's export dir)."""
     root = Path(root)
     manifests = {}
     for d in sorted(p.parent for p in root.glob(f"*/{MANIFEST_FILE}")):
@@ -146,12 +136,10 @@ def write_cards(root: str | Path, bench_results: str | Path | None = None) -> li
     if not manifests:
         return []
     config = _run_config(Path(str(next(iter(manifests.values())).source.get("run", ""))))
-    bench_path = Path(bench_results) if bench_results else root.parent / "bench" / "results.json"
-    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     written = []
     for student, manifest in manifests.items():
         path = root / student / CARD
-        path.write_text(engine_card(root / student, manifest, config, bench))
+        path.write_text(engine_card(root / student, manifest, config))
         written.append(path)
     (root / CARD).write_text(export_card(root, manifests, config))
     return [*written, root / CARD]

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from export import card, graphs, parity, precision
+from serve.backends import BACKENDS, runtime_problem
 from serve.manifest import (
-    OPENVINO_VARIANTS,
+    PRECISION,
     VARIANTS,
     EngineEntry,
     Manifest,
@@ -34,15 +35,14 @@ from serve.manifest import (
     sha256,
     write_manifest,
 )
-from serve.runtime import OnnxRuntimeEngine, median_ms
+from serve.runtime import OPENERS, OnnxRuntimeEngine, median_ms
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.run_dir import METRICS_FILE, STUDENTS, load_run_config, load_student, weights_file
 
 log = logging.getLogger(__name__)
 
-PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8.qdq": "int8", "int8.cpu": "int8"}
-TARGET = {"fp32": "any", "fp16": "any", "int8.qdq": "tensorrt", "int8.cpu": "cpu"}
+DEVICE = {"fp32": "any", "fp16": "any", "int8.qdq": "cuda", "int8.cpu": "cpu"}  # what a graph variant is meant for
 
 
 @dataclass
@@ -154,7 +154,8 @@ def _export_student(run_dir, cfg, name, opts, out, shapes, eval_set, train_set) 
         "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
     }
     try:
-        manifest = _build(student, cfg, name, opts, shapes, eval_set, train_set, tmp, source)
+        job = StudentExport(student, cfg, name, opts, eval_set, train_set, tmp)
+        manifest = _build(job, _describe(cfg, name, opts, shapes, source))
         write_manifest(manifest, tmp)
         (tmp / "parity.json").write_text(json.dumps({e.name: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
@@ -175,7 +176,7 @@ def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
         old = read_manifest(old_dir)
     except ManifestError:
         return
-    onnx_sha = {e.file: sha256(new_dir / e.file) for e in manifest.engines if e.format == "onnx"}
+    onnx_sha = {e.file: sha256(new_dir / e.file) for e in manifest.engines if e.runtime == "onnxruntime"}
     for plan in (e for e in old.engines if e.format == "plan"):
         source = engine_file(plan.variant, plan.io)
         if source in onnx_sha and (plan.tensorrt or {}).get("onnx_sha256") == onnx_sha[source]:
@@ -189,26 +190,58 @@ def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
     write_manifest(manifest, new_dir)
 
 
-def _build(student, cfg, name, opts: ExportOptions, shapes, eval_set, train_set, tmp: Path, source: dict) -> Manifest:
-    manifest = _describe(cfg, name, opts, shapes, source)
-    size = tuple(shapes["opt"][1:])  # the serving size
-    started = time.perf_counter()
-    logits = graphs.export_logits(student, size, manifest.shapes["max"][0], opts.opset)
-    export_s = time.perf_counter() - started
-    simplified = False
-    if opts.simplify:
-        slim = graphs.simplify(logits)
-        if _same_outputs(logits, slim, eval_set):
-            logits, simplified = slim, True
-        else:
-            log.warning("%s: onnxslim changed the outputs; keeping the unsimplified graph", name)
+@dataclass
+class StudentExport:
+    """What one student's export works on: the student, where it builds, and the data it is gated on."""
 
-    if simplified:
-        manifest.exporter["simplifier"] = "onnxslim"
-    calibration = None
-    entries: list[EngineEntry] = []
-    skipped: list[dict[str, str]] = []
-    for variant in opts.variants:
+    student: torch.nn.Module
+    cfg: object  # train.config.Config
+    name: str
+    opts: ExportOptions
+    eval_set: object
+    train_set: object
+    tmp: Path
+
+
+def _build(job: StudentExport, manifest: Manifest) -> Manifest:
+    size = tuple(manifest.shapes["opt"][1:])  # the serving size
+    entries = _write_graphs(job, manifest)
+    entries += _openvino_entries(entries) if job.opts.openvino else []
+    runners = {e.name: _runner(e, job.tmp) for e in entries}  # the gate's engines, timed again by the int8 rule
+    candidates = [parity.Candidate(e.name, e.io, e.precision, runners[e.name]) for e in entries]
+    o = job.opts
+    reports = parity.check(job.student, candidates, job.eval_set, o.parity_images, o.batch_sizes, o.thresholds)
+    for e in entries:
+        e.parity = reports[e.name]
+    skipped = _drop_failed(job.name, entries)
+    verdicts = int8_verdicts(entries, runners, size, o.int8_min_speedup, o.int8_max_miou_delta)
+    for verdict in verdicts:
+        if not verdict.ship:
+            entries[:] = [e for e in entries if verdict.engine != (e.runtime, e.precision, e.variant)]
+            skipped.append({**dict(zip(("runtime", "precision", "variant"), verdict.engine, strict=True)),
+                            "reason": verdict.reason})  # fmt: skip
+            log.info("%s: %s %s not shipped: %s", job.name, *verdict.engine[:2], verdict.reason)
+    _remove_unused_files(entries, job.tmp)
+    manifest.engines, manifest.skipped = entries, skipped
+    manifest.decisions = [asdict(v) for v in verdicts]
+    return manifest
+
+
+def _write_graphs(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
+    """Every variant's ONNX graph, in both I/O modes, written with its own manifest as metadata."""
+    started = time.perf_counter()
+    logits = graphs.export_logits(
+        job.student, tuple(manifest.shapes["opt"][1:]), manifest.shapes["max"][0], job.opts.opset
+    )
+    export_s = time.perf_counter() - started
+    if job.opts.simplify:
+        slim = graphs.simplify(logits)
+        if _same_outputs(logits, slim, job.eval_set):
+            logits, manifest.exporter["simplifier"] = slim, "onnxslim"
+        else:
+            log.warning("%s: onnxslim changed the outputs; keeping the unsimplified graph", job.name)
+    calibration, entries = None, []
+    for variant in job.opts.variants:
         started = time.perf_counter()
         if variant == "fp32":
             graph = logits
@@ -216,83 +249,81 @@ def _build(student, cfg, name, opts: ExportOptions, shapes, eval_set, train_set,
             graph = precision.to_fp16(logits)
         else:
             if calibration is None:
-                calibration = _calibration_batches(train_set, opts.calib_images, cfg.seed)
+                calibration = _calibration_batches(job.train_set, job.opts.calib_images, job.cfg.seed)
             graph = precision.to_int8(logits, calibration, variant)
         for io, model in (("logits", graph), ("labels", graphs.labels_model(graph, IMAGENET_MEAN, IMAGENET_STD))):
-            path = tmp / engine_file(variant, io)
-            entry = EngineEntry(path.name, "onnx", io, variant, PRECISION[variant], TARGET[variant])
+            path = job.tmp / engine_file(variant, io)
+            entry = EngineEntry(path.name, "onnx", io, variant, PRECISION[variant], "onnxruntime", DEVICE[variant])
             graphs.save(graphs.with_metadata(model, engine_metadata(manifest, entry)), path)
             entry.size_bytes = path.stat().st_size
             entry.build_s = round((export_s if variant == "fp32" else 0) + time.perf_counter() - started, 2)
             entries.append(entry)
+    return entries
 
-    entries += _openvino_entries(entries, tmp) if opts.openvino else []
-    runners = {e.name: _runner(e, tmp) for e in entries}  # the gate's engines, timed again by the int8 rule
-    candidates = [parity.Candidate(e.name, e.io, e.precision, runners[e.name]) for e in entries]
-    reports = parity.check(student, candidates, eval_set, opts.parity_images, opts.batch_sizes, opts.thresholds)
+
+def _drop_failed(name: str, entries: list[EngineEntry]) -> list[dict[str, str]]:
+    """Remove the engines that failed the gate from `entries` (both I/O modes; an ONNX graph that fails on
+    ONNX Runtime takes the OpenVINO engines that run it along) and return why. fp32 on ONNX Runtime is the
+    reference every engine derives from: its failure stops the export."""
+    failed: dict[tuple[str, str, str], list[str]] = {}
     for e in entries:
-        e.parity = reports[e.name]
-    # fp32 ONNX is the reference every engine derives from: its failure stops the export. A reduced
-    # precision that fails is not shipped (both I/O modes), with the reason in the manifest; an ONNX file
-    # that is not shipped takes the OpenVINO engines that run it along.
-    failed: dict[tuple[str, str], list[str]] = {}
-    for e in entries:
-        failed.setdefault((e.format, e.variant), []).extend(parity.failures({e.name: e.parity}))
+        failed.setdefault((e.runtime, e.precision, e.variant), []).extend(parity.failures({e.name: e.parity}))
     failed = {key: lines for key, lines in failed.items() if lines}
-    if ("onnx", "fp32") in failed:
+    if ("onnxruntime", "fp32", "fp32") in failed:
         lines = [line for variant in failed.values() for line in variant]
         raise parity.ParityError(f"{name}: the parity gate failed (nothing written):\n  " + "\n  ".join(lines))
-    for (fmt, variant), lines in failed.items():
-        dropped = [e for e in entries if e.variant == variant and (e.format == fmt or fmt == "onnx")]
-        for e in dropped:
-            if e.format == "onnx":
-                (tmp / e.file).unlink()
-            entries.remove(e)
-        backend = "openvino" if fmt == "openvino" else "onnx"
-        skipped.append(
-            {"variant": variant, "backend": backend, "reason": "failed the parity gate: " + "; ".join(lines)}
-        )
-        log.warning("%s: %s %s not shipped, it failed the parity gate: %s", name, backend, variant, "; ".join(lines))
-
-    for verdict in _cpu_int8_that_pays(entries, runners, tmp, size, opts):
-        skipped.append(verdict)
-        log.info("%s: %s %s not shipped: %s", name, verdict["backend"], verdict["variant"], verdict["reason"])
-    manifest.engines, manifest.skipped = entries, skipped
-    return manifest
+    skipped = []
+    for (runtime, precision_, variant), lines in failed.items():
+        whole_graph = runtime == "onnxruntime"  # its file goes, and every engine that runs it
+        entries[:] = [
+            e
+            for e in entries
+            if not (e.variant == variant and (whole_graph or (e.runtime, e.precision) == (runtime, precision_)))
+        ]
+        reason = "failed the parity gate: " + "; ".join(lines)
+        skipped.append({"runtime": runtime, "precision": precision_, "variant": variant, "reason": reason})
+        log.warning("%s: %s %s (%s) not shipped, it %s", name, runtime, precision_, variant, reason)
+    return skipped
 
 
-def _openvino_entries(onnx_entries: list[EngineEntry], tmp: Path) -> list[EngineEntry]:
-    """OpenVINO engines on this CPU for the ONNX files just written: fp32 at f32, bf16 where the CPU has
-    it natively, the CPU int8 graph; each gated like the others. None where openvino is not installed."""
-    try:
-        from serve.openvino import capabilities
-    except ImportError:
+def _remove_unused_files(entries: list[EngineEntry], folder: Path) -> None:
+    """Delete the ONNX files no shipped engine runs any more."""
+    used = {e.file for e in entries}
+    for path in folder.glob("*.onnx"):
+        if path.name not in used:
+            path.unlink()
+
+
+def _openvino_entries(onnx_entries: list[EngineEntry]) -> list[EngineEntry]:
+    """OpenVINO engines on this CPU for the ONNX files just written, one per OpenVINO row of the backend table
+    this host runs (fp32; bf16 where the CPU has it natively; int8 on the CPU int8 graph), each gated like the
+    others. None where openvino is not installed."""
+    if problem := runtime_problem("openvino"):
+        log.info("no OpenVINO engines: %s", problem)
         return []
+    from serve.openvino import capabilities
+
     try:
         host = capabilities()
     except RuntimeError as e:  # OpenVinoUnavailable
         log.info("no OpenVINO engines: %s", e)
         return []
-    sources = {"fp32": "fp32", "bf16": "fp32", "int8.cpu": "int8.cpu"}  # variant -> the ONNX variant it runs
     out = []
-    for variant in OPENVINO_VARIANTS:
-        if variant == "bf16" and "BF16" not in host["precisions"]:
+    for row in (b for b in BACKENDS.values() if b.runtime == "openvino"):
+        if row.precision == "bf16" and "BF16" not in host["precisions"]:
             log.info("no OpenVINO bf16 engine: %s computes no bf16 natively", host["cpu"])
             continue
         out += [
-            EngineEntry(e.file, "openvino", e.io, variant, PRECISION[variant], "cpu", e.size_bytes, openvino=host)
+            EngineEntry(e.file, "onnx", e.io, e.variant, row.precision, "openvino", "cpu", e.size_bytes, openvino=host)
             for e in onnx_entries
-            if e.variant == sources[variant]
+            if e.variant in row.variants
         ]
     return out
 
 
 def _runner(entry: EngineEntry, folder: Path):
-    if entry.format == "openvino":
-        from serve.openvino import OpenVinoEngine
-
-        return OpenVinoEngine(folder / entry.file, entry.variant).run
-    return OnnxRuntimeEngine(folder / entry.file, device="cpu").run
+    """The gate's engine for `entry`, opened by its runtime's opener on the CPU."""
+    return OPENERS[entry.runtime](folder / entry.file, None, entry, "cpu", 0).run
 
 
 def _describe(cfg, name: str, opts: ExportOptions, shapes: dict[str, list[int]], source: dict) -> Manifest:
@@ -354,19 +385,33 @@ def _calibration_batches(train_set, count: int, seed: int) -> list[np.ndarray]:
     return [parity.normalise(train_set.read(int(i))[0][None]) for i in order]
 
 
-def _cpu_int8_that_pays(
-    entries: list[EngineEntry], runners: dict, folder: Path, size: tuple[int, int], opts
-) -> list[dict]:
-    """A CPU int8 engine (ONNX Runtime's int8.cpu, OpenVINO's int8) ships only when it pays for its
-    accuracy: at least `int8_min_speedup` x the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32
-    or bf16), timed on the labels engines at the serving size, batch 1, and |ΔmIoU| <= `int8_max_miou_delta`
-    at the gate. The others are removed from `entries` (and int8.cpu's files once no engine runs them);
-    returns why, per engine."""
+@dataclass(frozen=True)
+class Int8Verdict:
+    """Whether a CPU int8 engine ships, with the numbers that decided it (recorded in the manifest's
+    `decisions`; the bench and the model cards read it there, nothing decides again)."""
 
-    def labels(fmt: str, variant: str) -> EngineEntry | None:
-        return next((e for e in entries if (e.format, e.variant, e.io) == (fmt, variant, "labels")), None)
+    engine: tuple[str, str, str]  # runtime, precision, variant
+    ship: bool
+    ms: float  # its median latency at the serving size, batch 1
+    reference: str  # the fastest float CPU engine
+    reference_ms: float
+    speedup: float
+    miou_delta: float  # the largest |ΔmIoU| of its I/O modes at the gate
+    reason: str
 
-    floats = [e for e in (labels("onnx", "fp32"), labels("openvino", "fp32"), labels("openvino", "bf16")) if e]
+
+def int8_verdicts(entries: list[EngineEntry], runners: dict, size: tuple[int, int], min_speedup: float,
+                  max_delta: float) -> list[Int8Verdict]:  # fmt: skip
+    """A CPU int8 engine (ONNX Runtime's int8.cpu, OpenVINO's int8) ships only when it pays for its accuracy:
+    at least `min_speedup` x the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32 or bf16), timed on
+    the labels engines at the serving size, batch 1, and |ΔmIoU| <= `max_delta` at the gate."""
+
+    def labels(runtime: str, precision_: str, variant: str) -> EngineEntry | None:
+        key = (runtime, precision_, variant, "labels")
+        return next((e for e in entries if (e.runtime, e.precision, e.variant, e.io) == key), None)
+
+    floats = [labels("onnxruntime", "fp32", "fp32"), labels("openvino", "fp32", "fp32")]
+    floats = [e for e in [*floats, labels("openvino", "bf16", "fp32")] if e]
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
 
     def timed(entry: EngineEntry) -> float:
@@ -377,23 +422,16 @@ def _cpu_int8_that_pays(
     times = {e.name: timed(e) for e in floats}
     best = min(times, key=times.get)
     verdicts = []
-    for fmt, variant in (("onnx", "int8.cpu"), ("openvino", "int8.cpu")):
-        if (int8 := labels(fmt, variant)) is None:
+    for runtime in ("onnxruntime", "openvino"):
+        if (int8 := labels(runtime, "int8", "int8.cpu")) is None:
             continue
-        group = [e for e in entries if (e.format, e.variant) == (fmt, variant)]
+        group = [e for e in entries if (e.runtime, e.precision, e.variant) == (runtime, "int8", "int8.cpu")]
         ms, delta = timed(int8), max(abs(e.parity["miou_delta"]) for e in group)
         speedup = times[best] / ms
-        if speedup >= opts.int8_min_speedup and delta <= opts.int8_max_miou_delta:
-            continue
-        for e in group:
-            entries.remove(e)
+        ship = speedup >= min_speedup and delta <= max_delta
         reason = (
             f"{ms:.2f} ms at {size[0]}x{size[1]}, batch 1: {speedup:.2f}x the fastest float engine ({best}, "
-            f"{times[best]:.2f} ms), |ΔmIoU| {delta:.4f}; ships at >= {opts.int8_min_speedup}x and "
-            f"<= {opts.int8_max_miou_delta}"
+            f"{times[best]:.2f} ms), |ΔmIoU| {delta:.4f}; ships at >= {min_speedup}x and <= {max_delta}"
         )
-        verdicts.append({"variant": variant, "backend": "openvino" if fmt == "openvino" else "onnx", "reason": reason})
-    for file in (engine_file("int8.cpu", io) for io in ("logits", "labels")):
-        if (folder / file).exists() and not any(e.file == file for e in entries):
-            (folder / file).unlink()
+        verdicts.append(Int8Verdict((runtime, "int8", "int8.cpu"), ship, ms, best, times[best], speedup, delta, reason))
     return verdicts

@@ -180,7 +180,7 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
     manifest = read_manifest(engine_dir)
     plans = {e.file: e for e in manifest.engines if e.format == "plan"}
     failed = []
-    for entry in [e for e in manifest.engines if e.format == "onnx" and e.variant in variants]:
+    for entry in [e for e in manifest.engines if e.runtime == "onnxruntime" and e.variant in variants]:
         name = plan_file(entry.file)
         onnx_sha = sha256(engine_dir / entry.file)
         reason = rebuild_reason(plans.get(name), entry, onnx_sha, target, engine_dir)
@@ -221,7 +221,8 @@ def _build_plan(engine_dir, manifest, entry, onnx_sha, target, use_api, cache_ro
             io=entry.io,
             variant=entry.variant,
             precision=entry.precision,
-            target="tensorrt",
+            runtime="tensorrt",
+            device="cuda",
             size_bytes=tmp.stat().st_size,
             build_s=round(time.perf_counter() - started, 2),
             tensorrt={

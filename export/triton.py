@@ -165,10 +165,12 @@ def shipped(student: str, entry: EngineEntry, io, variants, cpu_only: bool, tens
         return False
     if entry.format == "plan" and (cpu_only or python_backend):  # plans need Triton's TensorRT backend
         return False
-    if entry.format == "openvino":  # its ONNX file is served by the onnxruntime_onnx model of that variant
-        log.info("%s/%s: OpenVINO %s left out (Triton's OpenVINO backend reads IR)", student, entry.file, entry.variant)
+    if entry.runtime == "openvino":  # its ONNX file is served by the onnxruntime_onnx model of that variant
+        log.info(
+            "%s/%s: OpenVINO %s left out (Triton's OpenVINO backend reads IR)", student, entry.file, entry.precision
+        )
         return False
-    if entry.format == "onnx" and entry.target == "tensorrt" and not cpu_only:
+    if entry.format == "onnx" and entry.device == "cuda" and not cpu_only:
         log.info("%s/%s: left out, TensorRT's graph (its plan serves it on GPU)", student, entry.file)
         return False
     if entry.format == "plan":
@@ -228,7 +230,7 @@ def write_repository(
         for entry in manifest.engines:
             if not shipped(student, entry, io, variants, cpu_only, tensorrt, python_backend):
                 continue
-            kind = "KIND_CPU" if cpu_only or entry.target == "cpu" else "KIND_GPU"
+            kind = "KIND_CPU" if cpu_only or entry.device == "cpu" else "KIND_GPU"
             name = model_name(student, entry)
             ios = [engine_tensors(manifest, entry.io, which) for which in ("input", "output")]
             text = config_pbtxt(name, runtime(entry.format), manifest.shapes["max"][0], *ios, kind, instances, delay_us)

@@ -1,9 +1,10 @@
 """The Gradio segmentation demo over a run's engine dirs (no PyTorch, no dataset needed).
 
 Upload an image (or pick an example from the dataset's eval split, copied beside the engine dirs
-at export), choose the model (CNN, ViT, their ensemble), precision and backend among the engines
-present, and get a colour overlay with adjustable opacity, the class map, a legend with each
-class's share of pixels and the latency of each stage. The same function is the `/segment` API.
+at export), choose the model (CNN, ViT, their ensemble) and the backend (a runtime, device and precision
+of serve.backends.BACKENDS) among the engines present, and get a colour overlay with adjustable opacity,
+the class map, a legend with each class's share of pixels and the latency of each stage. The same
+function is the `/segment` API.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ import numpy as np
 from gradio import processing_utils
 from PIL import Image
 
+from serve.backends import BACKENDS, usable
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from serve.manifest import hex_colour, read_manifest
-from serve.segmenter import Segmenter, choices, describe_choice, engine_dirs, fastest, load_segmenter, usable_backends
+from serve.segmenter import Segmenter, choices, describe_choice, engine_dirs, fastest, load_segmenter
 
 log = logging.getLogger(__name__)
 
 DISPLAY_SIDE = 1600  # the overlay is drawn at most this large; the class map keeps full size
 KEEP_CLASS_FILES = 64  # class-map PNGs kept for download: Gradio copies each into its cache on return
-MODEL_LABELS = {"cnn": "CNN (DeepLabV3+ ResNet-18)", "vit": "ViT (SegFormer-B0)", "ensemble": "Ensemble (mean softmax)"}
 
 
 def _save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
@@ -87,42 +88,42 @@ class Demo:
 
     def __init__(self, engines: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 0) -> None:
         self.engines, self.max_pixels, self.threads = Path(engines), max_pixels, threads
-        self.available = choices(self.engines, backends=usable_backends())
+        self.available = [(m, b.name) for m, b in choices(self.engines, usable())]
         if not self.available:
             raise FileNotFoundError(f"{self.engines}: no engine this host can run")
-        self.models = list(dict.fromkeys(m for m, _, _ in self.available))
-        self.segmenters: dict[tuple[str, str, str], Segmenter] = {}
+        self.models = list(dict.fromkeys(m for m, _ in self.available))
+        self.segmenters: dict[tuple[str, str], Segmenter] = {}
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="segdeploy-"))
         weakref.finalize(self, shutil.rmtree, self.outputs, True)  # gone with the app (or at exit)
-        manifest = read_manifest(next(iter(engine_dirs(self.engines).values())))
+        manifests = {s: read_manifest(d) for s, d in engine_dirs(self.engines).items()}
+        manifest = next(iter(manifests.values()))
         self.color_map = {name: hex_colour(rgb) for name, rgb in zip(manifest.classes, manifest.palette, strict=True)}
+        self.labels = {s: f"{s.upper()} ({m.arch}, {m.backbone})" for s, m in manifests.items()}
+        self.labels["ensemble"] = "Ensemble (mean softmax)"
         # The default engine: the fastest gated one of the first model on this host, timed at start.
-        variant, backend, times = fastest(self.engines, self.models[0])
-        self.default = (self.models[0], variant, backend)
+        backend, times = fastest(self.engines, self.models[0])
+        self.default = (self.models[0], backend)
         self.default_why = describe_choice(*self.default, times)
         log.info("default engine: %s", self.default_why)
 
-    def variants(self, model: str) -> list[str]:
-        return list(dict.fromkeys(v for m, v, _ in self.available if m == model))
+    def backends(self, model: str) -> list[str]:
+        return [b for m, b in self.available if m == model]
 
-    def backends(self, model: str, variant: str) -> list[str]:
-        return [b for m, v, b in self.available if (m, v) == (model, variant)]
-
-    def segmenter(self, model: str, variant: str, backend: str) -> Segmenter:
-        key = (model, variant, backend)
+    def segmenter(self, model: str, backend: str) -> Segmenter:
+        key = (model, backend)
         if key not in self.available:
-            have = ", ".join("/".join(k) for k in self.available)
-            raise gr.Error(f"no {variant} {model} engine for {backend} here (available: {have})")
+            have = ", ".join(f"{m} on {b}" for m, b in self.available)
+            raise gr.Error(f"no {model} engine for {backend} here (available: {have})")
         with self.lock:
             if key not in self.segmenters:
-                self.segmenters[key] = load_segmenter(self.engines, model, variant, backend, threads=self.threads)
+                self.segmenters[key] = load_segmenter(self.engines, model, backend, threads=self.threads)
             return self.segmenters[key]
 
-    def segment(self, image_path: str | None, model: str, variant: str, backend: str, opacity: float):
+    def segment(self, image_path: str | None, model: str, backend: str, opacity: float):
         if not image_path:
             raise gr.Error("upload an image first")
-        segmenter = self.segmenter(model, variant, backend)
+        segmenter = self.segmenter(model, backend)
         started = time.perf_counter()
         try:
             image = read_image(image_path, self.max_pixels, name=Path(image_path).name)
@@ -138,7 +139,8 @@ class Demo:
             "render": 1e3 * (time.perf_counter() - drawn),
         }
         details.update(
-            model=model, precision=variant, backend=backend, device=_device(segmenter), timings_ms=timings,
+            model=model, backend=backend, precision=BACKENDS[backend].precision, runtime=BACKENDS[backend].runtime,
+            device=_device(segmenter), timings_ms=timings,
             image_size=list(image.shape[:2]), run_size=list(segmenter.fit(*image.shape[:2])),
         )  # fmt: skip
         latency = " · ".join(f"{stage} {ms:.1f} ms" for stage, ms in timings.items())
@@ -196,21 +198,21 @@ def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
     with gr.Blocks(title="segdeploy: compact segmentation students", delete_cache=(600, 3600)) as app:
         gr.Markdown(
             "## Semantic segmentation with compact students\n"
-            f"Engines: `{demo.engines}` · {' / '.join(usable_backends())}, no PyTorch on this host · "
+            f"Engines: `{demo.engines}` · {' / '.join(sorted({b.runtime for b in usable()}))}, "
+            "no PyTorch on this host · "
             f"Default: {demo.default_why}",
             elem_id="header",
         )
         with gr.Row():
             with gr.Column():
                 image = undecoded(gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"]))
-                model = gr.Dropdown([(MODEL_LABELS[m], m) for m in demo.models], value=first, label="Model")
-                # Every variant and backend present: Gradio checks API calls against a dropdown's first
-                # choices, and the default's (the fastest here) may be offered by one backend only.
-                _, first_variant, first_backend = demo.default
-                every_variant = list(dict.fromkeys(v for _, v, _ in demo.available))
-                every_backend = list(dict.fromkeys(b for _, _, b in demo.available))
-                variant = gr.Dropdown(every_variant, value=first_variant, label="Precision")
-                backend = gr.Dropdown(every_backend, value=first_backend, label="Backend")
+                model = gr.Dropdown([(demo.labels[m], m) for m in demo.models], value=first, label="Model")
+                # Every backend present: Gradio checks API calls against a dropdown's first choices, and
+                # the default's (the fastest here) may be offered for one model only.
+                every_backend = list(dict.fromkeys(b for _, b in demo.available))
+                backend = gr.Dropdown(
+                    every_backend, value=demo.default[1], label="Backend (runtime, device, precision)"
+                )
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 run = gr.Button("Segment", variant="primary")
                 if example_files:
@@ -225,20 +227,14 @@ def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
                         class_file = gr.File(label="Class map (uint8 class indices, PNG)")
                     details = gr.JSON(label="Details")
 
-        def on_model(m):
-            vs = demo.variants(m)
-            bs = demo.backends(m, vs[0])
-            return gr.update(choices=vs, value=vs[0]), gr.update(choices=bs, value=bs[0])
+        def on_model(m, b):
+            bs = demo.backends(m)
+            return gr.update(choices=bs, value=b if b in bs else bs[0])
 
-        def on_variant(m, v):
-            bs = demo.backends(m, v) if v in demo.variants(m) else []
-            return gr.update(choices=bs, value=bs[0] if bs else None)
-
-        model.change(on_model, [model], [variant, backend], queue=False, api_name=False)
-        variant.change(on_variant, [model, variant], [backend], queue=False, api_name=False)
+        model.change(on_model, [model, backend], [backend], queue=False, api_name=False)
         run.click(
             demo.segment,
-            [image, model, variant, backend, opacity],
+            [image, model, backend, opacity],
             [overlay, class_map, class_file, legend, details, latency],
             api_name="segment",
         )

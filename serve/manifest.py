@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: an engine's file (format, variant) and what runs it (runtime, device) are separate fields
 MANIFEST_FILE = "manifest.json"
 METADATA_KEY = "segdeploy.manifest"  # in each ONNX file: its own one-engine manifest
 
 IoMode = Literal["labels", "logits"]
 # Variant names in file names: model.<variant>[.logits].<onnx|plan>
 VARIANTS = ("fp32", "fp16", "int8.qdq", "int8.cpu")
-OPENVINO_VARIANTS = ("fp32", "bf16", "int8.cpu")  # OpenVINO engines: precisions it runs the ONNX files at
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8.qdq": "int8", "int8.cpu": "int8"}  # what a variant computes in
 
 # What each I/O mode feeds and returns (the same for every engine of that mode).
 IO_SPECS: dict[str, dict[str, dict[str, Any]]] = {
@@ -40,12 +40,15 @@ class ManifestError(ValueError):
 
 @dataclass
 class EngineEntry:
+    """One engine: an engine file (what it is) and the runtime that runs it (what it was gated on)."""
+
     file: str
-    format: Literal["onnx", "plan", "openvino"]  # openvino: an ONNX file of the dir, run by OpenVINO
+    format: Literal["onnx", "plan"]  # an ONNX graph or a TensorRT plan
     io: IoMode
-    variant: str  # fp32 | fp16 | int8.qdq | int8.cpu
-    precision: str  # fp32 | fp16 | int8
-    target: str  # where it is meant to run: any | cpu | tensorrt
+    variant: str  # the graph's precision recipe: fp32 | fp16 | int8.qdq | int8.cpu
+    precision: str  # what it computes in: fp32 | fp16 | bf16 | int8
+    runtime: str = "onnxruntime"  # onnxruntime | openvino | tensorrt
+    device: str = "any"  # what it is meant for: any | cpu | cuda
     size_bytes: int = 0
     build_s: float = 0.0
     parity: dict[str, Any] | None = None
@@ -54,12 +57,12 @@ class EngineEntry:
 
     @property
     def key(self) -> str:
-        return f"{self.variant}/{self.io}/{self.format}"
+        return f"{self.runtime}/{self.precision}/{self.variant}/{self.io}"
 
     @property
     def name(self) -> str:
-        """Unique in an engine dir: the file, or for OpenVINO (which runs another engine's file) its key."""
-        return f"{self.file} [openvino {self.variant}]" if self.format == "openvino" else self.file
+        """Unique in an engine dir: the file, or for OpenVINO (which runs the dir's ONNX files) its precision too."""
+        return f"{self.file} [openvino {self.precision}]" if self.runtime == "openvino" else self.file
 
 
 @dataclass
@@ -74,7 +77,8 @@ class Manifest:
     source: dict[str, Any]  # run dir, weights file, sha256, iteration, val mIoU
     exporter: dict[str, Any]  # versions, opset, dynamo, simplifier
     engines: list[EngineEntry] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)  # variants not shipped, and why
+    skipped: list[dict[str, str]] = field(default_factory=list)  # runtime, variant, precision not shipped, and why
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # export's keep-or-drop verdicts, with their numbers
     io: dict[str, Any] = field(default_factory=lambda: IO_SPECS)
     schema: int = SCHEMA_VERSION
 
@@ -82,12 +86,29 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def find(self, variant: str = "fp32", io: IoMode = "labels", fmt: str = "onnx") -> EngineEntry:
-        for e in self.engines:
-            if (e.variant, e.io, e.format) == (variant, io, fmt):
-                return e
+    def first(
+        self, runtime: str, precision: str, variants: tuple[str, ...], io: IoMode = "labels"
+    ) -> EngineEntry | None:
+        """The engine a runtime runs at a precision: the first of `variants` shipped for it (None: none is)."""
+        for variant in variants:
+            for e in self.engines:
+                if (e.runtime, e.precision, e.variant, e.io) == (runtime, precision, variant, io):
+                    return e
+        return None
+
+    def find(self, runtime: str, precision: str, variants: tuple[str, ...], io: IoMode = "labels") -> EngineEntry:
+        """`first`, or an error that lists what the dir has."""
+        if (entry := self.first(runtime, precision, variants, io)) is not None:
+            return entry
         have = ", ".join(e.key for e in self.engines) or "none"
-        raise ManifestError(f"no {variant} {io} {fmt} engine for {self.student} (have: {have})")
+        raise ManifestError(f"no {runtime} {precision} {io} engine for {self.student} (have: {have})")
+
+    def left_out(self, runtime: str, precision: str, variants: tuple[str, ...]) -> str | None:
+        """Why the export did not ship the engines a runtime would run at a precision, where it says."""
+        for s in self.skipped:
+            if (s["runtime"], s["precision"]) == (runtime, precision) and s["variant"] in variants:
+                return s["reason"]
+        return None
 
     def profile(self, io: IoMode) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """min / opt / max input shapes of the TensorRT profile in the I/O mode's layout (opt = serving)."""
@@ -145,6 +166,8 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: expected a JSON object")
     raw = dict(raw)
+    if raw.get("schema") == 1:
+        raw = _from_schema_1(raw)
     if raw.get("schema") != SCHEMA_VERSION:
         raise ManifestError(f"{where}: schema {raw.get('schema')!r}, this runtime reads schema {SCHEMA_VERSION}")
     try:
@@ -160,14 +183,42 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     return manifest
 
 
+def _from_schema_1(raw: dict) -> dict:
+    """A schema 1 manifest (format `openvino` for an ONNX file run by OpenVINO, `target` for the device) in
+    schema 2's fields, so that engine dirs exported before still serve."""
+    runtimes = {"onnx": "onnxruntime", "plan": "tensorrt", "openvino": "openvino"}
+    devices = {"any": "any", "cpu": "cpu", "tensorrt": "cuda"}
+    engines = []
+    for e in raw.get("engines", []):
+        e = dict(e)
+        fmt, target = e.pop("format", "onnx"), e.pop("target", "any")
+        e["runtime"], e["device"], e["format"] = (
+            runtimes.get(fmt, fmt),
+            devices.get(target, target),
+            "plan" if fmt == "plan" else "onnx",
+        )
+        if fmt == "openvino" and e.get("variant") == "bf16":  # the fp32 graph, run at bf16
+            e["variant"] = "fp32"
+        engines.append(e)
+    skipped = []
+    for s in raw.get("skipped", []):
+        runtime = "openvino" if s.get("backend") == "openvino" else "onnxruntime"
+        variant = "fp32" if (runtime, s["variant"]) == ("openvino", "bf16") else s["variant"]
+        precision = "bf16" if s["variant"] == "bf16" else PRECISION.get(s["variant"], s["variant"])
+        skipped.append({"runtime": runtime, "variant": variant, "precision": precision, "reason": s["reason"]})
+    return {**raw, "schema": SCHEMA_VERSION, "engines": engines, "skipped": skipped}
+
+
 def engine_metadata(manifest: Manifest, entry: EngineEntry) -> dict[str, str]:
     """What an ONNX file says about itself (its metadata_props), so that a copy travels without its
     engine dir: the manifest with this engine alone under METADATA_KEY (what `serve` reads), and
     readable keys for model viewers. Nothing that changes between two exports of the same weights
     (no timings, parity or paths), so a plan's source-ONNX hash stays valid across re-exports."""
-    one = Manifest(**{**asdict(manifest), "engines": [], "skipped": []})
+    one = Manifest(**{**asdict(manifest), "engines": [], "skipped": [], "decisions": []})
     one.source = {**manifest.source, "run": Path(str(manifest.source.get("run", ""))).name}
-    one.engines = [EngineEntry(entry.file, entry.format, entry.io, entry.variant, entry.precision, entry.target)]
+    one.engines = [
+        EngineEntry(entry.file, entry.format, entry.io, entry.variant, entry.precision, entry.runtime, entry.device)
+    ]
 
     def describe(tensor: dict) -> str:
         return f"{tensor['name']}: {tensor['dtype']} {tensor['layout']}, {tensor['meaning']}"
@@ -182,7 +233,7 @@ def engine_metadata(manifest: Manifest, entry: EngineEntry) -> dict[str, str]:
         "std": json.dumps(manifest.preprocess["std"]),
         "input": describe(spec["input"]),
         "output": describe(spec["output"]),
-        "precision": f"{entry.variant} ({entry.target})",
+        "precision": f"{entry.variant} ({entry.device})",
         "source_run": one.source["run"],
         "weights_sha256": str(manifest.source.get("sha256")),
         "val_miou": str(manifest.source.get("val_miou")),

@@ -1,12 +1,12 @@
 """OpenVINO on the CPU: the engine dir's ONNX files, compiled with an explicit inference precision.
 
-The manifest lists OpenVINO engines with format `openvino`: an ONNX file of the engine dir and the
-precision it runs at, gated at export like every engine:
+The manifest lists OpenVINO engines with runtime `openvino`: an ONNX file of the engine dir and the
+precision it runs at, gated at export like every engine (backends ov.fp32, ov.bf16, ov.int8):
 - `fp32`: model.fp32.onnx with INFERENCE_PRECISION_HINT f32 (OpenVINO would otherwise pick bf16 on a
   CPU that has it: never silently);
 - `bf16`: the same file with the bf16 hint, only where the CPU computes bf16 natively (AVX512-BF16, AMX);
-- `int8.cpu`: the CPU int8 graph (Q/DQ, uint8 activations), whose convolutions and matmuls OpenVINO runs
-  as int8 kernels.
+- `int8`: the CPU int8 graph (model.int8.cpu.onnx: Q/DQ, uint8 activations), whose convolutions and matmuls
+  OpenVINO runs as int8 kernels.
 The compiled model's precision is read back and must be the one asked for. The graph is compiled for
 each input shape it meets (static shapes: the ViT runs 1.9x faster than compiled once with dynamic
 shapes; a compile takes 0.1-0.4 s), the last few shapes kept.
@@ -22,10 +22,10 @@ import numpy as np
 
 from serve.manifest import EngineEntry, Manifest
 
-# OpenVINO's inference precision per variant. int8.cpu: int8 kernels where the graph has Q/DQ, and the
+# OpenVINO's inference precision per engine precision. int8: int8 kernels where the graph has Q/DQ, and the
 # float ops between them (the final resize, the argmax, pooling) at bf16 where the CPU computes it natively:
 # CNN at 512x1024, batch 1, 57.9 -> 52.7 ms at the same agreement. The int8 engine is gated per CPU.
-VARIANT_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8.cpu": "bf16"}
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
 SHAPES_KEPT = 8  # compiled models per engine, one per input shape, least recently used dropped
 
 
@@ -54,18 +54,19 @@ def capabilities(core=None) -> dict:
     }
 
 
-def check_host(variant: str, gated_on: dict | None, host: dict) -> None:
+def check_host(precision: str, gated_on: dict | None, host: dict) -> None:
     """A precision this CPU lacks is refused, naming the fix (never run emulated or silently in f32)."""
-    needs = {"bf16": "BF16", "int8.cpu": "INT8"}.get(variant)
+    needs = {"bf16": "BF16", "int8": "INT8"}.get(precision)
     if needs and needs not in host["precisions"]:
         raise OpenVinoUnavailable(
-            f"the OpenVINO {variant} engine needs native {needs} on the CPU, which {host['cpu']} lacks "
-            f"(it has {', '.join(host['precisions'])}): use --variant fp32"
+            f"the OpenVINO {precision} engine needs native {needs} on the CPU, which {host['cpu']} lacks "
+            f"(it has {', '.join(host['precisions'])}): use --backend ov.fp32"
         )
-    if gated_on and gated_on.get("cpu") != host["cpu"] and variant != "fp32":
+    if gated_on and gated_on.get("cpu") != host["cpu"] and precision != "fp32":
         raise OpenVinoUnavailable(
-            f"this OpenVINO {variant} engine was gated on {gated_on.get('cpu')}, this host is {host['cpu']}: "
-            "re-export on this host (python -m export --run RUN) so its parity is checked here, or use --variant fp32"
+            f"this OpenVINO {precision} engine was gated on {gated_on.get('cpu')}, this host is {host['cpu']}: "
+            "re-export on this host (python -m export --run RUN) so its parity is checked here, "
+            "or use --backend ov.fp32"
         )
 
 
@@ -75,22 +76,22 @@ class OpenVinoEngine:
     def __init__(
         self,
         model: str | Path,
-        variant: str,
+        precision: str,
         threads: int = 0,
         manifest: Manifest | None = None,
         entry: EngineEntry | None = None,
     ) -> None:
         ov = import_openvino()
-        if variant not in VARIANT_PRECISION:
-            raise ValueError(f"no OpenVINO precision for variant '{variant}' ({', '.join(VARIANT_PRECISION)})")
+        if precision not in INFERENCE_PRECISION:
+            raise ValueError(f"no OpenVINO engine at precision '{precision}' ({', '.join(INFERENCE_PRECISION)})")
         core = ov.Core()
         host = capabilities(core)
-        check_host(variant, (entry.openvino if entry else None), host)
-        self.manifest, self.entry, self.variant, self.model = manifest, entry, variant, str(model)
-        self.precision = VARIANT_PRECISION[variant]
-        if variant == "int8.cpu" and "BF16" not in host["precisions"]:
+        check_host(precision, (entry.openvino if entry else None), host)
+        self.manifest, self.entry, self.model = manifest, entry, str(model)
+        self.precision = INFERENCE_PRECISION[precision]
+        if precision == "int8" and "BF16" not in host["precisions"]:
             self.precision = "f32"
-        self.device = f"openvino.{'int8' if variant == 'int8.cpu' else self.precision}"
+        self.device = f"openvino.{'int8' if precision == 'int8' else self.precision}"
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads

@@ -1,9 +1,11 @@
 """Segment images, folders and videos with a run's engines and write the masks to disk (no PyTorch).
 
 python -m serve.predict --engines runs/<name>/export --out OUT [--model cnn|vit|ensemble]
-    [--variant auto] [--backend auto] [--overlay] [--force] INPUT...
+    [--backend auto|ort.cpu.fp32|ov.int8|...] [--overlay] [--force] INPUT...
 
---variant / --backend auto (the default) take the fastest gated engine this host runs, timed at start.
+--backend auto (the default) takes the fastest gated engine this host runs, timed at start; a backend's name
+(serve.backends.BACKENDS) takes that one. The flags of earlier versions still work: --variant fp32|fp16|bf16|
+int8.cpu|int8.qdq with --backend onnxruntime|openvino|tensorrt and --device auto|cpu|cuda|tensorrt.
 
 INPUT: an image, a folder (searched recursively), a glob ('photos/**/*.jpg', quoted) or a video.
 - An image gives OUT/<path>.png: a palette PNG whose pixel values are class ids (palette = the
@@ -38,9 +40,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from serve.backends import BACKENDS
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
-from serve.runtime import BACKENDS
-from serve.segmenter import MODELS, Prediction, Segmenter, describe_choice, fastest, load_segmenter
+from serve.segmenter import MODELS, Prediction, Segmenter, load_segmenter, select
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
@@ -275,11 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, type=Path, help="where the class maps go")
     parser.add_argument("--model", default="cnn", choices=MODELS)
-    parser.add_argument(
-        "--variant", default="auto", help="fp32, bf16, fp16, int8.cpu, int8.qdq (as exported); auto: the fastest here"
-    )
-    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="auto: the fastest here")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt (ONNX Runtime's provider)")
+    parser.add_argument("--backend", default="auto", help=f"auto (the fastest here), or one of {', '.join(BACKENDS)}")
+    parser.add_argument("--variant", default="auto", help="a graph variant to pin (fp32, fp16, int8.cpu, int8.qdq)")
+    parser.add_argument("--device", default="auto", help="with a runtime name as --backend: auto, cpu, cuda, tensorrt")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     parser.add_argument("--overlay", action="store_true", help="also write colour overlays (JPEG / H.264)")
     parser.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
@@ -288,12 +288,10 @@ def main(argv: list[str] | None = None) -> int:
 
     items, missing = collect(args.inputs)
     try:
-        if args.engines.suffix != ".onnx" and "auto" in (args.variant, args.backend):
-            variant, backend = (None if v == "auto" else v for v in (args.variant, args.backend))
-            args.variant, args.backend, times = fastest(args.engines, args.model, variant, backend)
-            print(f"engine: {describe_choice(args.model, args.variant, args.backend, times)}", file=sys.stderr)
-        backend = "onnxruntime" if args.backend == "auto" else args.backend  # a lone .onnx: ONNX Runtime
-        segmenter = load_segmenter(args.engines, args.model, args.variant, backend, args.device, args.threads)
+        backend, variant, how = select(args.engines, args.model, args.backend, args.variant, args.device)
+        if how:
+            print(f"engine: {how}", file=sys.stderr)
+        segmenter = load_segmenter(args.engines, args.model, backend, args.threads, variant)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,11 @@
 """Torch-free inference on the engines of an engine dir.
 
-`open_engine(engine_dir, variant, io, backend)` reads the manifest and returns an engine whose
-`run(batch)` maps the manifest's input array to its output array. Backends: `onnxruntime` (CPU,
-CUDA and TensorRT execution providers, IO binding on GPU), `tensorrt` (a plan run natively
-through TensorRT and pycuda, serve/tensorrt.py) and `openvino` (the ONNX files on the CPU at an explicit
-precision, serve/openvino.py). An exported ONNX file also opens alone: it carries its
-own one-engine manifest in its metadata.
+`open_backend(engine_dir, "ort.cpu.fp32", io)` reads the manifest and returns the engine that backend (a row
+of serve.backends.BACKENDS) runs, whose `run(batch)` maps the manifest's input array to its output array.
+One opener per runtime (`OPENERS`): `onnxruntime` (CPU, CUDA and TensorRT execution providers, IO binding on
+GPU), `tensorrt` (a plan run natively through TensorRT and pycuda, serve/tensorrt.py) and `openvino` (the ONNX
+files on the CPU at an explicit precision, serve/openvino.py). An exported ONNX file also opens alone: it
+carries its own one-engine manifest in its metadata.
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ from typing import Protocol
 
 import numpy as np
 
-from serve.manifest import METADATA_KEY, EngineEntry, IoMode, Manifest, ManifestError, parse_manifest, read_manifest
+from serve.backends import BACKENDS, ORT_PROVIDERS, RUNTIMES, Backend, backend_named
+from serve.manifest import (
+    METADATA_KEY,
+    PRECISION,
+    EngineEntry,
+    IoMode,
+    Manifest,
+    ManifestError,
+    parse_manifest,
+    read_manifest,
+)
 
-BACKENDS = ("onnxruntime", "tensorrt", "openvino")
-PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-PROVIDER_NAMES = {"tensorrt": PROVIDER_ORDER[0], "cuda": PROVIDER_ORDER[1], "cpu": PROVIDER_ORDER[2]}
 ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu")
 
 log = logging.getLogger(__name__)
@@ -66,10 +73,10 @@ def onnxruntime_providers(device: str = "auto") -> list[str]:
     CPU, which runs what the accelerator does not support)."""
     available = import_onnxruntime().get_available_providers()
     if device == "auto":
-        return [p for p in PROVIDER_ORDER if p in available]
-    if device not in PROVIDER_NAMES:
-        raise ValueError(f"unknown ONNX Runtime device '{device}' (auto, {', '.join(PROVIDER_NAMES)})")
-    wanted = PROVIDER_NAMES[device]
+        return [p for p in ORT_PROVIDERS.values() if p in available]
+    if device not in ORT_PROVIDERS:
+        raise ValueError(f"unknown ONNX Runtime device '{device}' (auto, {', '.join(ORT_PROVIDERS)})")
+    wanted = ORT_PROVIDERS[device]
     if wanted not in available:
         raise RuntimeError(f"ONNX Runtime here has no {wanted} (available: {', '.join(available)})")
     return list(dict.fromkeys([wanted, "CPUExecutionProvider"]))
@@ -120,7 +127,7 @@ class OnnxRuntimeEngine:
             # CUDA and cuDNN from the nvidia-* wheels (or torch's), which the provider's dlopen does not search
             ort.preload_dlls()
         providers: list = list(requested)
-        if requested[0] == PROVIDER_NAMES["tensorrt"] and isinstance(source, str) and manifest and entry:
+        if requested[0] == ORT_PROVIDERS["tensorrt"] and isinstance(source, str) and manifest and entry:
             providers[0] = (requested[0], tensorrt_provider_options(Path(source), manifest, entry))
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
@@ -149,7 +156,7 @@ class OnnxRuntimeEngine:
 
     @property
     def device(self) -> str:
-        return {v: k for k, v in PROVIDER_NAMES.items()}.get(self.providers[0], self.providers[0])
+        return {v: k for k, v in ORT_PROVIDERS.items()}.get(self.providers[0], self.providers[0])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch)
@@ -172,6 +179,53 @@ def median_ms(run, batch: np.ndarray, min_runs: int = 5, seconds: float = 0.0) -
     return float(np.median(samples))
 
 
+def _gpu(device: str) -> int:
+    """The CUDA device index a GPU runtime runs on: `auto`, `cuda` and `tensorrt` are GPU 0."""
+    if device in ("auto", "cuda", "tensorrt"):
+        return 0
+    index = device.removeprefix("cuda:")
+    if not index.isdigit():
+        raise ValueError(f"the tensorrt runtime runs on a GPU: device '{device}' is not auto, cuda, cuda:N or N")
+    return int(index)
+
+
+def _open_onnxruntime(path: Path, manifest: Manifest, entry: EngineEntry, device: str, threads: int) -> Engine:
+    return OnnxRuntimeEngine(path, device, threads, manifest, entry)
+
+
+def _open_openvino(path: Path, manifest: Manifest, entry: EngineEntry, device: str, threads: int) -> Engine:
+    from serve.openvino import OpenVinoEngine
+
+    return OpenVinoEngine(path, entry.precision, threads, manifest, entry)
+
+
+def _open_tensorrt(path: Path, manifest: Manifest, entry: EngineEntry, device: str, threads: int) -> Engine:
+    from serve.tensorrt import TensorRTEngine
+
+    return TensorRTEngine(path, manifest, entry, _gpu(device))
+
+
+OPENERS = {"onnxruntime": _open_onnxruntime, "openvino": _open_openvino, "tensorrt": _open_tensorrt}  # per RUNTIMES
+
+
+def open_backend(
+    engine_dir: str | Path, backend: str | Backend, io: IoMode = "labels", threads: int = 0, variant: str | None = None
+) -> Engine:
+    """The engine `backend` runs from `engine_dir`: the first of its graph variants shipped for its runtime and
+    precision (`variant` pins one of them)."""
+    row = backend if isinstance(backend, Backend) else backend_named(backend)
+    if variant is not None and variant not in row.variants:
+        raise ValueError(f"backend {row.name} runs the {', '.join(row.variants)} graphs, not {variant}")
+    manifest = read_manifest(engine_dir)
+    variants = (variant,) if variant else row.variants
+    if row.format == "plan" and manifest.first(row.runtime, row.precision, variants, io) is None:
+        raise ManifestError(
+            f"{engine_dir}: no {row.precision} {io} plan for {row.name}: python -m export.tensorrt builds it"
+        )
+    entry = manifest.find(row.runtime, row.precision, variants, io)
+    return OPENERS[row.runtime](Path(engine_dir) / entry.file, manifest, entry, row.device, threads)
+
+
 def open_engine(
     engine_dir: str | Path,
     variant: str = "fp32",
@@ -180,29 +234,23 @@ def open_engine(
     device: str = "auto",
     threads: int = 0,
 ) -> Engine:
-    """The engine of `engine_dir` for this variant and I/O mode. `device` picks the ONNX Runtime
-    provider (auto, cpu, cuda, tensorrt); the TensorRT backend runs on GPU `device` (auto: 0)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend '{backend}' ({', '.join(BACKENDS)})")
+    """The engine of `engine_dir` by the names of earlier versions: a graph variant (or OpenVINO's `bf16`) on a
+    runtime; `device` picks ONNX Runtime's provider (auto, cpu, cuda, tensorrt) or TensorRT's GPU. A backend
+    row's name (`ort.cpu.int8`) in `backend` opens that row."""
+    if backend in BACKENDS:
+        return open_backend(engine_dir, backend, io, threads)
+    if backend not in RUNTIMES:
+        raise ValueError(f"unknown backend '{backend}': a runtime ({', '.join(RUNTIMES)}) or {', '.join(BACKENDS)}")
     if Path(engine_dir).suffix == ".onnx":  # a lone ONNX file describes itself
         if backend != "onnxruntime":
             raise ValueError(f"{engine_dir}: a lone ONNX file runs on onnxruntime only (TensorRT plans need their dir)")
         manifest, entry = onnx_manifest(engine_dir)
         return OnnxRuntimeEngine(engine_dir, device, threads, manifest, entry)
     manifest = read_manifest(engine_dir)
-    if backend == "openvino":
-        from serve.openvino import OpenVinoEngine
-
-        entry = manifest.find(variant, io, "openvino")
-        return OpenVinoEngine(Path(engine_dir) / entry.file, variant, threads, manifest, entry)
-    if backend == "tensorrt":
-        from serve.tensorrt import TensorRTEngine
-
-        entry = manifest.find(variant, io, "plan")
-        gpu = 0 if device in ("auto", "cuda", "tensorrt") else int(device)
-        return TensorRTEngine(Path(engine_dir) / entry.file, manifest, entry, gpu)
-    entry = manifest.find(variant, io, "onnx")
-    return OnnxRuntimeEngine(Path(engine_dir) / entry.file, device, threads, manifest, entry)
+    precision = "bf16" if variant == "bf16" else PRECISION.get(variant, variant)
+    graph = "fp32" if variant == "bf16" else variant
+    entry = manifest.find(backend, precision, (graph,), io)
+    return OPENERS[backend](Path(engine_dir) / entry.file, manifest, entry, device, threads)
 
 
 def onnx_manifest(path: str | Path) -> tuple[Manifest, EngineEntry]:

@@ -8,7 +8,6 @@ at the image's own size.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from collections import defaultdict
@@ -18,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from serve.backends import BACKENDS, RUNTIMES, Backend, backend_named, legacy, usable
 from serve.manifest import MANIFEST_FILE, read_manifest
-from serve.runtime import BACKENDS, Engine, median_ms, open_engine
+from serve.runtime import Engine, median_ms, open_backend, open_engine
 
 log = logging.getLogger(__name__)
 
@@ -127,39 +127,37 @@ def engine_dirs(engines_root: str | Path) -> dict[str, Path]:
     return found
 
 
-def choices(engines_root: str | Path, backends: tuple[str, ...] = BACKENDS) -> list[tuple[str, str, str]]:
-    """Every (model, variant, backend) that `load_segmenter` can open from these engine dirs."""
+def choices(engines_root: str | Path, backends: list[Backend] | None = None) -> list[tuple[str, Backend]]:
+    """Every (model, backend) that `load_segmenter` can open from these engine dirs (of `backends`, by
+    default every row of the table), in the table's order."""
     manifests = {s: read_manifest(d) for s, d in engine_dirs(engines_root).items()}
-    fmt = {"onnxruntime": "onnx", "tensorrt": "plan", "openvino": "openvino"}
-    have = {(s, e.variant, e.io, e.format) for s, m in manifests.items() for e in m.engines}
     found = []
-    for backend in backends:
-        variants = sorted({v for (_, v, _, f) in have if f == fmt[backend]}, key=_variant_order)
-        for variant in variants:
-            for model in MODELS:
-                members, io = engines_of(model)
-                if all((s, variant, io, fmt[backend]) in have for s in members):
-                    found.append((model, variant, backend))
+    for backend in BACKENDS.values() if backends is None else backends:
+        for model in MODELS:
+            members, io = engines_of(model)
+            if all(
+                s in manifests and manifests[s].first(backend.runtime, backend.precision, backend.variants, io)
+                for s in members
+            ):
+                found.append((model, backend))
     return found
-
-
-def _variant_order(variant: str) -> int:
-    order = ("fp32", "bf16", "fp16", "int8.cpu", "int8.qdq")
-    return order.index(variant) if variant in order else len(order)
 
 
 def load_segmenter(
     engines_root: str | Path,
     model: str = "cnn",
-    variant: str = "fp32",
-    backend: str = "onnxruntime",
-    device: str = "auto",
+    backend: str | Backend = "ort.cpu.fp32",
     threads: int = 0,
+    variant: str | None = None,
 ) -> Segmenter:
-    """`engines_root`: a run's export dir (any model, variant, backend), or one exported ONNX file alone
-    (its own student, precision and I/O mode: `model` and `variant` are taken from the file)."""
+    """`engines_root`: a run's export dir, or one exported ONNX file alone (its own student, precision and I/O
+    mode: `model` is taken from the file, and an ONNX Runtime backend's device is used). `variant` pins one of
+    the backend's graph variants."""
+    row = backend if isinstance(backend, Backend) else backend_named(backend)
     if Path(engines_root).suffix == ".onnx":
-        engine = open_engine(engines_root, backend=backend, device=device, threads=threads)
+        if row.runtime != "onnxruntime":
+            raise ValueError(f"{engines_root}: a lone ONNX file runs on an ort.* backend, not {row.name}")
+        engine = open_engine(engines_root, backend="onnxruntime", device=row.device, threads=threads)
         return Segmenter(engine.manifest.student, [engine])
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}' ({', '.join(MODELS)})")
@@ -168,55 +166,68 @@ def load_segmenter(
     missing = [s for s in members if s not in dirs]
     if missing:
         raise FileNotFoundError(f"{model} needs the {', '.join(missing)} engine dir under {engines_root}")
-    engines = [open_engine(dirs[s], variant, io, backend, device, threads) for s in members]
-    return Segmenter(model, engines)
-
-
-def usable_backends() -> tuple[str, ...]:
-    """ONNX Runtime always; OpenVINO where it imports; native TensorRT where tensorrt and pycuda import."""
-    usable = ["onnxruntime"]
-    if importlib.util.find_spec("openvino") is not None:
-        usable.append("openvino")
-    if all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda")):
-        usable.append("tensorrt")
-    return tuple(usable)
+    return Segmenter(model, [open_backend(dirs[s], row, io, threads, variant) for s in members])
 
 
 def timed_segmenters(
-    engines_root: str | Path, model: str, variant: str | None = None, backend: str | None = None, runs: int = 3
-) -> dict[tuple[str, str], tuple[Segmenter, float]]:
-    """Every gated engine of `model` this host runs (optionally of one variant or backend), opened, warmed
-    up and timed at the engines' serving size: {(variant, backend): (segmenter, median ms)}."""
+    engines_root: str | Path, model: str, backends: list[str] | None = None, runs: int = 3
+) -> dict[str, tuple[Segmenter, float]]:
+    """Every gated engine of `model` this host runs (or those of some backends), opened, warmed up and timed at
+    the engines' serving size: {backend name: (segmenter, median ms)}."""
     members, _ = engines_of(model)
     h, w = read_manifest(engine_dirs(engines_root)[members[0]]).shapes["opt"][1:]
     image = np.zeros((h, w, 3), np.uint8)
     found = {}
-    for m, v, b in choices(engines_root, usable_backends()):
-        if m != model or (variant and v != variant) or (backend and b != backend):
+    for m, row in choices(engines_root, usable()):
+        if m != model or (backends is not None and row.name not in backends):
             continue
         try:
-            segmenter = load_segmenter(engines_root, model, v, b)
+            segmenter = load_segmenter(engines_root, model, row)
             segmenter.predict(image)  # warm-up: first-call allocations and compilation
         except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks: not a candidate
-            log.warning("%s %s on %s cannot run here: %s", model, v, b, e)
+            log.warning("%s on %s cannot run here: %s", model, row.name, e)
             continue
-        found[(v, b)] = segmenter, median_ms(segmenter.predict, image, min_runs=runs)
+        found[row.name] = segmenter, median_ms(segmenter.predict, image, min_runs=runs)
     if not found:
         raise FileNotFoundError(f"{engines_root}: no {model} engine this host can run")
     return found
 
 
 def fastest(
-    engines_root: str | Path, model: str, variant: str | None = None, backend: str | None = None, runs: int = 3
-) -> tuple[str, str, dict[tuple[str, str], float]]:
-    """The quickest gated engine of `model` this host runs (optionally of one variant or backend), timed
-    at the engines' serving size: (variant, backend, median ms of every engine that opened). Measured,
-    not guessed: which precision and backend wins depends on the CPU or GPU and on the model."""
-    times = {key: ms for key, (_, ms) in timed_segmenters(engines_root, model, variant, backend, runs).items()}
-    best = min(times, key=times.get)
-    return best[0], best[1], times
+    engines_root: str | Path, model: str, backends: list[str] | None = None, runs: int = 3
+) -> tuple[str, dict[str, float]]:
+    """The quickest gated engine of `model` this host runs, timed at the engines' serving size: (its backend,
+    median ms of every engine that opened). Measured, not guessed: which precision and runtime wins depends
+    on the CPU or GPU and on the model."""
+    times = {name: ms for name, (_, ms) in timed_segmenters(engines_root, model, backends, runs).items()}
+    return min(times, key=times.get), times
 
 
-def describe_choice(model: str, variant: str, backend: str, times: dict[tuple[str, str], float]) -> str:
-    others = ", ".join(f"{v} on {b} {ms:.1f} ms" for (v, b), ms in sorted(times.items(), key=lambda kv: kv[1]))
-    return f"{model} {variant} on {backend}, the fastest gated engine here ({others})"
+def select(
+    engines_root: str | Path, model: str, backend: str = "auto", variant: str = "auto", device: str = "auto"
+) -> tuple[Backend, str | None, str | None]:
+    """The engine a command asked for, as (backend row, pinned graph variant, how it was chosen). `backend`: a
+    row's name, `auto` (the fastest gated engine here), or, as in earlier versions, a runtime name; `variant`
+    and `device` (ONNX Runtime's provider) narrow a runtime name or `auto` the way the old flags did."""
+    pin = None if variant in ("auto", "bf16") else variant
+    if backend in BACKENDS or backend not in ("auto", *RUNTIMES):  # a row, or a name that is none (refused)
+        return backend_named(backend), pin, None
+    if Path(engines_root).suffix == ".onnx":  # a lone ONNX file: ONNX Runtime on the device asked for
+        return legacy(pin or "fp32", "onnxruntime", device), None, None
+    if backend != "auto" and variant != "auto":
+        return legacy(variant, backend, device), pin, None
+    rows = [r for _, r in choices(engines_root, usable()) if backend in ("auto", r.runtime)]
+    if variant != "auto":
+        bf16 = variant == "bf16"  # OpenVINO's bf16: the fp32 graph at bf16
+        rows = [r for r in rows if (r.precision == "bf16" if bf16 else variant in r.variants and r.precision != "bf16")]
+    if not rows:
+        raise FileNotFoundError(
+            f"{engines_root}: no {model} engine this host runs for --backend {backend} --variant {variant}"
+        )
+    chosen, times = fastest(engines_root, model, [r.name for r in rows])
+    return BACKENDS[chosen], pin, describe_choice(model, chosen, times)
+
+
+def describe_choice(model: str, backend: str, times: dict[str, float]) -> str:
+    others = ", ".join(f"{b} {ms:.1f} ms" for b, ms in sorted(times.items(), key=lambda kv: kv[1]))
+    return f"{model} on {backend}, the fastest gated engine here ({others})"

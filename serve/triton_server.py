@@ -4,8 +4,8 @@ python -m serve.triton_server --engines runs/<name>/export [--models cnn vit ens
     [--grpc-port 8001] [--metrics-port 8002] [--queue-delay-us 2000] [--max-side 4096] [--access-token T]
     [--repository runs/<name>/triton]
 
-One Triton model per (model, variant, backend) this host runs, named `<model>_<variant>_<backend>`
-(`cnn_fp32_onnxruntime`, `ensemble_bf16_openvino`, ...), plus `<model>` for the fastest of them (timed at
+One Triton model per (model, backend) this host runs, named `<model>_<backend>` with the backend's dots as
+underscores (`cnn_ort_cpu_fp32`, `ensemble_ov_bf16`, ...), plus `<model>` for the fastest of them (timed at
 start, as the app does). Each takes a batch of uint8 RGB images `image` [N, H, W, 3] and returns the class
 maps `labels` [N, H, W] uint8 at the input size; Triton batches requests of one shape dynamically, up to the
 engines' max batch. HTTP/REST and gRPC follow KServe v2 (`/v2/health/ready`, `/v2/models/<name>/infer`),
@@ -40,8 +40,8 @@ INPUT, OUTPUT = IO_SPECS["labels"]["input"]["name"], IO_SPECS["labels"]["output"
 GRPC_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"  # the admin endpoints' token, over gRPC
 
 
-def model_name(model: str, variant: str, backend: str) -> str:
-    return f"{model}_{variant.replace('.', '_')}_{backend}"
+def model_name(model: str, backend: str) -> str:
+    return f"{model}_{backend.replace('.', '_')}"
 
 
 def infer_function(segmenter: Segmenter, max_side: int):
@@ -63,16 +63,16 @@ def infer_function(segmenter: Segmenter, max_side: int):
 
 
 def segmenters(engines: Path, models: list[str]) -> dict[str, Segmenter]:
-    """Every (model, variant, backend) this host runs, by Triton name, plus each model's fastest (each
-    engine opened once; one that cannot run here is logged and not served)."""
+    """Every (model, backend) this host runs, by Triton name, plus each model's fastest (each engine opened
+    once; one that cannot run here is logged and not served)."""
     found: dict[str, Segmenter] = {}
     for model in models:
         timed = timed_segmenters(engines, model)
-        for (variant, backend), (segmenter, _) in timed.items():
-            found[model_name(model, variant, backend)] = segmenter
-        variant, backend = min(timed, key=lambda key: timed[key][1])
-        found[model] = timed[(variant, backend)][0]
-        log.info("%s: the fastest here is %s on %s", model, variant, backend)
+        for backend, (segmenter, _) in timed.items():
+            found[model_name(model, backend)] = segmenter
+        backend = min(timed, key=lambda key: timed[key][1])
+        found[model] = timed[backend][0]
+        log.info("%s: the fastest here is %s", model, backend)
     return found
 
 

@@ -6,6 +6,7 @@ The resolved config (with the dataset's classes filled in) is written to the run
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -57,7 +58,7 @@ class OptimizerConfig:
 
 @dataclass
 class StudentConfig:
-    arch: Literal["deeplabv3plus", "segformer"] = "deeplabv3plus"
+    arch: str = "deeplabv3plus"  # the architecture of its student in STUDENTS (a slot holds its own kind)
     backbone: str = "resnet18"
     output_stride: int | None = 8  # CNN encoders only; pvt_v2 has a fixed stride of 32
     decoder_channels: int = 256  # width of the decoder feature `feat` (ASPP / All-MLP), docs/method.md
@@ -69,15 +70,19 @@ class StudentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
-def _default_vit() -> StudentConfig:
-    return StudentConfig(
+# The two students, by name: each one's architecture, backbone and recipe (docs/method.md). A config section
+# `cnn:` / `vit:` overrides these field by field; every stage reads the names from here.
+STUDENTS = {
+    "cnn": StudentConfig(),  # DeepLabV3+ ResNet-18, output stride 8; SGD 0.01, poly 0.9
+    "vit": StudentConfig(  # SegFormer-B0 (MiT-B0 = timm's pvt_v2_b0); AdamW 6e-5, head x10, 1500-iteration warm-up
         arch="segformer",
         backbone="pvt_v2_b0",
         output_stride=None,
         optimizer=OptimizerConfig(
             name="adamw", lr=6e-5, weight_decay=0.01, head_lr_mult=10.0, warmup_iters=1500, poly_power=1.0
         ),
-    )
+    ),
+}
 
 
 @dataclass
@@ -150,8 +155,8 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    cnn: StudentConfig = field(default_factory=StudentConfig)
-    vit: StudentConfig = field(default_factory=_default_vit)
+    cnn: StudentConfig = field(default_factory=lambda: copy.deepcopy(STUDENTS["cnn"]))
+    vit: StudentConfig = field(default_factory=lambda: copy.deepcopy(STUDENTS["vit"]))
 
 
 def _check_value(value: Any, hint: Any, where: str) -> Any:
@@ -229,9 +234,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     try:
+        for name in STUDENTS:
+            tree[name] = _student_section(name, tree.get(name))
         return _from_dict(Config, tree)
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def _student_section(name: str, given: Any) -> dict:
+    """A student's section on top of that student's own defaults (a `vit:` section that sets only its decoder
+    width is still a SegFormer); naming another student's architecture is an error."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {given!r}")
+    defaults = dataclasses.asdict(STUDENTS[name])
+    arch = given.get("arch", defaults["arch"])
+    if arch != defaults["arch"]:
+        kinds = ", ".join(f"{n}: {s.arch}" for n, s in STUDENTS.items())
+        raise ConfigError(f"{name}.arch={arch!r}: the {name} student is a {defaults['arch']} ({kinds})")
+    optimizer = given.get("optimizer", {})
+    if isinstance(optimizer, dict):
+        optimizer = {**defaults["optimizer"], **optimizer}
+    return {**defaults, **given, "optimizer": optimizer}
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from train.checkpoint import load_weights
+from train.config import STUDENTS as STUDENT_CONFIGS
 from train.config import Config, ConfigError, load_config
 from train.models import build_student
 
-STUDENTS = ("cnn", "vit")
+STUDENTS = tuple(STUDENT_CONFIGS)  # cnn, vit
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = Path("checkpoint") / "last.safetensors"

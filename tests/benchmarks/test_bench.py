@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from benchmarks.bench import TorchRunner, main
@@ -97,10 +98,10 @@ def test_an_engine_the_export_left_out_is_a_not_shipped_row_with_its_reason(expo
     result = json.loads((out / "results.json").read_text())
     for row in (r for r in result["results"] if r["backend"] != "torch"):
         manifest = read_manifest(run / "export" / row["model"])
-        fmt = "openvino" if row["backend"] == "ov.int8" else "onnx"
-        shipped = {e.variant for e in manifest.engines if e.format == fmt}
+        runtime = "openvino" if row["backend"] == "ov.int8" else "onnxruntime"
+        shipped = {e.variant for e in manifest.engines if e.runtime == runtime}
         if row["status"] == "ok":  # ONNX Runtime falls back to the int8.qdq graph only where int8.cpu is not its own
-            assert row["variant"] == ("int8.cpu" if fmt == "openvino" or "int8.cpu" in shipped else "int8.qdq")
+            assert row["variant"] == ("int8.cpu" if runtime == "openvino" or "int8.cpu" in shipped else "int8.qdq")
             assert row["variant"] in shipped
         else:
             assert row["status"] == "not shipped", row
@@ -151,12 +152,17 @@ def test_pytorch_rows_need_no_export_and_engine_rows_name_the_missing_step(train
     assert f"python -m export --run {run}" in capsys.readouterr().err
 
 
-def test_the_model_card_shows_this_hosts_latency(bench, exported_run):
-    _, result = bench
+def test_the_bench_leaves_the_model_cards_to_the_export_and_they_point_to_its_report(bench, exported_run):
+    """Each file has one writer: the export writes the cards, the bench its report (which the cards name)."""
+    from export.card import engine_card
+
+    out, result = bench
     card = (exported_run / "export" / "cnn" / "README.md").read_text()
-    assert "## Latency on" in card
+    assert card == engine_card(exported_run / "export" / "cnn", read_manifest(exported_run / "export" / "cnn"),
+                               yaml.safe_load((exported_run / "config.yaml").read_text()))  # fmt: skip
+    assert "python -m benchmarks.bench --run" in card and "bench/report.md" in card
     row = next(r for r in result["results"] if r["backend"] == "ort.cpu.fp32" and r["batch"] == 2)
-    assert f"| ort.cpu.fp32 | 2 | 40×56 | {row['p50_ms']:.1f} | {row['images_per_s']:.1f} |" in card
+    assert f"{row['p50_ms']:.2f}" in (out / "report.md").read_text()
 
 
 def test_openvino_rows_run_with_their_precision(bench):

@@ -24,9 +24,9 @@ from train.run_dir import load_student
 def test_engine_dir_is_complete_and_gated(exported_run, student):
     engine_dir = exported_run / "export" / student
     manifest = read_manifest(engine_dir)  # checks every listed file exists
-    onnx_engines = [e for e in manifest.engines if e.format == "onnx"]
+    onnx_engines = [e for e in manifest.engines if e.runtime == "onnxruntime"]
     shipped = {e.variant for e in onnx_engines}
-    skipped = {s["variant"] for s in manifest.skipped if s.get("backend", "onnx") == "onnx"}
+    skipped = {s["variant"] for s in manifest.skipped if s["runtime"] == "onnxruntime"}
     assert {"fp32", "fp16", "int8.qdq"} <= shipped and shipped | skipped == {"fp32", "fp16", "int8.qdq", "int8.cpu"}
     assert {(e.variant, e.io) for e in onnx_engines} == {(v, io) for v in shipped for io in ("labels", "logits")}
     assert manifest.student == student and manifest.num_classes == 5 and len(manifest.palette) == 5
@@ -51,7 +51,7 @@ def test_every_onnx_file_describes_itself(exported_run, student):
     engine_dir = exported_run / "export" / student
     manifest = read_manifest(engine_dir)
     metrics = json.loads((exported_run / "metrics.json").read_text())
-    for e in (e for e in manifest.engines if e.format == "onnx"):
+    for e in (e for e in manifest.engines if e.runtime == "onnxruntime"):
         props = {p.key: p.value for p in onnx.load(str(engine_dir / e.file), load_external_data=False).metadata_props}
         assert json.loads(props["classes"]) == manifest.classes and json.loads(props["palette"]) == manifest.palette
         assert json.loads(props["mean"]) == [0.485, 0.456, 0.406] and json.loads(props["std"])[0] == 0.229
@@ -119,7 +119,7 @@ def test_engines_run_odd_sizes_and_labels_equal_argmax_of_logits(exported_run, s
         reference = torch.nn.functional.interpolate(
             torch_student(torch.from_numpy(x)).logits, size=(45, 77), mode="bilinear", align_corners=False
         ).numpy()
-    for variant in {e.variant for e in read_manifest(engine_dir).engines if e.format == "onnx"}:
+    for variant in {e.variant for e in read_manifest(engine_dir).engines if e.runtime == "onnxruntime"}:
         labels = open_engine(engine_dir, variant, "labels", device="cpu").run(pixels)
         logits = open_engine(engine_dir, variant, "logits", device="cpu").run(x)
         assert labels.dtype == np.uint8 and labels.shape == (3, 45, 77)
@@ -159,7 +159,7 @@ def test_gate_keeps_a_perturbed_reduced_precision_engine_out(trained_run, tmp_pa
     assert (
         skipped["variant"] == "fp16" and "parity gate" in skipped["reason"] and "model.fp16.onnx" in skipped["reason"]
     )
-    assert "not shipped: onnx fp16: failed the parity gate" in capsys.readouterr().out
+    assert "not shipped: onnxruntime fp16 (fp16): failed the parity gate" in capsys.readouterr().out
 
 
 def test_cpu_int8_ships_only_where_it_pays(exported_run, trained_run, tmp_path):
@@ -167,19 +167,22 @@ def test_cpu_int8_ships_only_where_it_pays(exported_run, trained_run, tmp_path):
     under `skipped` with its timing; asked for no speed-up, the ones within the ΔmIoU bar ship."""
     for student in ("cnn", "vit"):
         manifest = read_manifest(exported_run / "export" / student)
-        cpu_int8 = {(e.format, e.variant) for e in manifest.engines} & {("onnx", "int8.cpu"), ("openvino", "int8.cpu")}
+        cpu_int8 = {(e.runtime, e.variant) for e in manifest.engines if e.variant == "int8.cpu"}
         for s in (s for s in manifest.skipped if s["variant"] == "int8.cpu"):
             assert "the fastest float engine" in s["reason"] or "parity gate" in s["reason"]
-        for fmt, variant in cpu_int8:  # shipped: it paid
-            group = [e for e in manifest.engines if (e.format, e.variant) == (fmt, variant)]
+        for runtime, variant in cpu_int8:  # shipped: it paid
+            group = [e for e in manifest.engines if (e.runtime, e.variant) == (runtime, variant)]
             assert max(abs(e.parity["miou_delta"]) for e in group) <= 0.005
+        verdicts = {tuple(d["engine"]): d for d in manifest.decisions}  # the decision, with its numbers
+        for runtime, _ in cpu_int8:
+            assert verdicts[(runtime, "int8", "int8.cpu")]["ship"] is True
         # the int8.cpu file stays exactly while an engine (ONNX Runtime's or OpenVINO's) runs it
         assert (exported_run / "export" / student / "model.int8.cpu.onnx").is_file() == bool(cpu_int8)
     out = tmp_path / "engines"
     args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu"]
     assert main([*args, *TEST_EXPORT_ARGS, "--int8-min-speedup", "0", "--int8-max-miou-delta", "1"]) == 0
-    shipped = {(e.format, e.variant) for e in read_manifest(out / "cnn").engines}
-    assert {("onnx", "int8.cpu"), ("openvino", "int8.cpu")} <= shipped
+    shipped = {(e.runtime, e.variant) for e in read_manifest(out / "cnn").engines}
+    assert {("onnxruntime", "int8.cpu"), ("openvino", "int8.cpu")} <= shipped
     assert (out / "cnn" / "model.int8.cpu.onnx").is_file()
 
 

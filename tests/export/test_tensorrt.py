@@ -41,7 +41,7 @@ def test_plan_and_cache_names():
 
 def test_rebuild_decisions(exported_run, tmp_path):
     engine_dir = exported_run / "export" / "cnn"
-    onnx_entry = read_manifest(engine_dir).find("fp32", "labels")
+    onnx_entry = read_manifest(engine_dir).find("onnxruntime", "fp32", ("fp32",), "labels")
     onnx_sha = sha256(engine_dir / onnx_entry.file)
     (tmp_path / "model.fp32.plan").write_bytes(b"plan")
     built = {"version": TARGET.version, "gpu": TARGET.gpu, "compute_capability": "9.0", "onnx_sha256": onnx_sha}

@@ -52,7 +52,7 @@ def test_every_config_parses_and_matches_its_onnx(exported_run, tmp_path):
     names = write_repository(exported_run / "export", out)
     engines = [e for s in ("cnn", "vit") for e in read_manifest(exported_run / "export" / s).engines]
     # TensorRT's graph: on GPU its plan serves it; OpenVINO engines are their ONNX models of onnxruntime_onnx
-    shipped = [e for e in engines if e.variant != "int8.qdq" and e.format != "openvino"]
+    shipped = [e for e in engines if e.variant != "int8.qdq" and e.runtime != "openvino"]
     ensembles = sorted(n for n in names if n.startswith("ensemble_") and n not in (PREPROCESS, COMBINE))
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert len(names) == len(shipped) + 2 + len(ensembles) and ensembles == ["ensemble_fp16", "ensemble_fp32"]
@@ -93,7 +93,7 @@ def test_the_ensemble_graphs_compute_the_local_ensemble(exported_run, tmp_path):
     (normalised,) = run(PREPROCESS, {"image": images})
     logits = {s: run(f"{s}_fp32_logits", {"image": normalised})[0] for s in ("cnn", "vit")}
     (labels,) = run(COMBINE, logits)
-    local = load_segmenter(engines, "ensemble", "fp32").predict_batch(list(images))
+    local = load_segmenter(engines, "ensemble", "ort.cpu.fp32").predict_batch(list(images))
     assert labels.dtype == np.uint8 and (labels == np.stack([p.labels for p in local])).mean() >= 0.999
 
 

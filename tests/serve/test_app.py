@@ -24,8 +24,8 @@ def client(server, tmp_path_factory):
     return Client(server, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
-def _segment(client, path, model="cnn", variant="fp32", opacity=0.5):
-    return client.predict(handle_file(str(path)), model, variant, "onnxruntime", opacity, api_name="/segment")
+def _segment(client, path, model="cnn", backend="ort.cpu.fp32", opacity=0.5):
+    return client.predict(handle_file(str(path)), model, backend, opacity, api_name="/segment")
 
 
 def _good_image(folder) -> str:
@@ -72,7 +72,7 @@ def test_predict_writes_what_the_app_answers(client, engines, tmp_path):
     from serve.predict import main as predict
 
     path = _good_image(tmp_path)
-    class_file = _segment(client, path, "vit", "fp16")[2]
+    class_file = _segment(client, path, "vit", "ort.cpu.fp16")[2]
     out = tmp_path / "out"
     args = ["--engines", str(engines), "--out", str(out), "--model", "vit", "--variant", "fp16", str(path)]
     assert predict(args) == 0
@@ -90,11 +90,11 @@ def test_opacity_sets_the_overlay_alpha(client, tmp_path):
 def test_each_model_and_precision_present_is_served(client, engines, tmp_path):
     path = _good_image(tmp_path)
     for model in ("cnn", "vit", "ensemble"):
-        for variant in ("fp16", "int8.qdq"):
-            details = _segment(client, path, model, variant)[4]
-            assert (details["model"], details["precision"]) == (model, variant)
+        for backend, precision in (("ort.cpu.fp16", "fp16"), ("ort.cpu.int8", "int8")):
+            details = _segment(client, path, model, backend)[4]
+            assert (details["model"], details["backend"], details["precision"]) == (model, backend, precision)
     with pytest.raises(gradio_client.exceptions.AppError, match="int4"):
-        _segment(client, path, "cnn", "int4")
+        _segment(client, path, "cnn", "ort.cpu.int4")
 
 
 def test_bad_inputs_get_a_message_and_the_next_request_still_succeeds(client, tmp_path):
@@ -161,7 +161,7 @@ def test_a_long_running_app_keeps_a_bounded_number_of_class_map_files(engines, t
 
     demo = Demo(engines)
     path = str(_good_image(tmp_path))
-    written = [demo.segment(path, "cnn", "fp32", "onnxruntime", 0.5)[2] for _ in range(KEEP_CLASS_FILES + 6)]
+    written = [demo.segment(path, "cnn", "ort.cpu.fp32", 0.5)[2] for _ in range(KEEP_CLASS_FILES + 6)]
     kept = sorted(str(p) for p in demo.outputs.glob("classes-*.png"))
     assert kept == written[-KEEP_CLASS_FILES:]  # the newest, each still readable
     assert np.asarray(Image.open(kept[-1])).shape == (44, 60)

@@ -17,6 +17,6 @@ def test_load_check_counts_requests_and_errors(server, tmp_path, capsys):
     assert "| 4 | " in capsys.readouterr().out
 
     # A model the server does not have: every request fails, and the check says so (exit 1).
-    assert main([*args[:-2], "--json", str(out), "--precision", "int4"]) == 1
+    assert main([*args[:-2], "--json", str(out), "--backend", "ort.cpu.int4"]) == 1
     r = json.loads(out.read_text())
     assert r["requests"] == 0 and r["errors"] > 0 and r["error_messages"]

@@ -23,13 +23,13 @@ def _pixels(n=3, h=45, w=77, seed=0):
 @pytest.mark.parametrize("student", ["cnn", "vit"])
 def test_openvino_engines_are_gated_and_record_the_cpu(engines, student):
     manifest = read_manifest(engines / student)
-    ov = [e for e in manifest.engines if e.format == "openvino"]
-    ov_skipped = {s["variant"] for s in manifest.skipped if s.get("backend") == "openvino"}
-    expected = {"fp32", "int8.cpu"} | ({"bf16"} if NATIVE_BF16 else set())
-    assert {e.variant for e in ov} | ov_skipped == expected and "fp32" in {e.variant for e in ov}
+    ov = [e for e in manifest.engines if e.runtime == "openvino"]
+    ov_skipped = {s["precision"] for s in manifest.skipped if s["runtime"] == "openvino"}
+    expected = {"fp32", "int8"} | ({"bf16"} if NATIVE_BF16 else set())
+    assert {e.precision for e in ov} | ov_skipped == expected and "fp32" in {e.precision for e in ov}
     for e in ov:
-        assert e.parity["passed"] and e.openvino == HOST and e.target == "cpu"
-        source = "model.int8.cpu" if e.variant == "int8.cpu" else "model.fp32"  # bf16: the fp32 file at bf16
+        assert e.parity["passed"] and e.openvino == HOST and e.device == "cpu" and e.format == "onnx"
+        source = "model.int8.cpu" if e.precision == "int8" else "model.fp32"  # bf16: the fp32 file at bf16
         assert (engines / student / e.file).is_file() and e.file.startswith(source)
 
 
@@ -60,7 +60,7 @@ def test_the_precision_asked_for_is_the_one_compiled(engines):
         assert hint(bf16.for_shape((1, 32, 48, 3))) == "bf16"
     # int8: its float ops at bf16 where the CPU has it natively, else f32 (never emulated). Any graph shows the
     # hint; whether the export shipped the int8 engine depends on its timing.
-    int8 = OpenVinoEngine(engines / "cnn" / "model.fp32.onnx", "int8.cpu")
+    int8 = OpenVinoEngine(engines / "cnn" / "model.fp32.onnx", "int8")
     assert hint(int8.for_shape((1, 32, 48, 3))) == int8.precision == ("bf16" if NATIVE_BF16 else "f32")
     assert int8.device == "openvino.int8"
 
@@ -79,22 +79,22 @@ def test_each_input_shape_runs_its_own_static_compile_and_only_the_last_few_are_
 
 def test_bf16_is_refused_where_the_cpu_lacks_it_and_engines_from_another_cpu_name_the_fix():
     no_bf16 = {"cpu": "Old CPU", "precisions": ["FP32", "INT8"], "openvino": HOST["openvino"]}
-    with pytest.raises(OpenVinoUnavailable, match=r"needs native BF16 .* Old CPU lacks .* use --variant fp32"):
+    with pytest.raises(OpenVinoUnavailable, match=r"needs native BF16 .* Old CPU lacks .* use --backend ov.fp32"):
         check_host("bf16", None, no_bf16)
     with pytest.raises(OpenVinoUnavailable, match=r"gated on Other CPU, this host is .* re-export on this host"):
-        check_host("int8.cpu", {"cpu": "Other CPU"}, {**HOST, "precisions": ["FP32", "INT8", "BF16"]})
+        check_host("int8", {"cpu": "Other CPU"}, {**HOST, "precisions": ["FP32", "INT8", "BF16"]})
     check_host("fp32", {"cpu": "Other CPU"}, no_bf16)  # f32 runs anywhere
 
 
 def test_the_segmenter_offers_openvino_and_it_matches_onnx_runtime(engines):
-    offered = choices(engines)
-    assert ("cnn", "fp32", "openvino") in offered and ("ensemble", "fp32", "openvino") in offered
+    offered = {(m, b.name) for m, b in choices(engines)}
+    assert ("cnn", "ov.fp32") in offered and ("ensemble", "ov.fp32") in offered
     image = _pixels(1, 60, 44, seed=3)[0]
-    ov = load_segmenter(engines, "ensemble", "fp32", "openvino").predict(image).labels
-    ort = load_segmenter(engines, "ensemble", "fp32", "onnxruntime").predict(image).labels
+    ov = load_segmenter(engines, "ensemble", "ov.fp32").predict(image).labels
+    ort = load_segmenter(engines, "ensemble", "ort.cpu.fp32").predict(image).labels
     assert (ov == ort).mean() >= 0.999
 
 
-def test_an_unknown_variant_is_refused(engines):
-    with pytest.raises(ValueError, match="no OpenVINO precision for variant 'fp16'"):
+def test_an_unknown_precision_is_refused(engines):
+    with pytest.raises(ValueError, match="no OpenVINO engine at precision 'fp16'"):
         OpenVinoEngine(engines / "cnn" / "model.fp16.onnx", "fp16")

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from export.triton import write_repository
+from serve.backends import usable
 from serve.runtime import open_engine
-from serve.segmenter import choices, load_segmenter, usable_backends
+from serve.segmenter import choices, load_segmenter
 from serve.triton_server import model_name
 from tests.conftest import REPO
 from tests.serve.conftest import _free_port
@@ -27,7 +28,7 @@ from tests.serve.conftest import _free_port
 TRITON_PYTHON = REPO / ".venv" / "triton" / "bin" / "python"  # `make serve-triton` / `make test` make it
 MAX_SIDE = 256
 TOKEN = "test-token"
-BROKEN_ENGINE = ("cnn", "fp16", "onnxruntime")  # its file truncated in the server's copy of the export
+BROKEN_ENGINE = ("cnn", "ort.cpu.fp16")  # its file truncated in the server's copy of the export
 
 
 def truncate(path: Path) -> None:
@@ -111,15 +112,16 @@ def pixels(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def test_every_model_answers_like_the_local_segmenter(triton, served):
-    """One Triton model per (model, variant, backend) this host runs, each equal to the local segmenter."""
+    """One Triton model per (model, backend) this host runs, each equal to the local segmenter."""
     ports, engines = triton["ports"], served["export"]
-    expected = [c for c in choices(engines, usable_backends()) if c[0] in ("cnn", "ensemble") and c != BROKEN_ENGINE]
-    assert ("cnn", "fp32", "openvino") in expected and ("ensemble", "fp32", "onnxruntime") in expected
+    offered = [(m, b.name) for m, b in choices(engines, usable())]
+    expected = [c for c in offered if c[0] in ("cnn", "ensemble") and c != BROKEN_ENGINE]
+    assert ("cnn", "ov.fp32") in expected and ("ensemble", "ort.cpu.fp32") in expected
     images = pixels(2, 45, 77)
-    for model, variant, backend in expected:
-        name = model_name(model, variant, backend)
+    for model, backend in expected:
+        name = model_name(model, backend)
         assert ready(ports, name), f"{name} is not ready:\n{triton['log'].read_text()[-3000:]}"
-        local = load_segmenter(engines, model, variant, backend).predict_batch(list(images))
+        local = load_segmenter(engines, model, backend).predict_batch(list(images))
         got = infer(ports, name, images)
         assert got.shape == (2, 45, 77) and got.dtype == np.uint8
         assert (got == np.stack([p.labels for p in local])).mean() >= 0.999, name
@@ -128,12 +130,10 @@ def test_every_model_answers_like_the_local_segmenter(triton, served):
 
 
 def test_an_engine_that_cannot_load_is_named_and_the_others_serve(triton):
-    model, variant, backend = BROKEN_ENGINE
+    model, backend = BROKEN_ENGINE
     assert not ready(triton["ports"], model_name(*BROKEN_ENGINE))
     log = triton["log"].read_text()
-    assert (
-        f"{model} {variant} on {backend} cannot run here" in log and "model.fp16.onnx: ONNX Runtime cannot open" in log
-    )
+    assert f"{model} on {backend} cannot run here" in log and "model.fp16.onnx: ONNX Runtime cannot open" in log
 
 
 def test_the_generated_repository_serves_like_the_local_engines(triton, served, engines):

@@ -73,3 +73,42 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert Config().vit.optimizer.head_lr_mult == 10.0  # the SegFormer recipe: head at 10x the lr
+
+
+def test_a_partial_student_section_keeps_its_own_students_defaults(tmp_path):
+    """A `vit:` section that does not name its arch is still a SegFormer, with the ViT's recipe."""
+    (tmp_path / "c.yaml").write_text("vit:\n  decoder_channels: 128\n  optimizer: {lr: 0.001}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.vit.arch == "segformer" and cfg.vit.backbone == "pvt_v2_b0" and cfg.vit.decoder_channels == 128
+    assert (
+        cfg.vit.optimizer.name == "adamw" and cfg.vit.optimizer.lr == 0.001 and cfg.vit.optimizer.warmup_iters == 1500
+    )
+    bare = load_config(None, ["vit.weights=/w/mit_b0.pth"])
+    assert bare.vit.arch == "segformer" and bare.vit.weights == "/w/mit_b0.pth" and bare.cnn.arch == "deeplabv3plus"
+
+    from train.models import build_student
+
+    assert type(build_student(bare.vit, 3)).__name__ == "SegFormer"
+
+
+def test_a_section_naming_the_other_students_architecture_is_an_error():
+    with pytest.raises(ConfigError, match=r"vit.arch='deeplabv3plus': the vit student is a segformer"):
+        load_config(None, ["vit.arch=deeplabv3plus"])
+    with pytest.raises(ConfigError, match=r"cnn.arch='unet': the cnn student is a deeplabv3plus"):
+        load_config(None, ["cnn.arch=unet"])
+
+
+def test_the_complementary_config_is_the_demo_recipe_on_other_data():
+    """The method's benchmark compares arms on the demo's recipe: only the data and the budget differ."""
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+        return out
+
+    demo, comp = (
+        flat(config_to_dict(load_config(f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-complementary")
+    )
+    differing = {k for k in demo if demo[k] != comp[k]}
+    assert differing <= {"name", "iterations", "checkpoint_interval", "data.root", "data.eval_batch_size"}

@@ -12,16 +12,22 @@ from train.models.deeplabv3plus import DeepLabV3Plus
 from train.models.pretrained import WeightsError, locate, read_encoder_state
 from train.models.segformer import SegFormer
 
+# arch (train.config.STUDENTS) -> how its model is built from a student config, a class count, encoder weights
+ARCHITECTURES = {
+    "deeplabv3plus": lambda cfg, k, state: DeepLabV3Plus(
+        k, cfg.backbone, cfg.output_stride or 8, cfg.decoder_channels, state
+    ),
+    "segformer": lambda cfg, k, state: SegFormer(k, cfg.backbone, cfg.decoder_channels, state),
+}
+
 
 def build_student(cfg: StudentConfig, num_classes: int, init: str | Path | None = None) -> nn.Module:
     """`init`: a file or folder of encoder weights (`train.models.pretrained.locate(cfg)` finds the config's);
     None builds the architecture only (random initialisation, or before loading a run's own weights)."""
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown student arch '{cfg.arch}' ({', '.join(ARCHITECTURES)})")
     state = read_encoder_state(Path(init), cfg) if init is not None else None
-    if cfg.arch == "deeplabv3plus":
-        return DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride or 8, cfg.decoder_channels, state)
-    if cfg.arch == "segformer":
-        return SegFormer(num_classes, cfg.backbone, cfg.decoder_channels, state)
-    raise ValueError(f"unknown student arch '{cfg.arch}' (deeplabv3plus or segformer)")
+    return ARCHITECTURES[cfg.arch](cfg, num_classes, state)
 
 
 __all__ = ["DeepLabV3Plus", "SegFormer", "StudentOutput", "WeightsError", "build_student", "locate"]
