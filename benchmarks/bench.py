@@ -17,6 +17,7 @@ the others go on. Writes results.json, report.md, pareto.png and latency_vs_batc
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -37,9 +38,8 @@ from tqdm import tqdm
 from benchmarks.hardware import cpu_model, gemm_peaks
 from benchmarks.report import write_plots, write_report
 from export.graphs import LogitsModel
-from serve.backends import BACKENDS, usable
+from serve.backends import BACKENDS, RUNTIMES, usable
 from serve.manifest import read_manifest
-from serve.runtime import import_onnxruntime
 from serve.segmenter import STUDENTS, engines_of, load_segmenter
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -253,20 +253,13 @@ def machine(cuda: bool) -> dict:
 
 
 def versions() -> dict:
+    """Python, torch and each runtime of the backend table (None where it is not installed)."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    out["onnxruntime"] = import_onnxruntime().__version__
-    try:
-        import tensorrt
-
-        out["tensorrt"] = tensorrt.__version__
-    except ImportError:
-        out["tensorrt"] = None
-    try:
-        import openvino
-
-        out["openvino"] = openvino.__version__.split("-")[0]
-    except ImportError:
-        out["openvino"] = None
+    for runtime in RUNTIMES:
+        try:
+            out[runtime] = importlib.import_module(runtime).__version__.split("-")[0]
+        except ImportError:
+            out[runtime] = None
     return out
 
 
@@ -292,58 +285,43 @@ class Settings:
     rounds: int = 1
 
 
+@dataclass
+class Bench:
+    """What every row of one bench shares: the run, its students and eval images, the settings and the host."""
+
+    run_dir: Path
+    settings: Settings
+    cfg: object  # train.config.Config
+    students: dict
+    eval_set: object
+    device: torch.device
+    meta: dict
+    gflop: dict
+    points: list
+    bar: tqdm
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
 def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -> dict:
     cfg = load_run_config(run_dir)
-    engines = run_dir / "export"
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     students = {s: load_student(run_dir, s, cfg) for s in STUDENTS}
-    eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
-    meta = {"machine": machine(cuda), "versions": versions(), "threads": {"torch": torch.get_num_threads(),
-            "onnxruntime": settings.threads or "default (one per physical core)"}}  # fmt: skip
-    peaks = None if cuda else gemm_peaks()
-    meta["gemm_peak_gflops"] = peaks
+    threads = {"torch": torch.get_num_threads(), "onnxruntime": settings.threads or "default (one per physical core)"}
+    meta = {"machine": machine(device.type == "cuda"), "versions": versions(), "threads": threads}
+    meta["gemm_peak_gflops"] = None if device.type == "cuda" else gemm_peaks()
     gflop = {(m, hw): model_gflop([students[s] for s in (STUDENTS if m == "ensemble" else (m,))], hw)
              for m in settings.models for hw in settings.sizes}  # fmt: skip
-    rows: list[dict] = []
     points = [(bs, hw) for hw in settings.sizes for bs in settings.batch_sizes]
     bar = tqdm(total=len(settings.models) * len(settings.backends) * len(points), desc="bench", unit="config")
-    for model in settings.models:
-        members = STUDENTS if model == "ensemble" else (model,)
-        reference = TorchRunner([students[s] for s in members], BASELINE, device)
-        ready = {}  # backend -> its runner and the row fields every point shares
-        for backend in settings.backends:
-            base = {"model": model, "backend": backend, "precision": precision_of(backend)}
-            base["device"] = meta["machine"]["device"]
-            try:
-                if backend in TORCH:
-                    runner = TorchRunner([students[s] for s in members], backend, device)
-                    file_bytes = sum(weights_file(run_dir, s).stat().st_size for s in members)
-                    build_s = None
-                else:
-                    runner = EngineRunner(engines, model, backend, settings.threads)
-                    file_bytes, build_s = runner.file_bytes, runner.build_s
-                    base["variant"] = runner.variant
-                scores = {hw: accuracy(runner, reference, eval_set, settings.eval_images, cfg.data.num_classes, hw)
-                          for hw in settings.sizes}  # fmt: skip
-                if backend in COMPILED:  # compilation happens in the first call, here at the first size
-                    build_s = scores[settings.sizes[0]]["first_call_s"]
-                for score in scores.values():
-                    score.pop("first_call_s")
-            except Exception as e:  # the whole backend is unusable here: one failed row per point
-                status = "not shipped" if isinstance(e, NotShipped) else "failed"
-                for batch, (h, w) in points:
-                    rows.append({**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)})
-                    bar.update()
-                continue
-            shared = {"runner": runner, "base": base, "file_bytes": file_bytes, "build_s": build_s, "scores": scores}
-            if backend in COMPILED:  # each resets dynamo, which would undo another's compilation: timed alone
-                rows += _time_points({backend: shared}, points, 1, model, settings, cuda, peaks, gflop, bar)
-            else:
-                ready[backend] = shared
-        rows += _time_points(ready, points, settings.rounds, model, settings, cuda, peaks, gflop, bar)
+    eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
+    bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar)
+    rows = [row for model in settings.models for row in _model_rows(bench, model)]
+    bar.close()
     baseline = {(r["model"], r["batch"], r["height"], r["width"]): r["mean_ms"]
                 for r in rows if r["backend"] == BASELINE and r["status"] == "ok"}  # fmt: skip
     for row in rows:
@@ -353,7 +331,6 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     place = lambda r: (settings.models.index(r["model"]), settings.backends.index(r["backend"]),  # noqa: E731
                        points.index((r["batch"], (r["height"], r["width"]))))  # fmt: skip
     rows.sort(key=place)
-    bar.close()
     recorded = {**settings.__dict__, "sizes": [list(s) for s in settings.sizes]}
     result = {"schema": SCHEMA, "run": str(run_dir), "command": command, **meta, "settings": recorded, "results": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -363,55 +340,109 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     return result
 
 
-def _time_points(ready: dict, points: list, rounds: int, model: str, settings: Settings, cuda: bool, peaks, gflop,
-                 bar) -> list[dict]:  # fmt: skip
+def _model_rows(bench: Bench, model: str) -> list[dict]:
+    """Every backend's rows for one model: each opened and scored once, then timed at every point."""
+    members = STUDENTS if model == "ensemble" else (model,)
+    reference = TorchRunner([bench.students[s] for s in members], BASELINE, bench.device)
+    rows, ready = [], {}  # ready: backend -> its runner and the row fields every point shares
+    for backend in bench.settings.backends:
+        base = {"model": model, "backend": backend, "precision": precision_of(backend)}
+        base["device"] = bench.meta["machine"]["device"]
+        try:
+            shared = _open(bench, model, backend, members, reference)
+        except Exception as e:  # the whole backend is unusable here: one failed row per point
+            status = "not shipped" if isinstance(e, NotShipped) else "failed"
+            for batch, (h, w) in bench.points:
+                rows.append({**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)})
+                bench.bar.update()
+            continue
+        shared["base"] = {**base, **shared.pop("base")}
+        if backend in COMPILED:  # each resets dynamo, which would undo another's compilation: timed alone
+            rows += _time_points(bench, model, {backend: shared}, 1)
+        else:
+            ready[backend] = shared
+    return rows + _time_points(bench, model, ready, bench.settings.rounds)
+
+
+def _open(bench: Bench, model: str, backend: str, members: tuple, reference: TorchRunner) -> dict:
+    """A backend's runner, its files' size and build time, and its accuracy at every size."""
+    s = bench.settings
+    if backend in TORCH:
+        runner = TorchRunner([bench.students[m] for m in members], backend, bench.device)
+        file_bytes, build_s, base = sum(weights_file(bench.run_dir, m).stat().st_size for m in members), None, {}
+    else:
+        runner = EngineRunner(bench.run_dir / "export", model, backend, s.threads)
+        file_bytes, build_s, base = runner.file_bytes, runner.build_s, {"variant": runner.variant}
+    num_classes = bench.cfg.data.num_classes
+    scores = {hw: accuracy(runner, reference, bench.eval_set, s.eval_images, num_classes, hw) for hw in s.sizes}
+    if backend in COMPILED:  # compilation happens in the first call, here at the first size
+        build_s = scores[s.sizes[0]]["first_call_s"]
+    for score in scores.values():
+        score.pop("first_call_s")
+    return {"runner": runner, "base": base, "file_bytes": file_bytes, "build_s": build_s, "scores": scores}
+
+
+def _time_points(bench: Bench, model: str, ready: dict, rounds: int) -> list[dict]:
     """One row per backend and point. At each point every backend is timed in `rounds` blocks of
     seconds/rounds, in turn, so that the speed-ups compare engines measured seconds apart."""
     rows = []
-    for batch, (h, w) in points:
+    for batch, (h, w) in bench.points:
         images = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
-        samples: dict[str, list[float]] = {b: [] for b in ready}
-        errors: dict[str, str] = {}
-        for r in range(rounds):
-            for backend, x in ready.items():
-                if backend in errors:
-                    continue
-                bar.set_postfix_str(
-                    f"{model} {backend} b{batch} {h}x{w}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
-                )
-                on_gpu = cuda and backend in TORCH
-                sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-                try:
-                    run = partial(x["runner"], images)
-                    warmup = settings.warmup if r == 0 else 0.0  # later blocks: time_it's first call re-warms
-                    timing, _ = time_it(run, warmup, settings.seconds / rounds, -(-settings.min_runs // rounds), sync)
-                    samples[backend] += timing.samples_ms
-                except Exception as e:
-                    errors[backend] = _why(e)
+        samples, errors = _interleaved(bench, model, ready, rounds, images)
         for backend, x in ready.items():
             row = {**x["base"], "batch": batch, "height": h, "width": w, "file_mib": x["file_bytes"] / 2**20,
                    **x["scores"][(h, w)]}  # fmt: skip
             if backend in errors:
                 rows.append({**row, "status": "failed", "error": errors[backend]})
-                bar.update()
-                continue
-            row.update(Timing(samples[backend]).summary(), rounds=rounds)
-            row["images_per_s"] = 1e3 * batch / row["mean_ms"]
-            if cuda and backend in TORCH:  # the model call alone, from CUDA events, and its memory
-                torch.cuda.reset_peak_memory_stats()
-                x["runner"].prepare(images)
-                compute = time_cuda(x["runner"].compute, settings.warmup, settings.seconds, settings.min_runs)
-                row.update(compute.summary("compute_"), gpu_peak_mib=torch.cuda.max_memory_allocated() / 2**20)
-            row["rss_mib"] = _rss_mib()
-            row["gflop"] = gflop[(model, (h, w))]
-            row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
-            peak = (peaks or {}).get(precision_of(backend))  # fp32, bf16, int8: the GEMM peak of its precision
-            row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
-            row["build_s"] = x["build_s"]
-            row["status"] = "ok"
-            rows.append(row)
-            bar.update()
+            else:
+                rows.append(_measured(bench, model, x, images, row | {"rounds": rounds}, samples[backend]))
+            bench.bar.update()
     return rows
+
+
+def _interleaved(bench: Bench, model: str, ready: dict, rounds: int, images: np.ndarray) -> tuple[dict, dict]:
+    """Each backend's latency samples (ms) over `rounds` blocks taken in turn, and the error of any that failed."""
+    s, (batch, h, w) = bench.settings, images.shape[:3]
+    samples: dict[str, list[float]] = {b: [] for b in ready}
+    errors: dict[str, str] = {}
+    for r in range(rounds):
+        for backend, x in ready.items():
+            if backend in errors:
+                continue
+            bench.bar.set_postfix_str(
+                f"{model} {backend} b{batch} {h}x{w}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
+            )
+            sync = torch.cuda.synchronize if bench.cuda and backend in TORCH else (lambda: None)
+            try:
+                warmup = s.warmup if r == 0 else 0.0  # later blocks: time_it's first call re-warms
+                run = partial(x["runner"], images)
+                timing, _ = time_it(run, warmup, s.seconds / rounds, -(-s.min_runs // rounds), sync)
+                samples[backend] += timing.samples_ms
+            except Exception as e:
+                errors[backend] = _why(e)
+    return samples, errors
+
+
+def _measured(bench: Bench, model: str, x: dict, images: np.ndarray, row: dict, samples: list) -> dict:
+    """A timed row: latency, throughput, memory, arithmetic rate against this CPU's peak."""
+    batch, h, w = images.shape[:3]
+    backend = row["backend"]
+    row.update(Timing(samples).summary())
+    row["images_per_s"] = 1e3 * batch / row["mean_ms"]
+    if bench.cuda and backend in TORCH:  # the model call alone, from CUDA events, and its memory
+        s = bench.settings
+        torch.cuda.reset_peak_memory_stats()
+        x["runner"].prepare(images)
+        compute = time_cuda(x["runner"].compute, s.warmup, s.seconds, s.min_runs)
+        row.update(compute.summary("compute_"), gpu_peak_mib=torch.cuda.max_memory_allocated() / 2**20)
+    row["rss_mib"] = _rss_mib()
+    row["gflop"] = bench.gflop[(model, (h, w))]
+    row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
+    peak = (bench.meta["gemm_peak_gflops"] or {}).get(precision_of(backend))  # the GEMM peak of its precision
+    row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None
+    row["build_s"] = x["build_s"]
+    row["status"] = "ok"
+    return row
 
 
 def _rss_mib() -> float:

@@ -21,45 +21,42 @@ from serve.manifest import VARIANTS
 from train.run_dir import STUDENTS
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     defaults = {"agreement": (0.999, 0.99), "miou": (0.001, 0.01)}
-    parser = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(
         prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", required=True, type=Path, help="run dir written by `python -m train`")
-    parser.add_argument("--students", nargs="+", default=list(STUDENTS), metavar="STUDENT")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT")
-    parser.add_argument("--out", type=Path, help="engine dirs go to OUT/<student> (default: RUN/export)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="serving size (default: eval images')")
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument(
+    p.add_argument("--run", required=True, type=Path, help="run dir written by `python -m train`")
+    p.add_argument("--students", nargs="+", default=list(STUDENTS), metavar="STUDENT")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT")
+    p.add_argument("--out", type=Path, help="engine dirs go to OUT/<student> (default: RUN/export)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="serving size (default: eval images')")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument(
         "--max-size", type=int, nargs=2, metavar=("H", "W"), help="largest input (default: 2x serving size if it fits)"
     )
-    parser.add_argument(
+    p.add_argument(
         "--profile-budget-mib", type=float, default=2048, help="cap on the logits at the profile's max (batch x size)"
     )
-    parser.add_argument("--parity-images", type=int, default=50)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--calib-images", type=int, default=64)
-    parser.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
-    parser.add_argument("--no-openvino", action="store_true", help="no OpenVINO engines (default: where installed)")
-    parser.add_argument("--int8-min-speedup", type=float, default=1.5, help="CPU int8 vs the fastest float engine")
-    parser.add_argument("--int8-max-miou-delta", type=float, default=0.005, help="CPU int8's |ΔmIoU| at the gate")
-    parser.add_argument("--fp32-agreement", type=float, default=defaults["agreement"][0])
-    parser.add_argument("--fp32-miou-delta", type=float, default=defaults["miou"][0])
-    parser.add_argument("--reduced-agreement", type=float, default=defaults["agreement"][1], help="fp16 and int8")
-    parser.add_argument("--reduced-miou-delta", type=float, default=defaults["miou"][1], help="fp16 and int8")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):  # graph-rewrite logs, one line per pass
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    p.add_argument("--parity-images", type=int, default=50)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    p.add_argument("--no-openvino", action="store_true", help="no OpenVINO engines (default: where installed)")
+    p.add_argument("--int8-min-speedup", type=float, default=1.5, help="CPU int8 vs the fastest float engine")
+    p.add_argument("--int8-max-miou-delta", type=float, default=0.005, help="CPU int8's |ΔmIoU| at the gate")
+    p.add_argument("--fp32-agreement", type=float, default=defaults["agreement"][0])
+    p.add_argument("--fp32-miou-delta", type=float, default=defaults["miou"][0])
+    p.add_argument("--reduced-agreement", type=float, default=defaults["agreement"][1], help="fp16 and int8")
+    p.add_argument("--reduced-miou-delta", type=float, default=defaults["miou"][1], help="fp16 and int8")
+    return p
 
-    from export.parity import ParityError, Threshold  # imports torch: keep --help fast
-    from export.pipeline import ExportOptions, export_run
-    from train.config import ConfigError
-    from train.data import DatasetError
 
-    options = ExportOptions(
+def options(args: argparse.Namespace):
+    from export.parity import Threshold  # imports torch: keep --help fast
+    from export.pipeline import ExportOptions
+
+    return ExportOptions(
         students=args.students,
         variants=args.variants,
         out=args.out,
@@ -79,27 +76,45 @@ def main(argv: list[str] | None = None) -> int:
             "reduced": Threshold(args.reduced_agreement, args.reduced_miou_delta),
         },
     )
+
+
+def summary(manifests: dict) -> None:
+    """Each student's engines with their gate numbers, and what was not shipped and why."""
+    for name, m in manifests.items():
+        print(f"\n{name} ({m.arch}, {m.backbone}): {len(m.engines)} engines")
+        print("| file | runtime | precision | io | MiB | agreement | mIoU engine / torch |")
+        print("|---|---|---|---|---:|---:|---:|")
+        for e in m.engines:
+            p = e.parity
+            worst = min(p["batch_sizes"].values(), key=lambda r: r["agreement"])
+            print(
+                f"| {e.file} | {e.runtime} | {e.precision} | {e.io} | {e.size_bytes / 2**20:.1f} | "
+                f"{100 * p['agreement']:.3f}% | {100 * worst['miou']:.2f} / {100 * worst['miou_torch']:.2f} |"
+            )
+        for s in m.skipped:
+            print(f"not shipped: {s['runtime']} {s['precision']} ({s['variant']}): {s['reason']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):  # graph-rewrite logs, one line per pass
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+    from export.parity import ParityError
+    from export.pipeline import export_run
+    from train.config import ConfigError
+    from train.data import DatasetError
+
     try:
-        manifests = export_run(args.run, options)
+        manifests = export_run(args.run, options(args))
     except ParityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ConfigError, DatasetError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for name, m in manifests.items():
-        print(f"\n{name} ({m.arch}, {m.backbone}): {len(m.engines)} engines")
-        print("| file | precision | io | MiB | agreement | mIoU engine / torch |")
-        print("|---|---|---|---:|---:|---:|")
-        for e in m.engines:
-            p = e.parity
-            worst = min(p["batch_sizes"].values(), key=lambda r: r["agreement"])
-            print(
-                f"| {e.file} | {e.precision} | {e.io} | {e.size_bytes / 2**20:.1f} | {100 * p['agreement']:.3f}% "
-                f"| {100 * worst['miou']:.2f} / {100 * worst['miou_torch']:.2f} |"
-            )
-        for s in m.skipped:
-            print(f"not shipped: {s['runtime']} {s['precision']} ({s['variant']}): {s['reason']}")
+    summary(manifests)
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from export import card, graphs, parity, precision
-from serve.backends import BACKENDS, runtime_problem
+from serve.backends import BACKENDS, Backend, runtime_problem
 from serve.manifest import (
     PRECISION,
     VARIANTS,
@@ -385,6 +385,11 @@ def _calibration_batches(train_set, count: int, seed: int) -> list[np.ndarray]:
     return [parity.normalise(train_set.read(int(i))[0][None]) for i in order]
 
 
+def _runs(row: Backend, entry: EngineEntry) -> bool:
+    """Whether a backend row runs this engine (its runtime, precision and one of its graph variants)."""
+    return (row.runtime, row.precision) == (entry.runtime, entry.precision) and entry.variant in row.variants
+
+
 @dataclass(frozen=True)
 class Int8Verdict:
     """Whether a CPU int8 engine ships, with the numbers that decided it (recorded in the manifest's
@@ -406,12 +411,11 @@ def int8_verdicts(entries: list[EngineEntry], runners: dict, size: tuple[int, in
     at least `min_speedup` x the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32 or bf16), timed on
     the labels engines at the serving size, batch 1, and |ΔmIoU| <= `max_delta` at the gate."""
 
-    def labels(runtime: str, precision_: str, variant: str) -> EngineEntry | None:
-        key = (runtime, precision_, variant, "labels")
-        return next((e for e in entries if (e.runtime, e.precision, e.variant, e.io) == key), None)
+    def labels(row: Backend) -> EngineEntry | None:
+        return next((e for e in entries if e.io == "labels" and _runs(row, e)), None)
 
-    floats = [labels("onnxruntime", "fp32", "fp32"), labels("openvino", "fp32", "fp32")]
-    floats = [e for e in [*floats, labels("openvino", "bf16", "fp32")] if e]
+    cpu = [b for b in BACKENDS.values() if b.device == "cpu"]
+    floats = [e for b in cpu if b.precision in ("fp32", "bf16") and (e := labels(b))]
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
 
     def timed(entry: EngineEntry) -> float:
@@ -422,9 +426,10 @@ def int8_verdicts(entries: list[EngineEntry], runners: dict, size: tuple[int, in
     times = {e.name: timed(e) for e in floats}
     best = min(times, key=times.get)
     verdicts = []
-    for runtime in ("onnxruntime", "openvino"):
-        if (int8 := labels(runtime, "int8", "int8.cpu")) is None:
+    for row in (b for b in cpu if "int8.cpu" in b.variants):
+        if (int8 := labels(row)) is None or int8.variant != "int8.cpu":
             continue
+        runtime = int8.runtime
         group = [e for e in entries if (e.runtime, e.precision, e.variant) == (runtime, "int8", "int8.cpu")]
         ms, delta = timed(int8), max(abs(e.parity["miou_delta"]) for e in group)
         speedup = times[best] / ms

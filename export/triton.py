@@ -29,6 +29,7 @@ import argparse
 import logging
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -71,24 +72,55 @@ def tensors_pbtxt(which: str, tensors: list[tuple[str, str, list[int]]]) -> list
     return [f"{which} [", ",\n".join(blocks), "]"]
 
 
-def config_pbtxt(
-    name: str,
-    runtime: str,
-    max_batch: int,
-    inputs: list[tuple[str, str, list[int]]],
-    outputs: list[tuple[str, str, list[int]]],
-    kind: str,
-    instances: int,
-    delay_us: int,
-) -> str:
-    """An ONNX or plan model's config; `runtime` is its `platform: ...` or `backend: ...` line."""
-    lines = [f'name: "{name}"', runtime, f"max_batch_size: {max_batch}"]
-    lines += tensors_pbtxt("input", inputs) + tensors_pbtxt("output", outputs)
-    lines += [
-        f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}",
-        f"instance_group [ {{ count: {instances}, kind: {kind} }} ]",
-    ]
-    return "\n".join(lines) + "\n"
+@dataclass(frozen=True)
+class RepositoryOptions:
+    io: tuple[str, ...] = ("labels", "logits")  # logits: the ensemble's members too
+    variants: tuple[str, ...] = ()  # empty: every variant exported
+    instances: int = 1  # model instances per device
+    cpu_only: bool = False  # every ONNX model on KIND_CPU; no plans
+    delay_us: int = 100  # dynamic batching's wait for more requests
+    tensorrt: str | None = None  # the server's TensorRT release: plans built for another are left out
+    python_backend: bool = False  # ONNX files run by ONNX Runtime in Triton's Python backend
+
+
+class Repository:
+    """A model repository being written into a staging dir: each model's config and version dir."""
+
+    def __init__(self, staged: Path, opts: RepositoryOptions) -> None:
+        self.staged, self.opts, self.names = staged, opts, []
+
+    def runtime(self, fmt: str) -> str:
+        """The config's `platform: ...` or `backend: ...` line."""
+        if self.opts.python_backend:
+            return 'backend: "python"'
+        platform, filename = PLATFORMS[fmt]
+        return f'platform: "{platform}"\ndefault_model_filename: "{filename}"'
+
+    def config(self, name: str, fmt: str, max_batch: int, inputs: list, outputs: list, kind: str) -> str:
+        """An ONNX or plan model's config; inputs and outputs as (name, TYPE_*, dims without the batch)."""
+        lines = [f'name: "{name}"', self.runtime(fmt), f"max_batch_size: {max_batch}"]
+        lines += tensors_pbtxt("input", inputs) + tensors_pbtxt("output", outputs)
+        lines += [
+            f"dynamic_batching {{ max_queue_delay_microseconds: {self.opts.delay_us} }}",
+            f"instance_group [ {{ count: {self.opts.instances}, kind: {kind} }} ]",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def write(self, name: str, config: str, source: Path | onnx.ModelProto | None = None, fmt: str = "onnx") -> None:
+        """`<name>/config.pbtxt` and version 1 with the model file (an ensemble has none, but the dir)."""
+        version = self.staged / name / "1"
+        version.mkdir(parents=True)
+        if isinstance(source, onnx.ModelProto):
+            onnx.save(source, version / PLATFORMS[fmt][1])
+        elif source is not None:
+            shutil.copyfile(source, version / PLATFORMS[fmt][1])
+            external = source.with_name(f"{source.name}.data")
+            if external.is_file():  # weights over 2 GB live beside the graph under the name it records
+                shutil.copyfile(external, version / external.name)
+        if source is not None and self.opts.python_backend:
+            shutil.copyfile(PYTHON_MODEL, version / "model.py")
+        (self.staged / name / "config.pbtxt").write_text(config)
+        self.names.append(name)
 
 
 def engine_tensors(manifest: Manifest, io: str, which: str) -> list[tuple[str, str, list[int]]]:
@@ -159,26 +191,27 @@ def ensemble_pbtxt(name: str, members: dict[str, str], max_batch: int, inputs: l
     return "\n".join(lines) + "\n"
 
 
-def shipped(student: str, entry: EngineEntry, io, variants, cpu_only: bool, tensorrt, python_backend: bool) -> bool:
+def shipped(student: str, entry: EngineEntry, opts: RepositoryOptions) -> bool:
     """Whether an engine gets a Triton model (and why not, in the log)."""
-    if entry.io not in io or (variants and entry.variant not in variants):
+    if entry.io not in opts.io or (opts.variants and entry.variant not in opts.variants):
         return False
-    if entry.format == "plan" and (cpu_only or python_backend):  # plans need Triton's TensorRT backend
+    if entry.format == "plan" and (opts.cpu_only or opts.python_backend):  # plans need Triton's TensorRT backend
         return False
     if entry.runtime == "openvino":  # its ONNX file is served by the onnxruntime_onnx model of that variant
         log.info(
             "%s/%s: OpenVINO %s left out (Triton's OpenVINO backend reads IR)", student, entry.file, entry.precision
         )
         return False
-    if entry.format == "onnx" and entry.device == "cuda" and not cpu_only:
+    if entry.format == "onnx" and entry.device == "cuda" and not opts.cpu_only:
         log.info("%s/%s: left out, TensorRT's graph (its plan serves it on GPU)", student, entry.file)
         return False
     if entry.format == "plan":
         built = entry.tensorrt or {}
-        if tensorrt and built.get("version") != tensorrt:
+        if opts.tensorrt and built.get("version") != opts.tensorrt:
+            release = opts.tensorrt
             log.warning(
                 "%s/%s: left out, built for TensorRT %s, the server runs %s (python -m export.tensorrt "
-                "with TensorRT %s rebuilds it)", student, entry.file, built.get("version"), tensorrt, tensorrt,
+                "with TensorRT %s rebuilds it)", student, entry.file, built.get("version"), release, release,
             )  # fmt: skip
             return False
         log.info(
@@ -188,88 +221,65 @@ def shipped(student: str, entry: EngineEntry, io, variants, cpu_only: bool, tens
     return True
 
 
-def write_repository(
-    engines_root: Path,
-    out: Path,
-    io: tuple[str, ...] = ("labels", "logits"),
-    variants: tuple[str, ...] | None = None,
-    instances: int = 1,
-    cpu_only: bool = False,
-    delay_us: int = 100,
-    tensorrt: str | None = None,
-    python_backend: bool = False,
-) -> list[str]:
+def write_repository(engines_root: Path, out: Path, opts: RepositoryOptions = RepositoryOptions()) -> list[str]:
     """Write (replacing) the repository; returns the model names."""
     staged = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staged, ignore_errors=True)
-    names: list[str] = []
-    manifests: dict[str, Manifest] = {}
-    logits_models: dict[tuple[str, str], dict[str, str]] = {}  # (variant, format) -> {student: model}
-
-    def write_model(name: str, config: str, source: Path | onnx.ModelProto | None = None, fmt: str = "onnx") -> None:
-        """`<name>/config.pbtxt` and version 1 with the model file (an ensemble has none, but the dir)."""
-        version = staged / name / "1"
-        version.mkdir(parents=True)
-        if isinstance(source, onnx.ModelProto):
-            onnx.save(source, version / PLATFORMS[fmt][1])
-        elif source is not None:
-            shutil.copyfile(source, version / PLATFORMS[fmt][1])
-        if source is not None and python_backend:
-            shutil.copyfile(PYTHON_MODEL, version / "model.py")
-        (staged / name / "config.pbtxt").write_text(config)
-        names.append(name)
-
-    def runtime(fmt: str) -> str:
-        if python_backend:
-            return 'backend: "python"'
-        platform, filename = PLATFORMS[fmt]
-        return f'platform: "{platform}"\ndefault_model_filename: "{filename}"'
-
-    for student, engine_dir in engine_dirs(engines_root).items():
-        manifest = manifests[student] = read_manifest(engine_dir)
-        for entry in manifest.engines:
-            if not shipped(student, entry, io, variants, cpu_only, tensorrt, python_backend):
-                continue
-            kind = "KIND_CPU" if cpu_only or entry.device == "cpu" else "KIND_GPU"
-            name = model_name(student, entry)
-            ios = [engine_tensors(manifest, entry.io, which) for which in ("input", "output")]
-            text = config_pbtxt(name, runtime(entry.format), manifest.shapes["max"][0], *ios, kind, instances, delay_us)
-            write_model(name, text, engine_dir / entry.file, entry.format)
-            external = engine_dir / f"{entry.file}.data"
-            if external.is_file():  # weights over 2 GB live beside the graph under the name it records
-                shutil.copyfile(external, staged / name / "1" / external.name)
-            if entry.io == "logits":
-                logits_models.setdefault((entry.variant, entry.format), {})[student] = name
-    pairs = {key: members for key, members in logits_models.items() if set(members) == set(STUDENTS)}
-    if pairs:
-        first, *others = (manifests[s] for s in STUDENTS)
-        if any(m.preprocess != first.preprocess or m.classes != first.classes for m in others):
-            log.warning("no ensemble: the students differ in normalisation or classes")
-            pairs = {}
-    if pairs:
-        max_batch = min(manifests[s].shapes["max"][0] for s in STUDENTS)
-        kind = "KIND_CPU" if cpu_only else "KIND_GPU"
-        uint8_in = engine_tensors(first, "labels", "input")
-        normalised = [(NORMALISED, "TYPE_FP32", tensor_dims(first, "logits", "input"))]
-        logits = [(s, "TYPE_FP32", tensor_dims(first, "logits", "output")) for s in STUDENTS]
-        labels_out = engine_tensors(first, "labels", "output")
-        write_model(PREPROCESS, config_pbtxt(
-            PREPROCESS, runtime("onnx"), max_batch, uint8_in, normalised, kind, instances, delay_us,
-        ), preprocess_graph(first))  # fmt: skip
-        write_model(COMBINE, config_pbtxt(
-            COMBINE, runtime("onnx"), max_batch, logits, labels_out, kind, instances, delay_us,
-        ), combine_graph(first.num_classes))  # fmt: skip
-        for (variant, fmt), members in sorted(pairs.items()):
-            name = "_".join(["ensemble", variant.replace(".", "_"), *(["trt"] if fmt == "plan" else [])])
-            # Triton wants a version dir, even an empty one
-            write_model(name, ensemble_pbtxt(name, members, max_batch, uint8_in, labels_out))
-    if not names:
+    repo = Repository(staged, opts)
+    manifests = {student: read_manifest(d) for student, d in engine_dirs(engines_root).items()}
+    logits_models = _engine_models(repo, engines_root, manifests)
+    _ensembles(repo, manifests, logits_models)
+    if not repo.names:
         shutil.rmtree(staged, ignore_errors=True)
-        raise ManifestError(f"{engines_root}: no engine matches io={list(io)} variants={variants or 'all'}")
+        raise ManifestError(f"{engines_root}: no engine matches io={list(opts.io)} variants={opts.variants or 'all'}")
     if out.exists():
         shutil.rmtree(out)
     staged.rename(out)
-    return names
+    return repo.names
+
+
+def _engine_models(repo: Repository, engines_root: Path, manifests: dict[str, Manifest]) -> dict:
+    """One model per shipped engine; returns the logits models by (variant, format): {student: model}."""
+    logits_models: dict[tuple[str, str], dict[str, str]] = {}
+    for student, manifest in manifests.items():
+        for entry in manifest.engines:
+            if not shipped(student, entry, repo.opts):
+                continue
+            kind = "KIND_CPU" if repo.opts.cpu_only or entry.device == "cpu" else "KIND_GPU"
+            name = model_name(student, entry)
+            ios = [engine_tensors(manifest, entry.io, which) for which in ("input", "output")]
+            config = repo.config(name, entry.format, manifest.shapes["max"][0], *ios, kind)
+            repo.write(name, config, Path(engines_root) / student / entry.file, entry.format)
+            if entry.io == "logits":
+                logits_models.setdefault((entry.variant, entry.format), {})[student] = name
+    return logits_models
+
+
+def _ensembles(repo: Repository, manifests: dict[str, Manifest], logits_models: dict) -> None:
+    """A Triton ensemble per variant whose logits models both students have (with the two graphs around them)."""
+    pairs = {key: members for key, members in logits_models.items() if set(members) == set(STUDENTS)}
+    if not pairs:
+        return
+    first, *others = (manifests[s] for s in STUDENTS)
+    if any(m.preprocess != first.preprocess or m.classes != first.classes for m in others):
+        log.warning("no ensemble: the students differ in normalisation or classes")
+        return
+    max_batch = min(manifests[s].shapes["max"][0] for s in STUDENTS)
+    kind = "KIND_CPU" if repo.opts.cpu_only else "KIND_GPU"
+    uint8_in = engine_tensors(first, "labels", "input")
+    normalised = [(NORMALISED, "TYPE_FP32", tensor_dims(first, "logits", "input"))]
+    logits = [(s, "TYPE_FP32", tensor_dims(first, "logits", "output")) for s in STUDENTS]
+    labels_out = engine_tensors(first, "labels", "output")
+    repo.write(
+        PREPROCESS, repo.config(PREPROCESS, "onnx", max_batch, uint8_in, normalised, kind), preprocess_graph(first)
+    )
+    repo.write(
+        COMBINE, repo.config(COMBINE, "onnx", max_batch, logits, labels_out, kind), combine_graph(first.num_classes)
+    )
+    for (variant, fmt), members in sorted(pairs.items()):
+        name = "_".join(["ensemble", variant.replace(".", "_"), *(["trt"] if fmt == "plan" else [])])
+        # Triton wants a version dir, even an empty one
+        repo.write(name, ensemble_pbtxt(name, members, max_batch, uint8_in, labels_out))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = args.out or args.run / "triton"
     try:
-        names = write_repository(
-            args.run / "export", out, tuple(args.io), tuple(args.variants or ()), args.instances, args.cpu,
-            args.queue_delay_us, args.tensorrt, args.python_backend,
+        opts = RepositoryOptions(
+            tuple(args.io), tuple(args.variants or ()), args.instances, args.cpu, args.queue_delay_us, args.tensorrt,
+            args.python_backend,
         )  # fmt: skip
+        names = write_repository(args.run / "export", out, opts)
     except (FileNotFoundError, ManifestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

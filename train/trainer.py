@@ -165,36 +165,9 @@ class Trainer:
         # Initial weights first (a hub download, a file check): a missing one fails before any data is read.
         # A resumed run takes every weight from its checkpoint.
         init = {name: None if resume else locate(getattr(cfg, name), name) for name in STUDENTS}
-        self.train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
-        self.eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
-        self.test_set = build_dataset(cfg.data, cfg.data.test_split, train=False) if cfg.data.test_split else None
-        self._record_classes(self.train_set)
+        self._load_data()
         self._describe(init, resume)
-        if cfg.data.verify:
-            splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
-            log.info("checking every mask of %s", ", ".join(s.name for s in splits))
-            for split in splits:
-                split.verify()
-
-        k = cfg.data.num_classes
-        students = nn.ModuleDict({name: build_student(getattr(cfg, name), k, init[name]) for name in STUDENTS})
-        channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
-        geometry = Geometry(tuple(cfg.data.crop_size), widths, channels["cnn"], channels["vit"])
-        # The objective's own modules draw from a generator of their own, so every method arm of one seed
-        # trains with the same random stream (dropout) as `independent`: paired comparisons stay paired.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
-            objective = Objective(cfg.method, geometry, seed=cfg.seed + 2)
-        if self.dist.enabled and self.cuda:  # a few images per GPU: batch statistics over all of them
-            students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
-            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
-        self.students, self.objective = students, objective
-        for module in (self.students, self.objective):  # the projectors run on the students' features
-            module.to(self.device)
-            if self.cuda and cfg.channels_last:
-                module.to(memory_format=torch.channels_last)
-        if self.cuda and cfg.compile_losses:
-            self.objective.compile_terms()
+        self._build_models(init)
         self.optimizers = {
             name: build_optimizer(
                 self.students[name], getattr(cfg, name).optimizer, self.objective.learner_modules(name)
@@ -215,6 +188,42 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / CONFIG_FILE)
+
+    def _load_data(self) -> None:
+        """The splits, the dataset's classes recorded in the config, and (data.verify) every mask read once."""
+        data = self.cfg.data
+        self.train_set = build_dataset(data, data.train_split, train=True)
+        self.eval_set = build_dataset(data, data.eval_split, train=False)
+        self.test_set = build_dataset(data, data.test_split, train=False) if data.test_split else None
+        self._record_classes(self.train_set)
+        if data.verify:
+            splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
+            log.info("checking every mask of %s", ", ".join(s.name for s in splits))
+            for split in splits:
+                split.verify()
+
+    def _build_models(self, init: dict) -> None:
+        """Both students and the objective (with its training-only modules), on the device."""
+        cfg = self.cfg
+        students = nn.ModuleDict({n: build_student(getattr(cfg, n), cfg.data.num_classes, init[n]) for n in STUDENTS})
+        channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
+        widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
+        geometry = Geometry(tuple(cfg.data.crop_size), widths, channels["cnn"], channels["vit"])
+        # The objective's own modules draw from a generator of their own, so every method arm of one seed
+        # trains with the same random stream (dropout) as `independent`: paired comparisons stay paired.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            objective = Objective(cfg.method, geometry, seed=cfg.seed + 2)
+        if self.dist.enabled and self.cuda:  # a few images per GPU: batch statistics over all of them
+            students = nn.SyncBatchNorm.convert_sync_batchnorm(students)
+            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        self.students, self.objective = students, objective
+        for module in (self.students, self.objective):  # the projectors run on the students' features
+            module.to(self.device)
+            if self.cuda and cfg.channels_last:
+                module.to(memory_format=torch.channels_last)
+        if self.cuda and cfg.compile_losses:
+            self.objective.compile_terms()
 
     def _record_classes(self, dataset: SegmentationDataset) -> None:
         data = self.cfg.data

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.triton import COMBINE, PREPROCESS, main, write_repository
+from export.triton import COMBINE, PREPROCESS, RepositoryOptions, main, write_repository
 from serve.manifest import read_manifest
 from serve.segmenter import load_segmenter
 
@@ -82,7 +82,7 @@ def test_the_ensemble_graphs_compute_the_local_ensemble(exported_run, tmp_path):
 
     engines = exported_run / "export"
     out = tmp_path / "triton"
-    write_repository(engines, out, variants=("fp32",), python_backend=True)
+    write_repository(engines, out, RepositoryOptions(variants=("fp32",), python_backend=True))
     assert (out / "cnn_fp32" / "1" / "model.py").is_file() and (out / "ensemble_fp32" / "1").is_dir()
     assert 'backend: "python"' in (out / COMBINE / "config.pbtxt").read_text()
 
@@ -126,11 +126,11 @@ def test_plans_for_another_tensorrt_are_left_out_and_cpu_repos_hold_the_qdq_grap
             built = {"version": release, "gpu": "NVIDIA L4", "compute_capability": "8.9"}
             manifest.engines.append(EngineEntry(plan, "plan", "labels", "fp32", "fp32", "tensorrt", tensorrt=built))
         write_manifest(manifest, root / student)
-    names = write_repository(root, tmp_path / "gpu", tensorrt="10.16.0")
+    names = write_repository(root, tmp_path / "gpu", RepositoryOptions(tensorrt="10.16.0"))
     plans = sorted(n for n in names if n.endswith("_trt"))
     assert len(plans) == 2 and all((tmp_path / "gpu" / n / "1" / "model.plan").is_file() for n in plans)
     assert "built for TensorRT 10.8.0, the server runs 10.16.0" in caplog.text
-    cpu = write_repository(root, tmp_path / "cpu", cpu_only=True)
+    cpu = write_repository(root, tmp_path / "cpu", RepositoryOptions(cpu_only=True))
     assert {"cnn_int8_qdq", "vit_int8_qdq"} <= set(cpu) and not any(n.endswith("_trt") for n in cpu)
     config = _parse(tmp_path / "cpu" / "cnn_int8_qdq" / "config.pbtxt")
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.triton import write_repository
+from export.triton import RepositoryOptions, write_repository
 from serve.backends import usable
 from serve.runtime import open_engine
 from serve.segmenter import choices, load_segmenter
@@ -44,8 +44,8 @@ def served(engines, tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(engines, root / "export")
     truncate(root / "export" / "cnn" / "model.fp16.onnx")
     repository = root / "repository"
-    write_repository(engines, repository, variants=("fp32",), cpu_only=True, python_backend=True)
-    write_repository(engines, root / "native", io=("labels",), variants=("fp32",), cpu_only=True)
+    write_repository(engines, repository, RepositoryOptions(variants=("fp32",), cpu_only=True, python_backend=True))
+    write_repository(engines, root / "native", RepositoryOptions(io=("labels",), variants=("fp32",), cpu_only=True))
     for source, name in ((root / "native" / "cnn_fp32", "cnn_fp32_ort"), (repository / "vit_fp32", "vit_broken")):
         shutil.copytree(source, repository / name)
         config = repository / name / "config.pbtxt"

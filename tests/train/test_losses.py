@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.config import MethodConfig
+from train.config import ConfigError, MethodConfig
 from train.losses import (
     PRESETS,
     Geometry,
@@ -447,3 +447,41 @@ def test_method_options_that_cannot_apply_fail_at_start_naming_the_field(method,
 
     with pytest.raises(ConfigError, match=message):
         Objective(MethodConfig(**method), geometry(crop=crop))
+
+
+def test_a_term_registered_once_reaches_the_checks_the_objective_the_diagnostics_and_the_ablation(monkeypatch):
+    """Adding a term is one row of TERMS: nothing else needs to know its name."""
+    import dataclasses
+
+    from benchmarks.ablation import arm_overrides
+    from train.losses import TERMS, Term
+
+    def logit_l2(obj, cnn, vit, labels, px):
+        return (px.cnn - px.vit.detach()).square().mean() + (px.vit - px.cnn.detach()).square().mean(), {"l2_seen": 1}
+
+    row = Term("logit_l2", "logits pulled together", "dml_weight", ("temperature",), logit_l2, lambda o, c: [o.logits])
+    monkeypatch.setitem(TERMS, "logit_l2", row)
+    assert arm_overrides("logit_l2", {}) == ["method.terms=[logit_l2]"]
+    cnn, vit, labels = student_pair()
+    cnn = StudentOutput(cnn.low, cnn.feat, cnn.logits.requires_grad_())
+    vit = StudentOutput(vit.low, vit.feat, vit.logits.requires_grad_())
+    objective = Objective(MethodConfig(terms=["logit_l2"], warmup=0, start=0), geometry())
+    losses, stats = objective(cnn, vit, labels, progress=0.5)
+    assert set(losses) == {"ce_cnn", "ce_vit", "logit_l2"} and stats["l2_seen"] == 1
+    assert set(objective.grad_ratios(cnn, vit, losses)) == {"ratio_logit_l2_cnn", "ratio_logit_l2_vit"}
+    monkeypatch.setitem(TERMS, "logit_l2", dataclasses.replace(row, check=lambda cfg, g: "method.logit_l2: no"))
+    with pytest.raises(ConfigError, match=r"method\.logit_l2: no"):
+        Objective(MethodConfig(terms=["logit_l2"]), geometry())
+
+
+def test_the_docs_list_every_term_and_every_method_option():
+    import dataclasses
+    from pathlib import Path
+
+    from train.losses import PRESETS, TERMS
+
+    doc = Path("docs/method.md").read_text()
+    for name in [*TERMS, *PRESETS]:
+        assert f"`{name}`" in doc, name
+    for option in (f.name for f in dataclasses.fields(MethodConfig)):
+        assert f"method.{option}" in doc, option
