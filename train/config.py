@@ -97,8 +97,8 @@ class EvalConfig:
 class MethodConfig:
     """The collaborative objective (docs/method.md): a preset, or an explicit list of terms, and each
     term's options. Distillation runs from `start` on, ramped up linearly over `warmup` (shares of
-    training). The defaults are the measured ones (benchmarks/results/ablation-synthetic.md); the first
-    design was start 0, warmup 0.05, hfd_weight 1, no margins, no adapters, pixel_norm `active`."""
+    training). The defaults are chosen by measurement under a paired-seed protocol (docs/method.md lists
+    each against the reading of the paper it replaces; benchmarks/results/ holds the runs)."""
 
     preset: str = "full"  # a name of train.losses.PRESETS (independent, dml, hfd, bsd, full)
     terms: list[str] | None = None  # names of train.losses.TERMS; overrides the preset

@@ -25,15 +25,15 @@ def test_real_dataset_configs_start_from_imagenet_with_the_reference_pipeline(na
     assert cfg.data.photometric and cfg.data.cat_max_ratio == 0.75 and cfg.vit.optimizer.warmup_iters == 1500
 
 
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
 def test_the_256_synthetic_config_is_the_demo_recipe_at_another_size():
     """The GPU protocol compares arms on the 64x64 recipe: only size and what runs on a GPU may differ."""
-
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in tree.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
-        return out
-
     demo, big = (flat(config_to_dict(load_config(f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-256"))
     assert {k for k in demo if demo[k] != big[k]} == {
         "name", "iterations", "checkpoint_interval", "device", "amp", "compile_losses",
@@ -100,13 +100,6 @@ def test_a_section_naming_the_other_students_architecture_is_an_error():
 
 def test_the_complementary_config_is_the_demo_recipe_on_other_data():
     """The method's benchmark compares arms on the demo's recipe: only the data and the budget differ."""
-
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in tree.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
-        return out
-
     demo, comp = (
         flat(config_to_dict(load_config(f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-complementary")
     )

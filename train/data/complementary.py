@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from train.data import synthetic
-from train.data.synthetic import SHAPES, Scene, _background, _random_colour, _shape_mask
+from train.data.synthetic import SHAPES, Scene, _background, _random_colour, _shape_mask, fill_frame, shaded
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,9 @@ def _mask(shape: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _paint(fill: str, rng: np.random.Generator, h: int, w: int, under: np.ndarray) -> np.ndarray:
     """HxWx3 float colours of a fill, in colours that differ from `under` (the mean colour it covers)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    angle = rng.uniform(0, np.pi)
-    u = xx * np.cos(angle) + yy * np.sin(angle)
-    v = -xx * np.sin(angle) + yy * np.cos(angle)
-    a = _random_colour(rng, avoid=under)
+    xx, yy, u, v, a = fill_frame(rng, h, w, under)
     if fill == "flat":
-        shade = (u - u.mean()) / max(h, w) * rng.uniform(-40, 40)
-        return a + shade[..., None]
+        return shaded(rng, a, u)
     b = _random_colour(rng, avoid=a)
     if fill == "fine_stripes":
         on = (u // (rng.uniform(2, 3) / 2)) % 2 == 0

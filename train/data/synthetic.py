@@ -102,17 +102,27 @@ def _shape_mask(shape: str, rng: np.random.Generator, h: int, w: int) -> np.ndar
     return np.asarray(canvas, dtype=bool)
 
 
-def _fill(texture: str, rng: np.random.Generator, h: int, w: int, under: np.ndarray) -> np.ndarray:
-    """HxWx3 float colours of a texture class at a random angle and period. Its colour differs from
-    `under` (the mean colour it covers), so its outline is visible."""
+def fill_frame(rng: np.random.Generator, h: int, w: int, under: np.ndarray) -> tuple[np.ndarray, ...]:
+    """What every fill starts from: pixel coordinates (xx, yy), the same along a random angle (u, v), and its
+    first colour, unlike `under` (the mean colour it covers) so that its outline is visible."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, np.pi)
     u = xx * np.cos(angle) + yy * np.sin(angle)
     v = -xx * np.sin(angle) + yy * np.cos(angle)
-    a = _random_colour(rng, avoid=under)
+    return xx, yy, u, v, _random_colour(rng, avoid=under)
+
+
+def shaded(rng: np.random.Generator, colour: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One colour with a gentle linear shading along u."""
+    shade = (u - u.mean()) / max(u.shape) * rng.uniform(-40, 40)
+    return colour + shade[..., None]
+
+
+def _fill(texture: str, rng: np.random.Generator, h: int, w: int, under: np.ndarray) -> np.ndarray:
+    """HxWx3 float colours of a texture class at a random angle and period (`fill_frame`)."""
+    _, _, u, v, a = fill_frame(rng, h, w, under)
     if texture == "solid":
-        shade = (u - u.mean()) / max(h, w) * rng.uniform(-40, 40)
-        return a + shade[..., None]
+        return shaded(rng, a, u)
     b = _random_colour(rng, avoid=a)
     period = rng.uniform(6, 12)
     if texture == "stripes":  # periodic in one direction
