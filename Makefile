@@ -51,9 +51,10 @@ export: setup
 
 # TensorRT plans from the ONNX engines (needs an NVIDIA GPU and the `trt` extra, or trtexec on PATH).
 # Exports first only where no engine dir is there yet; plans are rebuilt only when their ONNX changed.
+# ARGS go to python -m export.tensorrt: make export-trt RUN=runs/demo ARGS="--variants fp16 --no-check"
 export-trt: setup
-	@test -f $(RUN)/export/cnn/manifest.json -a -f $(RUN)/export/vit/manifest.json || $(PY) -m export --run $(RUN) $(ARGS)
-	$(PY) -m export.tensorrt --run $(RUN)
+	@test -f $(RUN)/export/cnn/manifest.json -a -f $(RUN)/export/vit/manifest.json || $(PY) -m export --run $(RUN)
+	$(PY) -m export.tensorrt --run $(RUN) $(ARGS)
 
 # A Triton Inference Server model repository from the engine dirs: runs/<name>/triton
 triton-repo: setup

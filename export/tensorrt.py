@@ -7,14 +7,17 @@ is strongly typed on 10.x (flag STRONGLY_TYPED) and always on 11.x (flags 0). On
 profile spans the manifest's min/opt/max shapes; a timing cache file beside the engine dirs is
 reused between builds. A plan is rebuilt when its ONNX, the TensorRT version or the GPU changed.
 Without the `tensorrt` module, `trtexec` on PATH builds the same plan. Each new plan is run
-natively (serve.tensorrt) and must agree with its ONNX source on the export's example images;
-`--no-check` keeps plans unchecked where pycuda is missing.
+natively (serve.tensorrt) and must agree with its ONNX source on the export's example images, else it
+is deleted. Where it cannot be run (no `tensorrt` module or pycuda beside trtexec, a GPU out of memory),
+it is kept and marked unchecked, and the next run on a host that can run it checks it; `--no-check`
+skips the check. No plan is deleted except one that was run and disagreed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -26,10 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from export.card import write_cards
+from serve.backends import runtime_problem
 from serve.images import read_image
 from serve.manifest import EngineEntry, Manifest, read_manifest, sha256, write_manifest
 from serve.runtime import Engine, OnnxRuntimeEngine
 from serve.segmenter import Segmenter
+from serve.tensorrt import cuda_errors
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +105,18 @@ def rebuild_reason(plan: EngineEntry | None, onnx_entry: EngineEntry, onnx_sha: 
     return None
 
 
+def visible_gpu() -> str:
+    """The GPU a build and a check run on, as nvidia-smi names it: the first of CUDA_VISIBLE_DEVICES (an
+    index or a UUID) where it is set, since CUDA's device 0 is that one and nvidia-smi ignores the variable."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return visible or "0"
+
+
 def detect_target(trt_version: str) -> Target:
     """GPU name and compute capability from nvidia-smi (no CUDA binding needed to ask)."""
     try:
         line = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "--id=0"],
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", f"--id={visible_gpu()}"],
             capture_output=True,
             text=True,
             check=True,
@@ -114,6 +126,22 @@ def detect_target(trt_version: str) -> Target:
         raise TensorRTUnavailable(f"no NVIDIA GPU found (nvidia-smi: {e})") from None
     name, cc = (part.strip() for part in line.split(",", 1))
     return Target(trt_version, name, cc)
+
+
+def tensorrt_here() -> Target | None:
+    """This host's TensorRT release and GPU (None where either is missing)."""
+    try:
+        try:
+            import tensorrt as trt
+
+            version = release(trt.__version__)
+        except ImportError:
+            if shutil.which("trtexec") is None:
+                return None
+            version = _trtexec_version()
+        return detect_target(version)
+    except (TensorRTUnavailable, OSError, subprocess.SubprocessError):
+        return None
 
 
 def build_with_api(
@@ -130,6 +158,9 @@ def build_with_api(
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}:\n  {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    resize = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if resize is not None:  # TensorRT >= 10.10: a context's memory can be sized for the shape it runs
+        config.set_preview_feature(resize, True)
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     timing_cache = config.create_timing_cache(cache.read_bytes() if cache.is_file() else b"")
@@ -184,13 +215,16 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
         name = plan_file(entry.file)
         onnx_sha = sha256(engine_dir / entry.file)
         reason = rebuild_reason(plans.get(name), entry, onnx_sha, target, engine_dir)
+        if reason is None and check and not (plans[name].parity or {}).get("checked", True):
+            _check_later(engine_dir, manifest, entry, plans[name], cache_root, failed)
+            continue
         if reason is None:
             log.info("%s/%s is up to date", engine_dir.name, name)
             continue
         log.info("building %s/%s (%s)", engine_dir.name, name, reason)
         try:  # each plan on its own: one that fails leaves the others (and the other student) to build
             plan = _build_plan(engine_dir, manifest, entry, onnx_sha, target, use_api, cache_root, check)
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        except (RuntimeError, OSError, subprocess.CalledProcessError, *cuda_errors()) as e:
             log.error("%s/%s not built: %s", engine_dir.name, name, e)
             failed.append(f"{engine_dir.name}/{name}: {e}")
             plan = None
@@ -259,7 +293,19 @@ def plan_agreement(reference: Engine, candidate: Engine, images: list[np.ndarray
 
 
 class PlanParityError(RuntimeError):
-    pass
+    """A plan was run and disagreed with its ONNX source: the one case in which a plan is deleted."""
+
+
+def _check_later(engine_dir: Path, manifest: Manifest, entry: EngineEntry, plan: EngineEntry, root: Path, failed: list):
+    """Check a plan kept unchecked by an earlier build, now that this host may run it."""
+    try:
+        plan.parity = _check_plan(engine_dir, manifest, entry, engine_dir / plan.file, plan, root / "examples")
+    except PlanParityError as e:
+        log.error("%s", e)
+        failed.append(str(e))
+        (engine_dir / plan.file).unlink(missing_ok=True)
+        manifest.engines = [e for e in manifest.engines if e.file != plan.file]
+    write_manifest(manifest, engine_dir)
 
 
 class PlanBuildError(RuntimeError):
@@ -273,13 +319,17 @@ def _check_plan(engine_dir, manifest, onnx_entry, plan_path, plan, examples: Pat
     from serve.tensorrt import TensorRTEngine
 
     images = [read_image(p) for p in sorted(examples.glob("*.png"))]
-    if not images:
-        raise PlanParityError(f"no example images in {examples} to check {plan.file} on (re-run python -m export)")
-    reference = OnnxRuntimeEngine(engine_dir / onnx_entry.file, "cpu", manifest=manifest, entry=onnx_entry)
     try:
+        if not images:
+            raise RuntimeError(f"no example images in {examples} to check it on (python -m export writes them)")
+        if why := runtime_problem("tensorrt"):
+            raise RuntimeError(why)
         candidate = TensorRTEngine(plan_path, manifest, plan)
-    except RuntimeError as e:
-        raise PlanParityError(f"cannot run {plan.file} to check it ({e}); --no-check keeps it unchecked") from None
+    except RuntimeError as e:  # it could not run: kept, marked unchecked
+        how = f"python -m export.tensorrt --run RUN on a host with tensorrt and pycuda checks {plan.file}"
+        log.warning("%s/%s: kept unchecked, it cannot run here (%s): %s", engine_dir.name, plan.file, e, how)
+        return {"checked": False, "why": str(e), "how": how}
+    reference = OnnxRuntimeEngine(engine_dir / onnx_entry.file, "cpu", manifest=manifest, entry=onnx_entry)
     agreement = plan_agreement(reference, candidate, images)
     needed = threshold_for(plan.precision).agreement
     shown = ", ".join(f"{mode} {100 * v:.4f}%" for mode, v in agreement.items())
@@ -290,6 +340,7 @@ def _check_plan(engine_dir, manifest, onnx_entry, plan_path, plan, examples: Pat
             f"below the {100 * needed:.1f}% gate (plan deleted)"
         )
     return {
+        "checked": True,
         "reference": onnx_entry.file,
         "images": len(images),
         "agreement": min(agreement.values()),

@@ -35,6 +35,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
+from export.tensorrt import tensorrt_here
 from serve.manifest import IO_SPECS, EngineEntry, Manifest, ManifestError, read_manifest
 from serve.segmenter import STUDENTS, engine_dirs
 
@@ -80,6 +81,7 @@ class RepositoryOptions:
     cpu_only: bool = False  # every ONNX model on KIND_CPU; no plans
     delay_us: int = 100  # dynamic batching's wait for more requests
     tensorrt: str | None = None  # the server's TensorRT release: plans built for another are left out
+    compute_capability: str | None = None  # the server GPU's: plans built for another architecture are left out
     python_backend: bool = False  # ONNX files run by ONNX Runtime in Triton's Python backend
 
 
@@ -214,6 +216,13 @@ def shipped(student: str, entry: EngineEntry, opts: RepositoryOptions) -> bool:
                 "with TensorRT %s rebuilds it)", student, entry.file, built.get("version"), release, release,
             )  # fmt: skip
             return False
+        if opts.compute_capability and built.get("compute_capability") != opts.compute_capability:
+            log.warning(
+                "%s/%s: left out, built for a %s (compute %s), the server's GPU is compute %s (python -m "
+                "export.tensorrt on the server's GPU rebuilds it)", student, entry.file, built.get("gpu"),
+                built.get("compute_capability"), opts.compute_capability,
+            )  # fmt: skip
+            return False
         log.info(
             "%s/%s: runs only on TensorRT %s and a %s (compute %s)",
             student, entry.file, built.get("version"), built.get("gpu"), built.get("compute_capability"),
@@ -294,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="every ONNX model on KIND_CPU; no plans")
     parser.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching wait")
     parser.add_argument(
-        "--tensorrt", metavar="RELEASE", help="the server's TensorRT (e.g. 10.16.0): other plans left out"
+        "--tensorrt", metavar="RELEASE", help="the server's TensorRT (default: this host's): other plans left out"
+    )
+    parser.add_argument(
+        "--compute-capability", metavar="CC", help="the server GPU's (default: this host's): other plans left out"
     )
     parser.add_argument(
         "--python-backend", action="store_true", help="ONNX files run by ONNX Runtime in Triton's Python backend"
@@ -303,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = args.out or args.run / "triton"
     try:
+        release, cc = args.tensorrt, args.compute_capability
+        if not (args.cpu or args.python_backend) and None in (release, cc):
+            here = tensorrt_here()  # the repository is served on this host unless told otherwise
+            release, cc = release or (here and here.version), cc or (here and here.compute_capability)
+            log.info("plans checked against TensorRT %s and compute capability %s", release, cc)
         opts = RepositoryOptions(
-            tuple(args.io), tuple(args.variants or ()), args.instances, args.cpu, args.queue_delay_us, args.tensorrt,
+            tuple(args.io), tuple(args.variants or ()), args.instances, args.cpu, args.queue_delay_us, release, cc,
             args.python_backend,
         )  # fmt: skip
         names = write_repository(args.run / "export", out, opts)

@@ -82,13 +82,18 @@ def onnxruntime_providers(device: str = "auto") -> list[str]:
     return list(dict.fromkeys([wanted, "CPUExecutionProvider"]))
 
 
-def tensorrt_provider_options(model: Path, manifest: Manifest, entry: EngineEntry) -> dict[str, str]:
+TRT11_ORT = (1, 27)  # onnxruntime-gpu builds from here on link TensorRT 11: precision lives in the graph
+
+
+def tensorrt_provider_options(
+    model: Path, manifest: Manifest, entry: EngineEntry, ort_version: str = "1.26"
+) -> dict[str, str]:
     """ONNX Runtime's TensorRT provider with the manifest's profile and caches beside the engine: with
     no options it builds a new engine for every new input shape (every new image aspect ratio)."""
     cache = model.parent / ".ort-trt-cache"
     name = manifest.io[entry.io]["input"]["name"]
     low, opt, high = (f"{name}:{'x'.join(map(str, s))}" for s in manifest.profile(entry.io))
-    return {
+    options = {
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(cache),
         "trt_timing_cache_enable": "True",
@@ -96,9 +101,23 @@ def tensorrt_provider_options(model: Path, manifest: Manifest, entry: EngineEntr
         "trt_profile_min_shapes": low,
         "trt_profile_opt_shapes": opt,
         "trt_profile_max_shapes": high,
-        # TensorRT 10 builds weakly typed here: without the flag an fp16 graph runs in fp32 kernels
-        "trt_fp16_enable": str(entry.precision == "fp16"),
     }
+    if tuple(int(v) for v in ort_version.split(".")[:2]) < TRT11_ORT:
+        # TensorRT 10 builds weakly typed here: without the flag an fp16 graph runs in fp32 kernels
+        options["trt_fp16_enable"] = str(entry.precision == "fp16")
+    return options
+
+
+def provider_list(requested: list[str], model, manifest: Manifest | None, entry: EngineEntry | None, ort_version: str):
+    """The providers with their options: the TensorRT provider with the manifest's profile, and the CUDA
+    provider in strict fp32 for an fp32 engine (its default computes fp32 convolutions and GEMMs in TF32)."""
+    providers: list = list(requested)
+    for i, provider in enumerate(requested):
+        if provider == ORT_PROVIDERS["tensorrt"] and isinstance(model, str) and manifest and entry:
+            providers[i] = (provider, tensorrt_provider_options(Path(model), manifest, entry, ort_version))
+        elif provider == ORT_PROVIDERS["cuda"]:
+            providers[i] = (provider, {"use_tf32": "0" if entry is None or entry.precision == "fp32" else "1"})
+    return providers
 
 
 class OnnxRuntimeEngine:
@@ -126,9 +145,7 @@ class OnnxRuntimeEngine:
         if requested[0] != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
             # CUDA and cuDNN from the nvidia-* wheels (or torch's), which the provider's dlopen does not search
             ort.preload_dlls()
-        providers: list = list(requested)
-        if requested[0] == ORT_PROVIDERS["tensorrt"] and isinstance(source, str) and manifest and entry:
-            providers[0] = (requested[0], tensorrt_provider_options(Path(source), manifest, entry))
+        providers = provider_list(requested, source, manifest, entry, ort.__version__)
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as e:  # ONNX Runtime raises its own types, all bare Exception subclasses

@@ -52,3 +52,23 @@ def test_setup_gpu_installs_pycuda_then_swaps_the_wheels(tmp_path):
     done, calls = _setup_gpu(tmp_path, fail="nothing")
     assert done.returncode == 0, done.stderr
     assert len(calls) == 3 and calls[1].endswith("uninstall --quiet -y onnxruntime") and "gpu" in calls[2]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_export_trt_passes_args_to_the_plan_builder(tmp_path):
+    """Every option of python -m export.tensorrt (--no-check, --variants, ...) is one ARGS away."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    log = tmp_path / "calls.log"
+    run = tmp_path / "run"
+    for student in ("cnn", "vit"):  # exported already: only the plan builder runs
+        (run / "export" / student).mkdir(parents=True)
+        (run / "export" / student / "manifest.json").write_text("{}")
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", "setup", "export-trt", f"PY={python}", f"RUN={run}",
+         "ARGS=--variants fp16 --no-check"],
+        cwd=REPO, env={"PATH": "/usr/bin:/bin", "LOG": str(log), "FAIL": "nothing"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == [f"-m export.tensorrt --run {run} --variants fp16 --no-check"]

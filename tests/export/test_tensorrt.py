@@ -199,3 +199,64 @@ def test_profile_is_sized_by_the_memory_it_needs():
     # an explicit max size is kept; only the batch gives way, down to 1
     assert profile_shapes((1024, 2048), 19, 16, (2048, 4096), 2048)[0]["max"] == [3, 2048, 4096]
     assert profile_shapes((1024, 2048), 19, 16, (4096, 8192), 100)[0]["max"] == [1, 4096, 8192]
+
+
+def _fake_tools(tmp_path, monkeypatch) -> Path:
+    """trtexec and nvidia-smi stand-ins on PATH; nvidia-smi records its arguments in bin/nvidia-smi.args."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
+    (bin_dir / "nvidia-smi").write_text(f'#!/bin/sh\necho "$@" > {bin_dir}/nvidia-smi.args\necho "NVIDIA L4, 8.9"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="the tensorrt module would build and check instead of trtexec")
+def test_a_plan_whose_check_cannot_run_is_kept_unchecked_and_checked_by_a_later_run(
+    exported_run, tmp_path, monkeypatch, caplog
+):
+    """trtexec without the tensorrt module or pycuda (a CUDA box with a TensorRT tarball): the plans are built,
+    cannot be run to check them, and are kept, marked unchecked with why and how to check them later."""
+    _fake_tools(tmp_path, monkeypatch)
+    out = tmp_path / "export"
+    shutil.copytree(exported_run / "export", out)
+    assert (
+        trt_export.main(["--run", str(exported_run), "--out", str(out), "--students", "cnn", "--variants", "fp32"]) == 0
+    )
+    plans = {e.file: e for e in read_manifest(out / "cnn").engines if e.format == "plan"}
+    assert set(plans) == {"model.fp32.plan", "model.fp32.logits.plan"}
+    for plan in plans.values():
+        assert (out / "cnn" / plan.file).is_file()
+        assert plan.parity["checked"] is False and "tensorrt is not installed" in plan.parity["why"]
+        assert "python -m export.tensorrt --run RUN on a host with tensorrt and pycuda" in plan.parity["how"]
+    assert "kept unchecked" in caplog.text
+
+    # A later run where the plans can run checks them without rebuilding; one that disagrees is deleted.
+    checked = []
+
+    def fake_check(engine_dir, manifest, entry, plan_path, plan, examples):
+        checked.append(plan.file)
+        if plan.file == "model.fp32.logits.plan":
+            raise trt_export.PlanParityError(f"{plan.file}: 90% agreeing (plan deleted)")
+        return {"checked": True, "agreement": 1.0}
+
+    monkeypatch.setattr(trt_export, "_check_plan", fake_check)
+    assert (
+        trt_export.main(["--run", str(exported_run), "--out", str(out), "--students", "cnn", "--variants", "fp32"]) == 1
+    )
+    plans = {e.file: e for e in read_manifest(out / "cnn").engines if e.format == "plan"}
+    assert sorted(checked) == ["model.fp32.logits.plan", "model.fp32.plan"]
+    assert set(plans) == {"model.fp32.plan"} and plans["model.fp32.plan"].parity["checked"] is True
+    assert not (out / "cnn" / "model.fp32.logits.plan").exists()
+
+
+def test_the_gpu_a_plan_is_stamped_with_is_the_visible_one(tmp_path, monkeypatch):
+    bin_dir = _fake_tools(tmp_path, monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert trt_export.detect_target("10.16.0") == trt_export.Target("10.16.0", "NVIDIA L4", "8.9")
+    assert "--id=2" in (bin_dir / "nvidia-smi.args").read_text()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    trt_export.detect_target("10.16.0")
+    assert "--id=0" in (bin_dir / "nvidia-smi.args").read_text()

@@ -130,6 +130,11 @@ def test_plans_for_another_tensorrt_are_left_out_and_cpu_repos_hold_the_qdq_grap
     plans = sorted(n for n in names if n.endswith("_trt"))
     assert len(plans) == 2 and all((tmp_path / "gpu" / n / "1" / "model.plan").is_file() for n in plans)
     assert "built for TensorRT 10.8.0, the server runs 10.16.0" in caplog.text
+    other_gpu = write_repository(
+        root, tmp_path / "h100", RepositoryOptions(tensorrt="10.16.0", compute_capability="9.0")
+    )
+    assert not any(n.endswith("_trt") for n in other_gpu)  # every plan here was built for a compute 8.9 GPU
+    assert "built for a NVIDIA L4 (compute 8.9), the server's GPU is compute 9.0" in caplog.text
     cpu = write_repository(root, tmp_path / "cpu", RepositoryOptions(cpu_only=True))
     assert {"cnn_int8_qdq", "vit_int8_qdq"} <= set(cpu) and not any(n.endswith("_trt") for n in cpu)
     config = _parse(tmp_path / "cpu" / "cnn_int8_qdq" / "config.pbtxt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -80,3 +81,24 @@ def test_a_manifest_written_before_the_table_still_loads(tmp_path):
     assert m.find(trt_int8.runtime, trt_int8.precision, trt_int8.variants).file == "model.int8.qdq.plan"
     assert m.left_out("openvino", "int8", ("int8.cpu",)) == "slow"
     assert m.left_out("onnxruntime", "fp16", ("fp16",)) == "failed"
+
+
+def test_onnx_runtimes_gpu_providers_compute_in_the_engines_precision(tmp_path):
+    """The CUDA provider's default is TF32 for fp32 convolutions and GEMMs: an fp32 engine asks for strict
+    fp32. The TensorRT provider gets the fp16 flag only from builds that link TensorRT 10 (11 ignores it)."""
+    from serve.runtime import provider_list
+
+    for name in ("model.fp32.onnx", "model.int8.qdq.plan"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(json.dumps(SCHEMA_1))
+    m = read_manifest(tmp_path)
+    fp32 = m.engines[0]
+    fp16 = dataclasses.replace(fp32, variant="fp16", precision="fp16", file="model.fp16.onnx")
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_list(cuda, "m.onnx", m, fp32, "1.31.1") == [("CUDAExecutionProvider", {"use_tf32": "0"}), cuda[1]]
+    assert provider_list(cuda, "m.onnx", m, fp16, "1.31.1")[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+    trt = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    old, new = (provider_list(trt, "m.onnx", m, fp16, v)[0][1] for v in ("1.22.0", "1.31.1"))
+    assert old["trt_fp16_enable"] == "True" and "trt_fp16_enable" not in new
+    assert new["trt_profile_max_shapes"] == "image:4x128x128x3"
+    assert provider_list(["CPUExecutionProvider"], "m.onnx", m, fp32, "1.31.1") == ["CPUExecutionProvider"]
