@@ -30,8 +30,11 @@ setup-gpu: setup
 	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[cpu]'; echo "error: onnxruntime-gpu \
 	could not be installed; the CPU onnxruntime is back" >&2; exit 1; }
 
+# Both embedded sets: the demo's, and the one the method is measured on (classes that one student reads
+# and the other does not: docs/method.md)
 data: setup
 	$(PY) -m train.data.synthetic --out data/synthetic
+	$(PY) -m train.data.complementary --out data/complementary --jobs 2
 
 # Every image and mask of the config's splits read once: counts, class shares, problems by file.
 # make check-data CONFIG=configs/cityscapes.yaml ARGS="data.root=/data/cityscapes"
@@ -80,16 +83,18 @@ serve-triton: $(TRITON_VENV)/.installed
 	$(TRITON_VENV)/bin/python -m serve.triton_server --engines $(RUN)/export $(ARGS)
 
 # The whole pipeline on the embedded dataset: data, training (a second `make demo` resumes or just
-# re-reports runs/demo), ONNX engines of both students through the parity gate, a short bench.
-demo: data
-	@if [ -f runs/demo/checkpoint/last.safetensors ]; then \
-		$(PY) -m train --resume runs/demo $(ARGS); \
-	else \
-		$(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); \
-	fi
-	$(PY) -m export --run runs/demo
-	$(PY) -m benchmarks.bench --run runs/demo --models cnn vit ensemble --backends torch ort.cpu.fp32 ort.cpu.int8 \
-		--batch-sizes 1 --sizes 64x64 --seconds 1 --eval-images 100
+# re-reports runs/demo), the engines the demo serves and benches (fp32 and the CPU int8 graph, on ONNX
+# Runtime and OpenVINO) through the parity gate, a short bench; then where the time went, per phase.
+# Every variant: make export RUN=runs/demo
+DEMO_TRAIN = if [ -f runs/demo/checkpoint/last.safetensors ]; then $(PY) -m train --resume runs/demo $(ARGS); \
+	else $(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); fi
+demo:
+	@$(PYTHON) -m benchmarks.phases "install=$(MAKE) --no-print-directory setup" \
+		"data=$(PY) -m train.data.synthetic --out data/synthetic" \
+		"train=$(DEMO_TRAIN)" \
+		"export=$(PY) -m export --run runs/demo --variants fp32 int8.cpu" \
+		"bench=$(PY) -m benchmarks.bench --run runs/demo --models cnn vit ensemble --backends torch ort.cpu.fp32 \
+		ort.cpu.int8 --batch-sizes 1 --sizes 64x64 --seconds 1 --eval-images 100"
 	@echo; echo "Start the demo app: make serve RUN=runs/demo   (then open http://127.0.0.1:7860)"
 
 # Every engine of a run against its PyTorch students: runs/<name>/bench/{results.json,report.md,*.png}

@@ -1,1 +1,1 @@
-"""Benchmarks: latency, throughput and accuracy of every engine, and training speed (not built yet)."""
+"""Benchmarks: latency, throughput and accuracy of every engine, the method's ablation and gate, training speed."""

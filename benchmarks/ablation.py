@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import statistics
@@ -38,6 +37,7 @@ import torch
 import yaml
 
 from benchmarks.hardware import cpu_model
+from serve.decide import ci95
 from train.config import ConfigError, config_to_dict, load_config
 from train.data.synthetic import STAMP
 from train.losses import PRESETS, TERMS, Geometry, method_terms
@@ -200,23 +200,9 @@ def read_run(run_dir: Path, iterations: int) -> dict:
 
 # --- the report ----------------------------------------------------------------------------------
 
-# Two-sided 95 % quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
-T975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def ci95(values: list[float]) -> tuple[float, float]:
-    """The 95 % confidence interval of the mean (t, n - 1 degrees of freedom); nan for one value."""
-    n = len(values)
-    if n < 2:
-        return math.nan, math.nan
-    mean, sd = mean_sd(values)
-    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd / math.sqrt(n)
-    return mean - half, mean + half
 
 
 def paired(results: dict, arm: str, base: str, key: str) -> dict[str, list] | None:

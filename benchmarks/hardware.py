@@ -1,23 +1,13 @@
-"""Facts about the machine a benchmark ran on: the CPU's name and its arithmetic peaks.
-
-Torch is imported only by the peak probe that needs it, so the report writers can name the CPU cheaply.
-"""
+"""Facts about the machine a benchmark ran on: the CPU's name (serve.host's, which serving decisions use
+too) and its arithmetic peaks. Torch is imported only by the peak probe that needs it."""
 
 from __future__ import annotations
 
-import platform
 import time
-from pathlib import Path
 
+from serve.host import cpu_model
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_model", "gemm_peaks"]
 
 
 def gemm_peaks(seconds: float = 0.5) -> dict[str, float]:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from PIL import Image
 
 from export import card, graphs, parity, precision
 from serve.backends import BACKENDS, Backend, runtime_problem
+from serve.decide import at_least, interleaved, speedup_of
+from serve.host import cpu_model
 from serve.manifest import (
     PRECISION,
     VARIANTS,
@@ -35,7 +38,7 @@ from serve.manifest import (
     sha256,
     write_manifest,
 )
-from serve.runtime import OPENERS, OnnxRuntimeEngine, median_ms
+from serve.runtime import OPENERS, OnnxRuntimeEngine
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.run_dir import METRICS_FILE, STUDENTS, load_run_config, load_student, weights_file
@@ -214,16 +217,18 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     for e in entries:
         e.parity = reports[e.name]
     skipped = _drop_failed(job.name, entries)
-    verdicts = int8_verdicts(entries, runners, size, o.int8_min_speedup, o.int8_max_miou_delta)
-    for verdict in verdicts:
-        if not verdict.ship:
-            entries[:] = [e for e in entries if verdict.engine != (e.runtime, e.precision, e.variant)]
-            skipped.append({**dict(zip(("runtime", "precision", "variant"), verdict.engine, strict=True)),
-                            "reason": verdict.reason})  # fmt: skip
-            log.info("%s: %s %s not shipped: %s", job.name, *verdict.engine[:2], verdict.reason)
+    times = time_cpu_engines(entries, runners, size)
+    verdicts = int8_verdicts(entries, times, o.int8_min_speedup, o.int8_max_miou_delta)
+    for verdict in (v for v in verdicts if not v["ship"]):
+        runtime, precision_, variant = verdict["engine"]
+        entries[:] = [e for e in entries if (e.runtime, e.precision, e.variant) != verdict["engine"]]
+        skipped.append({"runtime": runtime, "precision": precision_, "variant": variant, "reason": verdict["reason"]})
+        log.info("%s: %s not shipped: %s", job.name, verdict["backend"], verdict["reason"])
     _remove_unused_files(entries, job.tmp)
-    manifest.engines, manifest.skipped = entries, skipped
-    manifest.decisions = [asdict(v) for v in verdicts]
+    manifest.engines, manifest.skipped, manifest.decisions = entries, skipped, verdicts
+    shipped = {b for b in times if any(_runs(BACKENDS[b], e) for e in entries)}
+    manifest.timings = {"cpu": cpu_model(), "size": list(size), "batch": 1,
+                        "ms": {b: statistics.median(ms) for b, ms in times.items() if b in shipped}}  # fmt: skip
     return manifest
 
 
@@ -390,53 +395,44 @@ def _runs(row: Backend, entry: EngineEntry) -> bool:
     return (row.runtime, row.precision) == (entry.runtime, entry.precision) and entry.variant in row.variants
 
 
-@dataclass(frozen=True)
-class Int8Verdict:
-    """Whether a CPU int8 engine ships, with the numbers that decided it (recorded in the manifest's
-    `decisions`; the bench and the model cards read it there, nothing decides again)."""
-
-    engine: tuple[str, str, str]  # runtime, precision, variant
-    ship: bool
-    ms: float  # its median latency at the serving size, batch 1
-    reference: str  # the fastest float CPU engine
-    reference_ms: float
-    speedup: float
-    miou_delta: float  # the largest |ΔmIoU| of its I/O modes at the gate
-    reason: str
+def cpu_backend(entry: EngineEntry) -> Backend | None:
+    """The CPU backend row that runs this engine (None: it is not a CPU engine)."""
+    return next((b for b in BACKENDS.values() if b.device == "cpu" and _runs(b, entry)), None)
 
 
-def int8_verdicts(entries: list[EngineEntry], runners: dict, size: tuple[int, int], min_speedup: float,
-                  max_delta: float) -> list[Int8Verdict]:  # fmt: skip
-    """A CPU int8 engine (ONNX Runtime's int8.cpu, OpenVINO's int8) ships only when it pays for its accuracy:
-    at least `min_speedup` x the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32 or bf16), timed on
-    the labels engines at the serving size, batch 1, and |ΔmIoU| <= `max_delta` at the gate."""
-
-    def labels(row: Backend) -> EngineEntry | None:
-        return next((e for e in entries if e.io == "labels" and _runs(row, e)), None)
-
-    cpu = [b for b in BACKENDS.values() if b.device == "cpu"]
-    floats = [e for b in cpu if b.precision in ("fp32", "bf16") and (e := labels(b))]
+def time_cpu_engines(entries: list[EngineEntry], runners: dict, size: tuple[int, int]) -> dict[str, list[float]]:
+    """Per-round latency (ms) of every CPU backend's labels engine at the serving size, batch 1, all timed in
+    interleaved rounds (serve.decide): what the int8 rule decides on and serve's engine pick reads."""
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
+    runs = {}
+    for e in (e for e in entries if e.io == "labels"):
+        if (row := cpu_backend(e)) is not None and row.name not in runs:
+            runs[row.name] = runners[e.name]
+    return interleaved(runs, pixels)
 
-    def timed(entry: EngineEntry) -> float:
-        run = runners[entry.name]
-        run(pixels)  # warm-up
-        return median_ms(run, pixels, min_runs=5, seconds=1.0)
 
-    times = {e.name: timed(e) for e in floats}
-    best = min(times, key=times.get)
+def int8_verdicts(entries: list[EngineEntry], times: dict[str, list[float]], min_speedup: float,
+                  max_delta: float) -> list[dict]:  # fmt: skip
+    """A CPU int8 engine (ONNX Runtime's int8.cpu, OpenVINO's int8) ships only when it pays for its accuracy:
+    its speed-up over the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32 or bf16) clears
+    `min_speedup` (serve.decide.at_least: the 95 % interval over interleaved rounds, straddling stays out),
+    and |ΔmIoU| <= `max_delta` at the gate. One record per int8 engine, with the numbers that decided it."""
+    floats = {name: ms for name, ms in times.items() if BACKENDS[name].precision in ("fp32", "bf16")}
+    reference = min(floats, key=lambda name: statistics.median(floats[name]))
     verdicts = []
-    for row in (b for b in cpu if "int8.cpu" in b.variants):
-        if (int8 := labels(row)) is None or int8.variant != "int8.cpu":
-            continue
-        runtime = int8.runtime
-        group = [e for e in entries if (e.runtime, e.precision, e.variant) == (runtime, "int8", "int8.cpu")]
-        ms, delta = timed(int8), max(abs(e.parity["miou_delta"]) for e in group)
-        speedup = times[best] / ms
-        ship = speedup >= min_speedup and delta <= max_delta
+    for name in (n for n in times if BACKENDS[n].precision == "int8"):
+        row = BACKENDS[name]
+        group = [e for e in entries if _runs(row, e)]
+        delta = max(abs(e.parity["miou_delta"]) for e in group)
+        verdict = at_least(speedup_of(floats[reference], times[name]), min_speedup)
+        ship = verdict.ship and delta <= max_delta
+        s = verdict.speedup
         reason = (
-            f"{ms:.2f} ms at {size[0]}x{size[1]}, batch 1: {speedup:.2f}x the fastest float engine ({best}, "
-            f"{times[best]:.2f} ms), |ΔmIoU| {delta:.4f}; ships at >= {min_speedup}x and <= {max_delta}"
+            f"{s['b_ms']:.2f} ms at batch 1: {s['ratio']:.2f}x [{s['low']:.2f}, {s['high']:.2f}] the fastest float "
+            f"engine ({reference}, {s['a_ms']:.2f} ms) over {s['rounds']} interleaved rounds ({verdict.outcome}), "
+            f"|ΔmIoU| {delta:.4f}; ships when the interval clears {min_speedup}x and |ΔmIoU| <= {max_delta}"
         )
-        verdicts.append(Int8Verdict((runtime, "int8", "int8.cpu"), ship, ms, best, times[best], speedup, delta, reason))
+        engine = (row.runtime, row.precision, group[0].variant)
+        verdicts.append(verdict.record(backend=name, engine=engine, reference=reference, miou_delta=delta,
+                                       ship=ship, reason=reason))  # fmt: skip
     return verdicts

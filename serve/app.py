@@ -27,7 +27,7 @@ from PIL import Image
 from serve.backends import BACKENDS, usable
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from serve.manifest import hex_colour, read_manifest
-from serve.segmenter import Segmenter, choices, describe_choice, engine_dirs, load_segmenter, timed_segmenters
+from serve.segmenter import Segmenter, auto_choice, choices, describe_choice, engine_dirs, load_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,12 @@ class Demo:
         self.color_map = {name: hex_colour(rgb) for name, rgb in zip(manifest.classes, manifest.palette, strict=True)}
         self.labels = {s: f"{s.upper()} ({m.arch}, {m.backbone})" for s, m in manifests.items()}
         self.labels["ensemble"] = "Ensemble (mean softmax)"
-        # The default engine: the fastest gated one of the first model on this host, timed at start; the
-        # engines opened for the timing are the ones served.
-        timed = timed_segmenters(self.engines, self.models[0])
-        self.segmenters.update({(self.models[0], b): segmenter for b, (segmenter, _) in timed.items()})
-        times = {b: ms for b, (_, ms) in timed.items()}
-        self.default = (self.models[0], min(times, key=times.get))
-        self.default_why = describe_choice(*self.default, times)
+        # The default engine: the fastest gated one of the first model on this host, by the rule every command
+        # shares (serve.segmenter.auto_choice: the same engine on every start).
+        first = self.models[0]
+        backend, times, how = auto_choice(self.engines, first, [BACKENDS[b] for b in self.backends(first)])
+        self.default = (first, backend)
+        self.default_why = f"{describe_choice(first, backend, times)}; {how}"
         log.info("default engine: %s", self.default_why)
 
     def backends(self, model: str) -> list[str]:

@@ -79,6 +79,7 @@ class Manifest:
     engines: list[EngineEntry] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # runtime, variant, precision not shipped, and why
     decisions: list[dict[str, Any]] = field(default_factory=list)  # export's keep-or-drop verdicts, with their numbers
+    timings: dict[str, Any] = field(default_factory=dict)  # CPU backends' median ms at the serving size, and the CPU
     io: dict[str, Any] = field(default_factory=lambda: IO_SPECS)
     schema: int = SCHEMA_VERSION
 
@@ -214,7 +215,7 @@ def engine_metadata(manifest: Manifest, entry: EngineEntry) -> dict[str, str]:
     engine dir: the manifest with this engine alone under METADATA_KEY (what `serve` reads), and
     readable keys for model viewers. Nothing that changes between two exports of the same weights
     (no timings, parity or paths), so a plan's source-ONNX hash stays valid across re-exports."""
-    one = Manifest(**{**asdict(manifest), "engines": [], "skipped": [], "decisions": []})
+    one = Manifest(**{**asdict(manifest), "engines": [], "skipped": [], "decisions": [], "timings": {}})
     one.source = {**manifest.source, "run": Path(str(manifest.source.get("run", ""))).name}
     one.engines = [
         EngineEntry(entry.file, entry.format, entry.io, entry.variant, entry.precision, entry.runtime, entry.device)

@@ -60,9 +60,11 @@ class Item:
         return self.source.suffix.lower() in VIDEO_SUFFIXES
 
 
-def collect(inputs: list[str]) -> tuple[list[Item], list[str]]:
-    """Every file the inputs name, with its output path; and the inputs that named nothing."""
+def collect(inputs: list[str], skip: Path | None = None) -> tuple[list[Item], list[str]]:
+    """Every file the inputs name, with its output path; and the inputs that named nothing. Files under `skip`
+    (the output folder, when it lies inside an input folder) are not inputs."""
     items, missing = [], []
+    outputs = skip.resolve() if skip is not None else None
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
@@ -75,6 +77,8 @@ def collect(inputs: list[str]) -> tuple[list[Item], list[str]]:
             found = [(f, rel) for f, rel in found if f.is_file()]
         else:
             found = []
+        if outputs is not None and not path.is_file():  # a folder or glob that holds OUT: not its masks
+            found = [(f, rel) for f, rel in found if not f.resolve().is_relative_to(outputs)]
         if not found:
             missing.append(f"{raw}: no such file, or no image or video in it")
         items += [Item(f, rel.with_suffix("")) for f, rel in found]
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger inputs are skipped")
     args = parser.parse_args(argv)
 
-    items, missing = collect(args.inputs)
+    items, missing = collect(args.inputs, skip=args.out)
     try:
         backend, variant, how = select(args.engines, args.model, args.backend, args.variant, args.device)
         if how:

@@ -8,7 +8,10 @@ at the image's own size.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from serve.backends import BACKENDS, RUNTIMES, Backend, backend_named, legacy, usable
+from serve.host import cpu_model
 from serve.manifest import MANIFEST_FILE, read_manifest
 from serve.runtime import Engine, median_ms, open_backend, open_engine
 
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STUDENTS = ("cnn", "vit")
 MODELS = (*STUDENTS, "ensemble")
+CHOICE_FILE = ".engine-choice.json"  # per host and model: the engine `auto` picked by timing, kept for later runs
 
 
 @dataclass
@@ -207,8 +212,8 @@ def select(
     engines_root: str | Path, model: str, backend: str = "auto", variant: str = "auto", device: str = "auto"
 ) -> tuple[Backend, str | None, str | None]:
     """The engine a command asked for, as (backend row, pinned graph variant, how it was chosen). `backend`: a
-    row's name, `auto` (the fastest gated engine here), or, as in earlier versions, a runtime name; `variant`
-    and `device` (ONNX Runtime's provider) narrow a runtime name or `auto` the way the old flags did."""
+    row's name, `auto` (the fastest gated engine here, by `auto_choice`), or, as in earlier versions, a runtime
+    name; `variant` and `device` (ONNX Runtime's provider) narrow a runtime name or `auto` as the old flags did."""
     pin = None if variant in ("auto", "bf16") else variant
     if backend in BACKENDS or backend not in ("auto", *RUNTIMES):  # a row, or a name that is none (refused)
         return backend_named(backend), pin, None
@@ -216,7 +221,7 @@ def select(
         return legacy(pin or "fp32", "onnxruntime", device), None, None
     if backend != "auto" and variant != "auto":
         return legacy(variant, backend, device), pin, None
-    rows = [r for _, r in choices(engines_root, usable()) if backend in ("auto", r.runtime)]
+    rows = [r for m, r in choices(engines_root, usable()) if m == model and backend in ("auto", r.runtime)]
     if variant != "auto":
         bf16 = variant == "bf16"  # OpenVINO's bf16: the fp32 graph at bf16
         rows = [r for r in rows if (r.precision == "bf16" if bf16 else variant in r.variants and r.precision != "bf16")]
@@ -224,8 +229,41 @@ def select(
         raise FileNotFoundError(
             f"{engines_root}: no {model} engine this host runs for --backend {backend} --variant {variant}"
         )
+    chosen, times, how = auto_choice(engines_root, model, rows)
+    return BACKENDS[chosen], pin, describe_choice(model, chosen, times) + f"; {how}"
+
+
+def recorded_times(engines_root: str | Path, model: str, rows: list[Backend]) -> dict[str, float] | None:
+    """The export's timings of these backends for `model` (summed over its students), where the export ran on
+    this CPU and timed every one of them; else None."""
+    dirs = engine_dirs(engines_root)
+    members, _ = engines_of(model)
+    manifests = [read_manifest(dirs[m]) for m in members if m in dirs]
+    recorded = [m.timings for m in manifests if m.timings.get("cpu") == cpu_model()]
+    if len(recorded) < len(members) or any(r.name not in t["ms"] for t in recorded for r in rows):
+        return None
+    return {r.name: sum(t["ms"][r.name] for t in recorded) for r in rows}
+
+
+def auto_choice(engines_root: str | Path, model: str, rows: list[Backend]) -> tuple[str, dict[str, float], str]:
+    """The fastest of `rows`, the same on every run: by the export's timings where it ran on this CPU and timed
+    them all; else by this host's own timing, taken once and kept in CHOICE_FILE beside the engine dirs."""
+    if times := recorded_times(engines_root, model, rows):
+        return min(times, key=times.get), times, "timed at export on this CPU"
+    path = Path(engines_root) / CHOICE_FILE
+    exported = hashlib.sha256(b"".join((d / MANIFEST_FILE).read_bytes() for d in engine_dirs(engines_root).values()))
+    key = " | ".join([cpu_model(), exported.hexdigest()[:12], model, *sorted(r.name for r in rows)])
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if key in saved:
+        return saved[key]["backend"], saved[key]["times"], f"timed on this host before ({path})"
     chosen, times = fastest(engines_root, model, [r.name for r in rows])
-    return BACKENDS[chosen], pin, describe_choice(model, chosen, times)
+    try:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**saved, key: {"backend": chosen, "times": times}}, indent=1))
+        os.replace(tmp, path)
+        return chosen, times, f"timed now, kept in {path} for the next runs"
+    except OSError as e:  # a read-only engine dir: the choice holds for this run only
+        return chosen, times, f"timed now (not kept: {e})"
 
 
 def describe_choice(model: str, backend: str, times: dict[str, float]) -> str:

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.backends import BACKENDS
 from serve.manifest import IO_SPECS
-from serve.segmenter import MODELS, Segmenter, timed_segmenters
+from serve.segmenter import MODELS, Segmenter, auto_choice, timed_segmenters
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ def segmenters(engines: Path, models: list[str]) -> dict[str, Segmenter]:
         timed = timed_segmenters(engines, model)
         for backend, (segmenter, _) in timed.items():
             found[model_name(model, backend)] = segmenter
-        backend = min(timed, key=lambda key: timed[key][1])
+        backend, _, how = auto_choice(engines, model, [BACKENDS[b] for b in timed])  # the rule every command shares
         found[model] = timed[backend][0]
-        log.info("%s: the fastest here is %s", model, backend)
+        log.info("%s: the fastest here is %s (%s)", model, backend, how)
     return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -206,3 +207,54 @@ def test_by_default_the_fastest_gated_engine_is_used_and_named(engines, photos, 
     assert chosen in times
     expected = load_segmenter(engines, "cnn", chosen).predict(read_image(photos / "photo0.png"))
     assert np.array_equal(np.asarray(Image.open(out / "photo0.png")), expected.labels)
+
+
+def _engine_line(capsys) -> str:
+    return next(x for x in capsys.readouterr().err.splitlines() if x.startswith("engine: "))
+
+
+def test_the_engine_auto_picks_is_the_same_on_every_run_and_so_are_the_masks(engines, photos, tmp_path, capsys):
+    picked, masks = [], []
+    for run in range(3):
+        out = tmp_path / f"out{run}"
+        assert main(["--engines", str(engines), "--out", str(out), "--model", "ensemble", str(photos)]) == 0
+        line = _engine_line(capsys)
+        picked.append(re.match(r"engine: ensemble on (\S+),", line).group(1))
+        masks.append([np.asarray(Image.open(p)) for p in sorted(out.rglob("*.png"))])
+        assert "timed at export on this CPU" in line  # the export ran here: its recorded timings decide
+    assert len(set(picked)) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(masks[0], masks[2], strict=True))
+
+
+def test_where_the_export_did_not_time_this_cpu_the_first_pick_is_kept_for_the_next_runs(engines, tmp_path, capsys):
+    from serve.manifest import read_manifest, write_manifest
+
+    copy = tmp_path / "export"
+    shutil.copytree(engines, copy)
+    for student in ("cnn", "vit"):  # exported on another machine
+        manifest = read_manifest(copy / student)
+        manifest.timings = {**manifest.timings, "cpu": "Another CPU"}
+        write_manifest(manifest, copy / student)
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    shutil.copy(next((engines / "examples").glob("*.png")), image)
+    first = main(["--engines", str(copy), "--out", str(tmp_path / "o1"), "--model", "cnn", str(image)])
+    line1 = _engine_line(capsys)
+    second = main(["--engines", str(copy), "--out", str(tmp_path / "o2"), "--model", "cnn", str(image)])
+    line2 = _engine_line(capsys)
+    assert first == second == 0
+    assert "timed now, kept in" in line1 and "timed on this host before" in line2
+    assert line1.split(";")[0] == line2.split(";")[0]  # the same engine, the same times
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(engines, photos, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(photos, folder)
+    out = folder / "masks"
+    args = ["--engines", str(engines), "--out", str(out), "--backend", "ort.cpu.fp32", str(folder)]
+    assert main(args) == 0
+    assert main([*args, "--force"]) == 0  # a second run: the first run's masks are not new inputs
+    assert not (out / "masks").exists()
+    assert sorted(r["output"] for r in lines(out)) == sorted(
+        str(p.relative_to(photos).with_suffix(".png")) for p in photos.rglob("*") if p.is_file()
+    )
