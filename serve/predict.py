@@ -1,7 +1,13 @@
 """Segment images, folders and videos with a run's engines and write the masks to disk (no PyTorch).
 
 python -m serve.predict --engines runs/<name>/export --out OUT [--model cnn|vit|ensemble]
-    [--backend auto|ort.cpu.fp32|ov.int8|...] [--overlay] [--force] INPUT...
+    [--backend auto|ort.cpu.fp32|ov.int8|...] [--slide [--window H W] [--stride H W]]
+    [--confidence [--confidence-format npy]] [--overlay] [--force] INPUT...
+
+--slide segments large images at full resolution with overlapping windows of the engines' serving size
+(serve/slide.py) instead of scaling them into the engines' size range. --confidence also writes, beside each
+class map, the probability of each pixel's class: <path>.confidence.png (uint16, probability x 65535) or
+<path>.confidence.npy (float32); predictions.jsonl says which file holds what.
 
 --backend auto (the default) takes the fastest gated engine this host runs, timed at start; a backend's name
 (serve.backends.BACKENDS) takes that one. The flags of earlier versions still work: --variant fp32|fp16|bf16|
@@ -43,6 +49,7 @@ from tqdm import tqdm
 from serve.backends import BACKENDS
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from serve.segmenter import MODELS, Prediction, Segmenter, load_segmenter, select
+from serve.slide import OVERLAP_WORK, SlideError, slide, sliding
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
@@ -97,12 +104,21 @@ def _fixed_parts(path: Path) -> int:
     return len(path.parts)
 
 
+CONFIDENCE = {  # how a confidence map is written: file suffix, what the file holds
+    "png": (".confidence.png", "uint16 PNG: the probability of the chosen class x 65535"),
+    "npy": (".confidence.npy", "float32 NumPy array: the probability of the chosen class"),
+}
+
+
 class Writer:
     """Output paths and files of one OUT folder."""
 
-    def __init__(self, out: Path, segmenter: Segmenter, overlay: bool) -> None:
-        self.out, self.segmenter, self.overlay = out, segmenter, overlay
+    def __init__(self, out: Path, segmenter: Segmenter, overlay: bool, confidence: str | None = None) -> None:
+        self.out, self.segmenter, self.overlay, self.confidence = out, segmenter, overlay, confidence
         self.flat_palette = [c for colour in segmenter.palette.tolist() for c in colour]
+
+    def confidence_path(self, item: Item) -> Path:
+        return self.out / item.rel.with_name(item.rel.name + CONFIDENCE[self.confidence][0])
 
     def labels_path(self, item: Item) -> Path:
         return self.out / (item.rel if item.video else item.rel.with_suffix(".png"))
@@ -112,7 +128,8 @@ class Writer:
 
     def done(self, item: Item) -> bool:
         marker = self.labels_path(item) / "summary.json" if item.video else self.labels_path(item)
-        return marker.is_file() and (not self.overlay or self.overlay_path(item).is_file())
+        confidence = not self.confidence or item.video or self.confidence_path(item).is_file()
+        return marker.is_file() and (not self.overlay or self.overlay_path(item).is_file()) and confidence
 
     def class_map(self, labels: np.ndarray, path: Path) -> None:
         img = Image.fromarray(labels, "P")
@@ -124,11 +141,24 @@ class Writer:
         return (image * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA).astype(np.uint8)
 
     def image(self, item: Item, image: np.ndarray, prediction: Prediction) -> dict:
+        extra = {"batch": prediction.batch, "windows": prediction.windows}
+        if self.confidence:  # before the class map, which marks the image done
+            extra["confidence"] = self.confidence_map(prediction.confidence, self.confidence_path(item))
         self.class_map(prediction.labels, self.labels_path(item))
         if self.overlay:
             _atomic_save(Image.fromarray(self.blend(image, prediction.labels)), self.overlay_path(item), quality=90)
         labels = prediction.labels
-        return self.record(item, self.counts(labels), labels.shape, prediction.timings, batch=prediction.batch)
+        return self.record(item, self.counts(labels), labels.shape, prediction.timings, **extra)
+
+    def confidence_map(self, confidence: np.ndarray, path: Path) -> dict:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.confidence == "npy":
+            tmp = path.with_name(f".{path.name}.tmp.npy")
+            np.save(tmp, confidence.astype(np.float32))
+            os.replace(tmp, path)
+        else:
+            _atomic_save(Image.fromarray(np.round(confidence * 65535).astype(np.uint16)), path)
+        return {"file": str(path.relative_to(self.out)), "holds": CONFIDENCE[self.confidence][1]}
 
     def counts(self, labels: np.ndarray) -> np.ndarray:
         return np.bincount(labels.ravel(), minlength=len(self.segmenter.classes))
@@ -171,7 +201,9 @@ def read_ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int):
         yield item, future
 
 
-def predict_images(items: list[Item], segmenter: Segmenter, writer: Writer, max_pixels: int, results) -> list[str]:
+def predict_images(items: list[Item], run, writer: Writer, max_pixels: int, results) -> list[str]:
+    """`run(images) -> predictions`: the segmenter's batches, or its sliding windows image by image."""
+    segmenter = writer.segmenter
     failures: list[str] = []
     batch: list[tuple[Item, np.ndarray]] = []
     bar = tqdm(total=len(items), unit="img", desc="images", file=sys.stderr, disable=not items)
@@ -179,7 +211,7 @@ def predict_images(items: list[Item], segmenter: Segmenter, writer: Writer, max_
         writes: deque[Future] = deque()
 
         def flush() -> None:
-            predictions = segmenter.predict_batch([image for _, image in batch])
+            predictions = run([image for _, image in batch])
             for (item, image), prediction in zip(batch, predictions, strict=True):
                 writes.append(pool.submit(writer.image, item, image, prediction))
             batch.clear()
@@ -207,10 +239,11 @@ def predict_images(items: list[Item], segmenter: Segmenter, writer: Writer, max_
     return failures
 
 
-def predict_video(item: Item, segmenter: Segmenter, writer: Writer, max_pixels: int) -> dict:
+def predict_video(item: Item, run, writer: Writer, max_pixels: int) -> dict:
     """Frames in batches; a class-map PNG per frame and, with --overlay, an H.264 overlay video."""
     import av
 
+    segmenter = writer.segmenter
     frames_dir = writer.labels_path(item)
     frames_dir.mkdir(parents=True, exist_ok=True)
     totals = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
@@ -231,7 +264,7 @@ def predict_video(item: Item, segmenter: Segmenter, writer: Writer, max_pixels: 
             bar = tqdm(total=stream.frames or None, unit="frame", desc=item.source.name, file=sys.stderr)
             frames = (f.to_ndarray(format="rgb24") for f in source.decode(stream))
             while chunk := list(itertools.islice(frames, segmenter.max_batch)):
-                for image, prediction in zip(chunk, segmenter.predict_batch(chunk), strict=True):
+                for image, prediction in zip(chunk, run(chunk), strict=True):
                     writer.class_map(prediction.labels, frames_dir / f"{index:06d}.png")
                     counts += writer.counts(prediction.labels)
                     if sink is not None:
@@ -271,35 +304,72 @@ def compact(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m serve.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, videos")
-    parser.add_argument(
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, videos")
+    p.add_argument(
         "--engines", required=True, type=Path, help="a run's export dir (holding cnn/ and vit/), or one exported .onnx"
     )
-    parser.add_argument("--out", required=True, type=Path, help="where the class maps go")
-    parser.add_argument("--model", default="cnn", choices=MODELS)
-    parser.add_argument("--backend", default="auto", help=f"auto (the fastest here), or one of {', '.join(BACKENDS)}")
-    parser.add_argument("--variant", default="auto", help="a graph variant to pin (fp32, fp16, int8.cpu, int8.qdq)")
-    parser.add_argument("--device", default="auto", help="with a runtime name as --backend: auto, cpu, cuda, tensorrt")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
-    parser.add_argument("--overlay", action="store_true", help="also write colour overlays (JPEG / H.264)")
-    parser.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger inputs are skipped")
-    args = parser.parse_args(argv)
+    p.add_argument("--out", required=True, type=Path, help="where the class maps go")
+    p.add_argument("--model", default="cnn", choices=MODELS)
+    p.add_argument("--backend", default="auto", help=f"auto (the fastest here), or one of {', '.join(BACKENDS)}")
+    p.add_argument("--variant", default="auto", help="a graph variant to pin (fp32, fp16, int8.cpu, int8.qdq)")
+    p.add_argument("--device", default="auto", help="with a runtime name as --backend: auto, cpu, cuda, tensorrt")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    p.add_argument("--slide", action="store_true", help="sliding windows at full resolution instead of fitting")
+    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="slide window (default: serving size)")
+    p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide stride (default: 2/3 window)")
+    p.add_argument("--confidence", action="store_true", help="also write each pixel's probability of its class")
+    p.add_argument("--confidence-format", default="png", choices=list(CONFIDENCE), help="png (uint16) or npy (float32)")
+    p.add_argument("--overlay", action="store_true", help="also write colour overlays (JPEG / H.264)")
+    p.add_argument("--force", action="store_true", help="redo inputs whose outputs exist")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger inputs are skipped")
+    return p
 
+
+def open_segmenter(args: argparse.Namespace):
+    """The segmenter the flags ask for and `run(images) -> predictions` over it (fitted, or sliding windows)."""
+    backend, variant, how = select(args.engines, args.model, args.backend, args.variant, args.device)
+    if how:
+        print(f"engine: {how}", file=sys.stderr)
+    scores = args.slide or bool(args.confidence)
+    segmenter = load_segmenter(args.engines, args.model, backend, args.threads, variant, scores)
+    if not args.slide:
+        return segmenter, segmenter.predict_batch
+    s = sliding(segmenter, args.window, args.stride)
+    if (coverage := s.window[0] * s.window[1] / (s.stride[0] * s.stride[1])) > OVERLAP_WORK:
+        raise SlideError(f"a stride of {s.stride} covers each pixel {coverage:.0f} times: over {OVERLAP_WORK}")
+    print(f"sliding windows of {s.window[0]}x{s.window[1]}, stride {s.stride[0]}x{s.stride[1]}", file=sys.stderr)
+    small = segmenter.min_hw
+
+    def run(images: list[np.ndarray]) -> list[Prediction]:
+        out = []
+        for image in images:
+            if image.shape[0] < small[0] or image.shape[1] < small[1]:
+                print(
+                    f"a {image.shape[0]}x{image.shape[1]} image is under the engines' smallest input: fitted",
+                    file=sys.stderr,
+                )
+                out.append(segmenter.predict(image))
+            else:
+                out.append(slide(segmenter, image, s, args.max_pixels))
+        return out
+
+    return segmenter, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     items, missing = collect(args.inputs, skip=args.out)
     try:
-        backend, variant, how = select(args.engines, args.model, args.backend, args.variant, args.device)
-        if how:
-            print(f"engine: {how}", file=sys.stderr)
-        segmenter = load_segmenter(args.engines, args.model, backend, args.threads, variant)
+        segmenter, run = open_segmenter(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    writer, outputs = Writer(args.out, segmenter, args.overlay), {}
+    writer = Writer(args.out, segmenter, args.overlay, args.confidence_format if args.confidence else None)
+    outputs = {}
     for item in items:
         if (other := outputs.setdefault(writer.labels_path(item), item)) is not item:
             print(
@@ -311,7 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     todo = [item for item in items if args.force or not writer.done(item)]
     if skipped := len(items) - len(todo):
         print(f"{skipped} of {len(items)} inputs already done in {args.out} (--force redoes them)", file=sys.stderr)
+    if args.confidence and any(i.video for i in todo):
+        print("confidence maps are written for images; videos get their class maps", file=sys.stderr)
+    failures = write_all(args, todo, run, writer)
+    summary = f"{len(todo) - len(failures)} of {len(todo)} inputs segmented into {args.out}"
+    print(summary + (f"; {len(failures) + len(missing)} failed" if failures or missing else ""))
+    return 1 if failures or missing else 0
 
+
+def write_all(args: argparse.Namespace, todo: list[Item], run, writer: Writer) -> list[str]:
+    """Every image and video of `todo`, each line appended to predictions.jsonl as it is done; the failures."""
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / RESULTS_FILE
     with results_path.open("a") as results:
@@ -320,17 +399,15 @@ def main(argv: list[str] | None = None) -> int:
             results.write(json.dumps(line) + "\n")
             results.flush()
 
-        failures = predict_images([i for i in todo if not i.video], segmenter, writer, args.max_pixels, record)
+        failures = predict_images([i for i in todo if not i.video], run, writer, args.max_pixels, record)
         for item in (i for i in todo if i.video):
             try:
-                record(predict_video(item, segmenter, writer, args.max_pixels))
+                record(predict_video(item, run, writer, args.max_pixels))
             except ImageError as e:
                 failures.append(str(e))
                 print(f"skipped: {e}", file=sys.stderr)
     compact(results_path)
-    summary = f"{len(todo) - len(failures)} of {len(todo)} inputs segmented into {args.out}"
-    print(summary + (f"; {len(failures) + len(missing)} failed" if failures or missing else ""))
-    return 1 if failures or missing else 0
+    return failures
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ class Prediction:
     labels: np.ndarray  # (H, W) uint8 class indices at the input image's size
     timings: dict[str, float] = field(default_factory=dict)  # ms per stage, of the batch it ran in
     batch: int = 1
+    confidence: np.ndarray | None = None  # (H, W) float32 probability of the chosen class (logits engines only)
+    windows: int = 1  # engine inputs this image took (sliding window: its windows)
 
 
 class Segmenter:
@@ -55,6 +57,7 @@ class Segmenter:
         self.min_hw = tuple(max(m.shapes["min"][i] for m in manifests) for i in (1, 2))
         self.max_hw = tuple(min(m.shapes["max"][i] for m in manifests) for i in (1, 2))
         self.max_batch = min(m.shapes["max"][0] for m in manifests)
+        self.opt_hw = tuple(first.shapes["opt"][1:])  # the serving size the engines were tuned for
 
     def fit(self, height: int, width: int) -> tuple[int, int]:
         """The size an image runs at: scaled (aspect kept) into [min, max], on the size multiple."""
@@ -95,13 +98,18 @@ class Segmenter:
         outputs = [engine.run(batch) for engine in self.engines]
         t2 = time.perf_counter()
         if self.labels_io:
-            labels = outputs[0]
+            labels, confidence = outputs[0], [None] * len(images)
         else:
-            labels = np.mean([_softmax(o) for o in outputs], axis=0).argmax(1).astype(np.uint8)
-        labels = [_resize(lab, image.shape[:2], Image.NEAREST) for lab, image in zip(labels, images, strict=True)]
+            probs = np.mean([softmax(o) for o in outputs], axis=0)
+            labels, confidence = probs.argmax(1).astype(np.uint8), probs.max(1)
+        sizes = [image.shape[:2] for image in images]
+        labels = [_resize(lab, hw, Image.NEAREST) for lab, hw in zip(labels, sizes, strict=True)]
+        confidence = [
+            c if c is None else _resize(c, hw, Image.BILINEAR) for c, hw in zip(confidence, sizes, strict=True)
+        ]
         t3 = time.perf_counter()
         timings = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1), "postprocess": 1e3 * (t3 - t2)}
-        return [Prediction(lab, dict(timings), len(images)) for lab in labels]
+        return [Prediction(lab, dict(timings), len(images), c) for lab, c in zip(labels, confidence, strict=True)]
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         return self.palette[np.minimum(labels, len(self.palette) - 1)]
@@ -113,14 +121,16 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarr
     return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
 
-def engines_of(model: str) -> tuple[tuple[str, ...], str]:
-    """The students a model runs and their I/O mode: the ensemble needs both students' logits."""
-    return (STUDENTS, "logits") if model == "ensemble" else ((model,), "labels")
+def engines_of(model: str, scores: bool = False) -> tuple[tuple[str, ...], str]:
+    """The students a model runs and their I/O mode: the ensemble needs both students' logits, and so does any
+    model whose class scores are wanted (`scores`: a sliding window, a confidence map)."""
+    members = STUDENTS if model == "ensemble" else (model,)
+    return members, "logits" if scores or model == "ensemble" else "labels"
 
 
 def engine_dirs(engines_root: str | Path) -> dict[str, Path]:
@@ -154,10 +164,11 @@ def load_segmenter(
     backend: str | Backend = "ort.cpu.fp32",
     threads: int = 0,
     variant: str | None = None,
+    scores: bool = False,
 ) -> Segmenter:
     """`engines_root`: a run's export dir, or one exported ONNX file alone (its own student, precision and I/O
     mode: `model` is taken from the file, and an ONNX Runtime backend's device is used). `variant` pins one of
-    the backend's graph variants."""
+    the backend's graph variants; `scores` opens the logits engines (class scores: sliding window, confidence)."""
     row = backend if isinstance(backend, Backend) else backend_named(backend)
     if Path(engines_root).suffix == ".onnx":
         if row.runtime != "onnxruntime":
@@ -167,7 +178,7 @@ def load_segmenter(
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}' ({', '.join(MODELS)})")
     dirs = engine_dirs(engines_root)
-    members, io = engines_of(model)
+    members, io = engines_of(model, scores)
     missing = [s for s in members if s not in dirs]
     if missing:
         raise FileNotFoundError(f"{model} needs the {', '.join(missing)} engine dir under {engines_root}")

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from PIL import Image
 
 from serve.backends import usable
 from serve.images import read_image
-from serve.predict import main
+from serve.predict import CONFIDENCE, main
 from serve.segmenter import choices, fastest, load_segmenter
 from tests.conftest import REPO
 from tests.serve.conftest import bad_inputs, convertible_inputs
@@ -177,7 +178,7 @@ def test_modes_and_orientations_give_upright_class_maps_at_the_input_size(engine
 
 PREDICT_WITHOUT_TORCH = """
 import json, sys
-from serve.predict import main
+from serve.predict import CONFIDENCE, main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
                   "train": [m for m in sys.modules if m.split(".")[0] in ("train", "export")]}))
@@ -258,3 +259,59 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(engines, 
     assert sorted(r["output"] for r in lines(out)) == sorted(
         str(p.relative_to(photos).with_suffix(".png")) for p in photos.rglob("*") if p.is_file()
     )
+
+
+def _mosaic(engines, folder, tiles=(2, 3)) -> tuple[np.ndarray, Path]:
+    """A large image made of the export's example images, larger than the engines' profile."""
+    examples = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((engines / "examples").glob("*.png"))]
+    h, w = examples[0].shape[:2]
+    rows = [np.concatenate([examples[(r * tiles[1] + c) % len(examples)][:h, :w] for c in range(tiles[1])], 1)
+            for r in range(tiles[0])]  # fmt: skip
+    mosaic = np.concatenate(rows, 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mosaic).save(folder / "mosaic.png")
+    return mosaic, folder / "mosaic.png"
+
+
+def test_slide_writes_what_the_sliding_segmenter_computes_with_its_confidence(engines, tmp_path, capsys):
+    from serve.slide import slide, sliding
+
+    mosaic, path = _mosaic(engines, tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["--engines", str(engines), "--out", str(out), "--model", "vit", "--backend", "ort.cpu.fp32", str(path)]
+    assert main([*args, "--slide", "--confidence"]) == 0
+    assert "sliding windows of" in capsys.readouterr().err
+    segmenter = load_segmenter(engines, "vit", "ort.cpu.fp32", scores=True)
+    expected = slide(segmenter, mosaic, sliding(segmenter))
+    assert np.array_equal(np.asarray(Image.open(out / "mosaic.png")), expected.labels)
+    confidence = np.asarray(Image.open(out / "mosaic.confidence.png"))
+    assert confidence.dtype == np.uint16 and confidence.shape == mosaic.shape[:2]
+    np.testing.assert_allclose(confidence / 65535, expected.confidence, atol=1e-4)
+    (record,) = lines(out)
+    assert record["windows"] == expected.windows > 1
+    assert record["confidence"] == {"file": "mosaic.confidence.png", "holds": CONFIDENCE["png"][1]}
+    assert main([*args, "--confidence", "--confidence-format", "npy", "--force"]) == 0  # fitted, as float32
+    assert np.load(out / "mosaic.confidence.npy").dtype == np.float32
+
+
+def test_slide_options_the_engines_cannot_take_fail_in_one_line(engines, tmp_path, capsys):
+    _, path = _mosaic(engines, tmp_path / "in")
+    base = [
+        "--engines",
+        str(engines),
+        "--out",
+        str(tmp_path / "out"),
+        "--backend",
+        "ort.cpu.fp32",
+        str(path),
+        "--slide",
+    ]
+    for extra, message in (
+        (["--window", "500", "500"], "window 500x500 is outside the engines' profile"),
+        (["--stride", "0", "5"], "stride 0x5 must be at least 1"),
+        (["--stride", "100", "100"], "at most the window"),
+        (["--stride", "4", "4"], "covers each pixel"),
+    ):
+        assert main([*base, *extra]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+        assert len(err) == 1 and message in err[0], err
