@@ -91,7 +91,7 @@ class Segmenter:
         """One engine call on `images` resized to `size` (no fitting, no batch limit: the engines
         must accept that shape; the benchmarks call this at sizes they choose)."""
         t0 = time.perf_counter()
-        batch = np.stack([_resize(image, size, Image.BILINEAR) for image in images])
+        batch = np.stack([resize(image, size, Image.BILINEAR) for image in images])
         if not self.labels_io:
             batch = ((batch.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
         t1 = time.perf_counter()
@@ -103,9 +103,9 @@ class Segmenter:
             probs = np.mean([softmax(o) for o in outputs], axis=0)
             labels, confidence = probs.argmax(1).astype(np.uint8), probs.max(1)
         sizes = [image.shape[:2] for image in images]
-        labels = [_resize(lab, hw, Image.NEAREST) for lab, hw in zip(labels, sizes, strict=True)]
+        labels = [resize(lab, hw, Image.NEAREST) for lab, hw in zip(labels, sizes, strict=True)]
         confidence = [
-            c if c is None else _resize(c, hw, Image.BILINEAR) for c, hw in zip(confidence, sizes, strict=True)
+            c if c is None else resize(c, hw, Image.BILINEAR) for c, hw in zip(confidence, sizes, strict=True)
         ]
         t3 = time.perf_counter()
         timings = {"preprocess": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1), "postprocess": 1e3 * (t3 - t2)}
@@ -115,7 +115,7 @@ class Segmenter:
         return self.palette[np.minimum(labels, len(self.palette) - 1)]
 
 
-def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+def resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     if array.shape[:2] == tuple(size):
         return array
     return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample))
