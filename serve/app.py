@@ -27,7 +27,8 @@ from PIL import Image
 from serve.backends import BACKENDS, usable
 from serve.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from serve.manifest import hex_colour, read_manifest
-from serve.segmenter import Segmenter, auto_choice, choices, describe_choice, engine_dirs, load_segmenter
+from serve.segmenter import Prediction, Segmenter, auto_choice, choices, describe_choice, engine_dirs, load_segmenter
+from serve.slide import SlideError, slide, sliding
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Demo:
         if not self.available:
             raise FileNotFoundError(f"{self.engines}: no engine this host can run")
         self.models = list(dict.fromkeys(m for m, _ in self.available))
-        self.segmenters: dict[tuple[str, str], Segmenter] = {}
+        self.segmenters: dict[tuple[str, str, bool], Segmenter] = {}
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="segdeploy-"))
         weakref.finalize(self, shutil.rmtree, self.outputs, True)  # gone with the app (or at exit)
@@ -112,27 +113,37 @@ class Demo:
     def backends(self, model: str) -> list[str]:
         return [b for m, b in self.available if m == model]
 
-    def segmenter(self, model: str, backend: str) -> Segmenter:
-        key = (model, backend)
-        if key not in self.available:
+    def segmenter(self, model: str, backend: str, scores: bool = False) -> Segmenter:
+        """The segmenter of a choice, opened once (`scores`: its logits engines, for sliding windows)."""
+        if (model, backend) not in self.available:
             have = ", ".join(f"{m} on {b}" for m, b in self.available)
             raise gr.Error(f"no {model} engine for {backend} here (available: {have})")
+        key = (model, backend, scores)
         with self.lock:
             if key not in self.segmenters:
-                self.segmenters[key] = load_segmenter(self.engines, model, backend, threads=self.threads)
+                self.segmenters[key] = load_segmenter(self.engines, model, backend, self.threads, scores=scores)
             return self.segmenters[key]
 
-    def segment(self, image_path: str | None, model: str, backend: str, opacity: float):
+    def predict(self, image: np.ndarray, model: str, backend: str, slide_it: bool) -> tuple[Segmenter, Prediction]:
+        """Fitted into the engines' size range, or by sliding windows of their serving size (full detail)."""
+        segmenter = self.segmenter(model, backend, scores=slide_it)
+        if not slide_it or min(image.shape[0] - segmenter.min_hw[0], image.shape[1] - segmenter.min_hw[1]) < 0:
+            return segmenter, segmenter.predict(image)
+        try:
+            return segmenter, slide(segmenter, image, sliding(segmenter), self.max_pixels)
+        except SlideError as e:
+            raise gr.Error(str(e)) from None
+
+    def segment(self, image_path: str | None, model: str, backend: str, opacity: float, slide_it: bool = False):
         if not image_path:
             raise gr.Error("upload an image first")
-        segmenter = self.segmenter(model, backend)
         started = time.perf_counter()
         try:
             image = read_image(image_path, self.max_pixels, name=Path(image_path).name)
         except ImageError as e:
             raise gr.Error(str(e)) from None
         decoded = time.perf_counter()
-        prediction = segmenter.predict(image)
+        segmenter, prediction = self.predict(image, model, backend, slide_it)
         drawn = time.perf_counter()
         overlay, class_map, class_file, legend, details = self._render(segmenter, image, prediction.labels, opacity)
         timings = {
@@ -142,10 +153,12 @@ class Demo:
         }
         details.update(
             model=model, backend=backend, precision=BACKENDS[backend].precision, runtime=BACKENDS[backend].runtime,
-            device=_device(segmenter), timings_ms=timings,
-            image_size=list(image.shape[:2]), run_size=list(segmenter.fit(*image.shape[:2])),
+            device=_device(segmenter), timings_ms=timings, image_size=list(image.shape[:2]), windows=prediction.windows,
+            run_size=list(segmenter.opt_hw if prediction.windows > 1 else segmenter.fit(*image.shape[:2])),
         )  # fmt: skip
         latency = " · ".join(f"{stage} {ms:.1f} ms" for stage, ms in timings.items())
+        if prediction.windows > 1:
+            latency += f" · {prediction.windows} windows of {segmenter.opt_hw[0]}×{segmenter.opt_hw[1]}"
         return overlay, class_map, str(class_file), legend, details, f"**Latency** {latency}"
 
     def _render(self, segmenter: Segmenter, image: np.ndarray, labels: np.ndarray, opacity: float):
@@ -216,6 +229,7 @@ def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
                     every_backend, value=demo.default[1], label="Backend (runtime, device, precision)"
                 )
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                slide_it = gr.Checkbox(False, label="Sliding window: large images at full detail")
                 run = gr.Button("Segment", variant="primary")
                 if example_files:
                     gr.Examples([[f] for f in example_files], inputs=[image], label="Examples (eval split)")
@@ -236,7 +250,7 @@ def build_app(demo: Demo, examples: Path | None = None) -> gr.Blocks:
         model.change(on_model, [model, backend], [backend], queue=False, api_name=False)
         run.click(
             demo.segment,
-            [image, model, backend, opacity],
+            [image, model, backend, opacity, slide_it],
             [overlay, class_map, class_file, legend, details, latency],
             api_name="segment",
         )

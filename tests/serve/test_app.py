@@ -184,3 +184,19 @@ def test_the_replaced_gradio_function_is_the_one_this_gradio_has():
         first = processing_utils.save_pil_to_cache(img, cache, format="png")
         again = processing_utils.save_pil_to_cache(img, cache, format="png")  # same content: same file, untouched
         assert first == again and np.asarray(Image.open(first)).tolist() == np.asarray(img).tolist()
+
+
+def test_the_sliding_window_switch_segments_a_large_image_at_full_detail(client, engines, tmp_path):
+    from serve.slide import slide, sliding
+
+    tiles = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((engines / "examples").glob("*.png"))[:4]]
+    large = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:4], 1)], 0)  # 2x the profile's side
+    path = tmp_path / "large.png"
+    Image.fromarray(large).save(path)
+    _, _, class_file, _, details, latency = client.predict(
+        handle_file(str(path)), "cnn", "ort.cpu.fp32", 0.5, True, api_name="/segment"
+    )
+    segmenter = load_segmenter(engines, "cnn", "ort.cpu.fp32", scores=True)
+    expected = slide(segmenter, large, sliding(segmenter))
+    assert details["windows"] == expected.windows > 1 and f"{expected.windows} windows" in latency
+    np.testing.assert_array_equal(np.asarray(Image.open(class_file)), expected.labels)
