@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from export.graphs import LogitsModel
@@ -99,6 +100,35 @@ class Candidate:
     run: Runner
 
 
+def gate_sizes(shapes: dict[str, list[int]]) -> list[tuple[int, int]]:
+    """Input sizes the gate also checks, inside the profile: its corners (the smallest and largest, and the two
+    extreme aspect ratios), the serving size, and sizes that are no multiple of 32 (where a resize or a padding
+    mismatch shows)."""
+    (_, h0, w0), (_, ho, wo), (_, h1, w1) = shapes["min"], shapes["opt"], shapes["max"]
+    clip = lambda h, w: (min(max(h, h0), h1), min(max(w, w0), w1))  # noqa: E731
+    sizes = [(h0, w0), (h1, w1), (h0, w1), (h1, w0), (ho, wo), clip(ho + 5, wo + 11), clip(h0 + 13, w1 - 7)]
+    return list(dict.fromkeys(sizes))
+
+
+def size_sweep(model, candidates, dataset, sizes, max_batch: int) -> dict[str, dict[str, float]]:
+    """Each engine's pixel agreement with the student on eval images resized to every size, at batch 1 and at
+    the profile's largest batch: {engine: {"HxW@b": agreement}}."""
+    sweep: dict[str, dict[str, float]] = {c.name: {} for c in candidates}
+    pool = [dataset.read(i)[0] for i in range(min(max_batch, len(dataset)))]
+    for h, w in sizes:
+        resized = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in pool])
+        for b in dict.fromkeys([1, max_batch]):
+            pixels = np.resize(resized, (b, h, w, 3))  # repeats the pool where the batch is larger
+            x = normalise(pixels)
+            with torch.no_grad():
+                ref = model(torch.from_numpy(x)).numpy().argmax(1)
+            for c in candidates:
+                out = c.run(pixels if c.io == "labels" else x)
+                out = out.argmax(1) if c.io == "logits" else out
+                sweep[c.name][f"{h}x{w}@{b}"] = float((out == ref).mean())
+    return sweep
+
+
 def check(
     student: nn.Module,
     candidates: Sequence[Candidate],
@@ -106,8 +136,10 @@ def check(
     images: int,
     batch_sizes: Sequence[int],
     thresholds: dict[str, Threshold] = DEFAULT_THRESHOLDS,
+    shapes: dict[str, list[int]] | None = None,
 ) -> dict[str, dict]:
-    """Run the gate; returns {engine name: report}. The student runs once per batch, shared by all."""
+    """Run the gate; returns {engine name: report}. The student runs once per batch, shared by all. With the
+    profile's `shapes`, every engine must also agree at each of `gate_sizes`, at batch 1 and the largest batch."""
     model = LogitsModel(student).eval()
     k = dataset.classes.num_classes
     tallies = {c.name: {b: _Tally(k) for b in batch_sizes} for c in candidates}
@@ -125,15 +157,18 @@ def check(
                     out = out.argmax(1)
                 tally.add(out, ref, labels, real)
 
+    sweep = size_sweep(model, candidates, dataset, gate_sizes(shapes), shapes["max"][0]) if shapes else {}
     reports = {}
     for c in candidates:
         limit = threshold_for(c.precision, thresholds)
         per_batch = {str(b): t.result() for b, t in tallies[c.name].items()}
-        agreement = min(r["agreement"] for r in per_batch.values())
+        sizes = sweep.get(c.name, {})
+        agreement = min([r["agreement"] for r in per_batch.values()] + list(sizes.values()))
         delta = max(abs(r["miou"] - r["miou_torch"]) for r in per_batch.values())
         reports[c.name] = {
             "images": min(images, len(dataset)),
             "batch_sizes": per_batch,
+            "sizes": sizes,
             "agreement": agreement,
             "miou_delta": delta,
             "threshold": asdict(limit),
@@ -147,9 +182,11 @@ def failures(reports: dict[str, dict]) -> list[str]:
     for name, r in reports.items():
         if r["passed"]:
             continue
-        worst = min(r["batch_sizes"].items(), key=lambda kv: kv[1]["agreement"])
+        points = {f"batch {b}": v["agreement"] for b, v in r["batch_sizes"].items()}
+        points |= {f"size {k}": v for k, v in r.get("sizes", {}).items()}
+        worst = min(points, key=points.get)
         lines.append(
             f"{name}: pixel agreement {100 * r['agreement']:.2f}% (needs {100 * r['threshold']['agreement']:.1f}%), "
-            f"|dmIoU| {r['miou_delta']:.4f} (max {r['threshold']['miou_delta']}); worst at batch {worst[0]}"
+            f"|dmIoU| {r['miou_delta']:.4f} (max {r['threshold']['miou_delta']}); worst at {worst}"
         )
     return lines

@@ -213,7 +213,9 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     runners = {e.name: _runner(e, job.tmp) for e in entries}  # the gate's engines, timed again by the int8 rule
     candidates = [parity.Candidate(e.name, e.io, e.precision, runners[e.name]) for e in entries]
     o = job.opts
-    reports = parity.check(job.student, candidates, job.eval_set, o.parity_images, o.batch_sizes, o.thresholds)
+    reports = parity.check(
+        job.student, candidates, job.eval_set, o.parity_images, o.batch_sizes, o.thresholds, manifest.shapes
+    )
     for e in entries:
         e.parity = reports[e.name]
     skipped = _drop_failed(job.name, entries)
@@ -405,9 +407,12 @@ def time_cpu_engines(entries: list[EngineEntry], runners: dict, size: tuple[int,
     interleaved rounds (serve.decide): what the int8 rule decides on and serve's engine pick reads."""
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
     runs = {}
-    for e in (e for e in entries if e.io == "labels"):
-        if (row := cpu_backend(e)) is not None and row.name not in runs:
-            runs[row.name] = runners[e.name]
+    for row in (b for b in BACKENDS.values() if b.device == "cpu"):
+        for variant in row.variants:  # the engine the row opens: its first variant shipped
+            entry = next((e for e in entries if e.io == "labels" and e.variant == variant and _runs(row, e)), None)
+            if entry is not None:
+                runs[row.name] = runners[entry.name]
+                break
     return interleaved(runs, pixels)
 
 
@@ -422,7 +427,9 @@ def int8_verdicts(entries: list[EngineEntry], times: dict[str, list[float]], min
     verdicts = []
     for name in (n for n in times if BACKENDS[n].precision == "int8"):
         row = BACKENDS[name]
-        group = [e for e in entries if _runs(row, e)]
+        group = [e for e in entries if _runs(row, e) and e.variant == "int8.cpu"]
+        if not group:  # it runs TensorRT's int8.qdq graph, which ships for TensorRT whatever its CPU speed
+            continue
         delta = max(abs(e.parity["miou_delta"]) for e in group)
         verdict = at_least(speedup_of(floats[reference], times[name]), min_speedup)
         ship = verdict.ship and delta <= max_delta
@@ -432,7 +439,7 @@ def int8_verdicts(entries: list[EngineEntry], times: dict[str, list[float]], min
             f"engine ({reference}, {s['a_ms']:.2f} ms) over {s['rounds']} interleaved rounds ({verdict.outcome}), "
             f"|ΔmIoU| {delta:.4f}; ships when the interval clears {min_speedup}x and |ΔmIoU| <= {max_delta}"
         )
-        engine = (row.runtime, row.precision, group[0].variant)
+        engine = (row.runtime, row.precision, "int8.cpu")
         verdicts.append(verdict.record(backend=name, engine=engine, reference=reference, miou_delta=delta,
                                        ship=ship, reason=reason))  # fmt: skip
     return verdicts

@@ -61,14 +61,14 @@ def trained_run(synthetic_root, tmp_path_factory) -> Path:
     return run_dir
 
 
-# Export settings small enough for tests; int8 of an 8-iteration model gets a looser agreement bar
-# (its logits are nearly flat, so tiny quantisation noise flips classes).
+# Export settings small enough for tests; reduced precisions of an 8-iteration model get a looser agreement
+# bar (its logits are nearly flat, so tiny quantisation noise flips classes, most at the gate's smallest size).
 TEST_EXPORT_ARGS = [
     "--parity-images", "4",
     "--batch-sizes", "1", "3",
     "--calib-images", "4",
     "--max-batch", "4",
-    "--reduced-agreement", "0.95",
+    "--reduced-agreement", "0.9",
 ]  # fmt: skip
 
 

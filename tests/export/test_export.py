@@ -248,3 +248,32 @@ def test_engine_from_bytes_matches_file(exported_run):
     a = OnnxRuntimeEngine(path, device="cpu").run(pixels)
     b = OnnxRuntimeEngine(path.read_bytes(), device="cpu").run(pixels)
     assert (a == b).all()
+
+
+def test_the_gate_checks_many_sizes_and_fails_an_engine_wrong_at_one_aspect_ratio(exported_run):
+    """The profile's corners and off-grid sizes, at batch 1 and the largest batch: an engine that is right at
+    the serving size but wrong where the image is much wider than high fails, and the gate says where."""
+    from export.parity import Candidate, check, failures, gate_sizes
+    from serve.runtime import open_engine
+    from train.data import build_dataset
+    from train.run_dir import load_run_config, load_student
+
+    engine_dir = exported_run / "export" / "cnn"
+    manifest = read_manifest(engine_dir)
+    sizes = gate_sizes(manifest.shapes)
+    assert (32, 112) in sizes and (80, 32) in sizes and any(h % 32 and w % 32 for h, w in sizes)
+    engine = open_engine(engine_dir, "fp32", "labels", device="cpu")
+
+    def wide_wrong(pixels):
+        labels = engine.run(pixels)
+        return (labels + 1) % 5 if pixels.shape[2] > 3 * pixels.shape[1] else labels  # wrong at 32x112 only
+
+    cfg = load_run_config(exported_run)
+    candidates = [Candidate("right", "labels", "fp32", engine.run), Candidate("wide", "labels", "fp32", wide_wrong)]
+    reports = check(load_student(exported_run, "cnn", cfg), candidates, build_dataset(cfg.data, "val", train=False),
+                    4, [1], shapes=manifest.shapes)  # fmt: skip
+    assert reports["right"]["passed"] and min(reports["right"]["sizes"].values()) >= 0.999
+    assert set(reports["right"]["sizes"]) == {f"{h}x{w}@{b}" for h, w in sizes for b in (1, 4)}
+    assert not reports["wide"]["passed"] and reports["wide"]["batch_sizes"]["1"]["agreement"] >= 0.999
+    (line,) = failures(reports)
+    assert line.startswith("wide: ") and "worst at size 32x112@" in line
