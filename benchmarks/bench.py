@@ -61,6 +61,7 @@ TORCH = {
     "torch.cudagraphs": ("fp32", True),
 }
 COMPILED = ("torch.compile", "torch.cudagraphs")
+ROWS_FILE = "rows.jsonl"  # one JSON line per row, written as it is measured (results.json: all of them, at the end)
 ROWS = [*TORCH, *BACKENDS]  # every name --backends takes
 
 
@@ -299,6 +300,13 @@ class Bench:
     gflop: dict
     points: list
     bar: tqdm
+    rows_file: Path  # each row appended as soon as it is measured: a run cut off still returns what it measured
+
+    def done(self, row: dict) -> dict:
+        with self.rows_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.bar.update()
+        return row
 
     @property
     def cuda(self) -> bool:
@@ -319,7 +327,9 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     points = [(bs, hw) for hw in settings.sizes for bs in settings.batch_sizes]
     bar = tqdm(total=len(settings.models) * len(settings.backends) * len(points), desc="bench", unit="config")
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
-    bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ROWS_FILE).write_text("")
+    bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar, out / ROWS_FILE)
     rows = [row for model in settings.models for row in _model_rows(bench, model)]
     bar.close()
     baseline = {(r["model"], r["batch"], r["height"], r["width"]): r["mean_ms"]
@@ -333,7 +343,6 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     rows.sort(key=place)
     recorded = {**settings.__dict__, "sizes": [list(s) for s in settings.sizes]}
     result = {"schema": SCHEMA, "run": str(run_dir), "command": command, **meta, "settings": recorded, "results": rows}
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     write_report(result, out / "report.md")
     write_plots(result, out)
@@ -353,8 +362,8 @@ def _model_rows(bench: Bench, model: str) -> list[dict]:
         except Exception as e:  # the whole backend is unusable here: one failed row per point
             status = "not shipped" if isinstance(e, NotShipped) else "failed"
             for batch, (h, w) in bench.points:
-                rows.append({**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)})
-                bench.bar.update()
+                row = {**base, "batch": batch, "height": h, "width": w, "status": status, "error": _why(e)}
+                rows.append(bench.done(row))
             continue
         shared["base"] = {**base, **shared.pop("base")}
         if backend in COMPILED:  # each resets dynamo, which would undo another's compilation: timed alone
@@ -393,10 +402,9 @@ def _time_points(bench: Bench, model: str, ready: dict, rounds: int) -> list[dic
             row = {**x["base"], "batch": batch, "height": h, "width": w, "file_mib": x["file_bytes"] / 2**20,
                    **x["scores"][(h, w)]}  # fmt: skip
             if backend in errors:
-                rows.append({**row, "status": "failed", "error": errors[backend]})
+                rows.append(bench.done({**row, "status": "failed", "error": errors[backend]}))
             else:
-                rows.append(_measured(bench, model, x, images, row | {"rounds": rounds}, samples[backend]))
-            bench.bar.update()
+                rows.append(bench.done(_measured(bench, model, x, images, row | {"rounds": rounds}, samples[backend])))
     return rows
 
 

@@ -8,11 +8,16 @@
 #   ort    onnxruntime-gpu's CUDA rows (fp32, fp16) with the provider check, where onnxruntime-gpu is
 #          installed or its wheel lies in $ORT_WHEELS (whole, or split: *.whl.part-*), with the wheels of
 #          onnxslim and onnxconverter-common there too where the host lacks them (the export needs both)
+#   bisect the bf16 divergence on CUDA: the same short 256x256 run with one setting changed at a time
+#          (benchmarks/bf16_bisect.py: fused attention off, channels-last off, gradient clipping, ...)
 #   ablation  the method's paired-seed protocol (independent, dml, full x seeds 0-2, every run at once) on
 #          the synthetic set at 256x256 (configs/synthetic-256.yaml); its report and the runs' logs, metrics
 #          and TensorBoard events (no weights) in OUT_DIR. $ABLATION_OVERRIDES: config overrides for every run
 #
-#   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (default: train check bench ort; python: $PYTHON or python3)
+#   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (python: $PYTHON or python3)
+#   Default phases, in order of what they are worth: ort (the torch-free GPU engine against eager PyTorch),
+#   bench (the compiled rows still missing), bisect, check. Every bench and the bisection append each row to
+#   OUT_DIR/<step>/rows.jsonl as soon as it is measured: a run cut off by the deadline returns what it measured.
 #   GPU_SH_SECONDS=480: the deadline of the whole script; a step gets what is left of it at most.
 #   GPU_SH_RUN=DIR: the run that check, bench and ort measure (default runs/gpu-full, which train rewrites).
 #
@@ -20,9 +25,9 @@
 # GPU_SH_DRY=1 prints the steps instead of running them, each as if it used its whole limit
 # (tests/benchmarks/test_gpu_sh.py).
 set -u
-OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [bench] [ort] [ablation]}
+OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [bench] [ort] [bisect] [ablation]}
 shift
-PHASES=${*:-train check bench ort}
+PHASES=${*:-ort bench bisect check}
 PY=${PYTHON:-python3}
 RUN=${GPU_SH_RUN:-runs/gpu-full}
 SIZE="1024x2048"
@@ -123,6 +128,11 @@ for phase in $PHASES; do
                 --seconds 1 --eval-images 4 --out "$OUT_DIR/bench-ort-cuda"
         fi
         ;;
+    bisect)  # which one setting removes the bf16 divergence (every variant and seed at once on the GPU)
+        [ -n "${GPU_SH_DRY:-}" ] || [ -f data/synthetic-256/classes.json ] || \
+            step data-256 60 $PY -m train.data.synthetic --out data/synthetic-256 --height 256 --width 256 --jobs "$(nproc)"
+        step bf16-bisect 240 $PY -m benchmarks.bf16_bisect --out "$OUT_DIR/bf16-bisect" --seeds 0 1 --iterations 500
+        ;;
     ablation)  # not in the default phases: it needs the whole session (issue 15's GPU part)
         step data-256 60 $PY -m train.data.synthetic --out data/synthetic-256 --height 256 --width 256 --jobs "$(nproc)"
         step ablation-256 480 $PY -m benchmarks.ablation --config configs/synthetic-256.yaml --out runs/ablation-256 \
@@ -132,6 +142,6 @@ for phase in $PHASES; do
             tar czf "$OUT_DIR/ablation-256-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint runs/ablation-256
         fi
         ;;
-    *) echo "unknown phase '$phase' (speed, train, check, bench, ort, ablation)" >&2; exit 2 ;;
+    *) echo "unknown phase '$phase' (speed, train, check, bench, ort, bisect, ablation)" >&2; exit 2 ;;
     esac
 done

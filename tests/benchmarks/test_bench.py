@@ -78,6 +78,14 @@ def test_rounds_time_every_backend_in_turn_at_each_point(exported_run, tmp_path,
     assert "--rounds 3" in (tmp_path / "bench" / "report.md").read_text()
 
 
+def test_every_row_is_appended_to_rows_jsonl_as_it_is_measured(bench):
+    """What a run cut off by a deadline still returns: the rows measured so far, one JSON line each."""
+    out, result = bench
+    lines = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k != "speedup"}  # noqa: E731  (computed once all are in)
+    assert sorted(map(json.dumps, map(strip, lines))) == sorted(map(json.dumps, map(strip, result["results"])))
+
+
 def test_a_backend_that_raises_is_recorded_and_the_others_complete(bench):
     _, result = bench
     failed = [r for r in result["results"] if r["status"] == "failed"]

@@ -20,21 +20,26 @@ def plan(tmp_path, seconds: int | None = None, phases=()) -> list[str]:
     return done.stdout.splitlines()
 
 
-def test_the_plan_measures_what_a_gpu_host_without_tensorrt_can_and_fits_8_minutes(tmp_path):
-    steps = plan(tmp_path)
+def test_the_plan_measures_in_order_of_value_what_a_gpu_host_without_tensorrt_can_within_its_deadline(tmp_path):
+    steps = plan(tmp_path, seconds=900)
+    names = [m[1] for line in steps if (m := re.match(r"step (\S+) \d+s:", line))]
+    assert names == ["export-1024x2048", "bench-ort-cuda", "bench-compiled", "bench-eager", "bf16-bisect", "gpu-check"]
     limits = [int(m[1]) for line in steps if (m := re.match(r"step \S+ (\d+)s:", line))]
-    assert len(limits) == len(steps) == 6 and sum(limits) <= 480
+    assert sum(limits) <= 900
     text = "\n".join(steps)
     assert "benchmarks.gpu_check" in text and "--size 1024 2048" in text
     for backend in ("torch.fp16", "torch.bf16", "torch.compile", "torch.cudagraphs", "ort.cuda.fp32", "ort.cuda.fp16"):
         line = next(s for s in steps if backend in s)
         assert "--sizes 1024x2048" in line and "--batch-sizes 1 8" in line, backend
+    assert "benchmarks.bf16_bisect" in text and "--iterations 500" in text
+    short = plan(tmp_path, seconds=480)  # the default deadline: the least valuable phase is what gives way
+    assert short[-1].startswith("== gpu-check: skipped, out of time")
 
 
 def test_steps_past_the_deadline_are_skipped_and_said(tmp_path):
     steps = plan(tmp_path, seconds=200)
     assert any(s.startswith("== bench-eager: skipped, out of time") for s in steps)
-    assert steps[-1].startswith("== bench-ort-cuda: skipped")
+    assert steps[-1].startswith("== gpu-check: skipped")
 
 
 def test_the_ablation_phase_runs_the_paired_protocol_at_256_on_its_own_set(tmp_path):
@@ -63,3 +68,17 @@ def test_gpu_check_runs_on_the_cpu_with_the_cuda_rows_marked(trained_run, tmp_pa
     assert result["profile_max"] == [16, 96, 160]  # what `export --size 48 80` chooses
     report = (tmp_path / "gpu-check.md").read_text()
     assert "| cnn | n/a | n/a |" in report and report in capsys.readouterr().out
+
+
+def test_the_bf16_bisection_writes_each_runs_row_as_it_ends(synthetic_root, tmp_path):
+    """Its Python half on the CPU: every variant and seed trained at once, a row each in rows.jsonl, a table."""
+    from benchmarks.bf16_bisect import main as bisect
+    from tests.conftest import tiny_run_args
+
+    args = ["--out", str(tmp_path), "--config", "configs/synthetic.yaml", "--seeds", "0", "--iterations", "3"]
+    args += [*tiny_run_args(synthetic_root, 3), "device=cpu", "--variants", "bf16", "bf16-no-fused-attention"]
+    assert bisect(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert sorted(r["variant"] for r in rows) == ["bf16", "bf16-no-fused-attention"]
+    assert all(r["exit"] == 0 and not r["diverged"] and r["val_miou_cnn_vit"] for r in rows)
+    assert "| bf16-no-fused-attention | 0 | False |" in (tmp_path / "bisect.md").read_text()
