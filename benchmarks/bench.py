@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from export.graphs import LogitsModel
 from serve.backends import BACKENDS, RUNTIMES, usable
 from serve.manifest import read_manifest
 from serve.segmenter import STUDENTS, engines_of, load_segmenter
+from serve.slide import Sliding, boxes, slide, sliding
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.metrics import ConfusionMatrix
@@ -78,8 +79,10 @@ def default_backends(cuda: bool) -> list[str]:
 class TorchRunner:
     """The PyTorch student(s) on the same contract as an engine: uint8 NHWC in, class map out."""
 
-    def __init__(self, students: list[torch.nn.Module], backend: str, device: torch.device) -> None:
-        self.device, self.backend = device, backend
+    def __init__(
+        self, students: list[torch.nn.Module], backend: str, device: torch.device, sliding: Sliding | None = None
+    ) -> None:
+        self.device, self.backend, self.sliding = device, backend, sliding
         self.models = [LogitsModel(s).eval().to(device) for s in students]
         # On CUDA, NHWC as in training (cuDNN's fast kernels); uint8 NHWC input permuted is NHWC already.
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -102,10 +105,20 @@ class TorchRunner:
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-            outs = [m(x) for m in self.models]
+            outs = [m(x) if self.sliding is None else self._slid(m, x) for m in self.models]
         if len(outs) == 1:
             return outs[0]
         return torch.stack([F.softmax(o.float(), 1) for o in outs]).mean(0)
+
+    def _slid(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A model's logits averaged over the windows serve.slide takes (training's eval.mode=slide)."""
+        total, count = None, x.new_zeros(1, 1, *x.shape[-2:])
+        for top, left, h, w in boxes(x.shape[-2], x.shape[-1], self.sliding):
+            logits = model(x[..., top : top + h, left : left + w]).float()
+            total = x.new_zeros(x.shape[0], logits.shape[1], *x.shape[-2:]) if total is None else total
+            total[..., top : top + h, left : left + w] += logits
+            count[..., top : top + h, left : left + w] += 1
+        return total / count
 
     def _normalised(self, images: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(images if images.flags.writeable else images.copy()).to(self.device)
@@ -130,19 +143,22 @@ class NotShipped(Exception):
 class EngineRunner:
     """A backend's engines (serve.backends.BACKENDS) behind serve's Segmenter (no fitting, any batch)."""
 
-    def __init__(self, engines: Path, model: str, backend: str, threads: int) -> None:
+    def __init__(self, engines: Path, model: str, backend: str, threads: int, slide_it: bool = False) -> None:
         row = BACKENDS[backend]
-        members, io = engines_of(model)
+        members, io = engines_of(model, slide_it)
         for member in members:
             manifest = read_manifest(engines / member)
             missing = manifest.first(row.runtime, row.precision, row.variants, io) is None
             if missing and (why := manifest.left_out(row.runtime, row.precision, row.variants)):
                 raise NotShipped(f"{member} {backend}: {why}")
-        self.segmenter = load_segmenter(engines, model, row, threads)
+        self.segmenter = load_segmenter(engines, model, row, threads, scores=slide_it)
+        self.sliding = sliding(self.segmenter) if slide_it else None
         self.entries = [e.entry for e in self.segmenter.engines]
         self.backend, self.variant = backend, self.entries[0].variant
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self.sliding is not None:
+            return np.stack([slide(self.segmenter, image, self.sliding).labels for image in images])
         return np.stack([p.labels for p in self.segmenter.run_batch(list(images), images.shape[1:3])])
 
     @property
@@ -284,6 +300,7 @@ class Settings:
     eval_images: int = 50
     threads: int = 0
     rounds: int = 1
+    modes: list[str] = field(default_factory=lambda: ["fitted"])  # fitted; slide: windows of the serving size
 
 
 @dataclass
@@ -301,6 +318,7 @@ class Bench:
     points: list
     bar: tqdm
     rows_file: Path  # each row appended as soon as it is measured: a run cut off still returns what it measured
+    window: Sliding | None = None  # the engines' sliding windows (slide rows)
 
     def done(self, row: dict) -> dict:
         with self.rows_file.open("a") as f:
@@ -329,18 +347,26 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / ROWS_FILE).write_text("")
-    bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar, out / ROWS_FILE)
-    rows = [row for model in settings.models for row in _model_rows(bench, model)]
+    window = None
+    if "slide" in settings.modes:  # windows of the engines' serving size, for the PyTorch rows too
+        opt = read_manifest(run_dir / "export" / STUDENTS[0]).shapes["opt"][1:]
+        window = Sliding(tuple(opt), (max(1, opt[0] * 2 // 3), max(1, opt[1] * 2 // 3)))
+    bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar, out / ROWS_FILE, window)
+    rows = [row for model in settings.models for mode in settings.modes for row in _model_rows(bench, model, mode)]
     bar.close()
-    baseline = {(r["model"], r["batch"], r["height"], r["width"]): r["mean_ms"]
-                for r in rows if r["backend"] == BASELINE and r["status"] == "ok"}  # fmt: skip
+    point = lambda r: (r["model"], r["mode"], r["batch"], r["height"], r["width"])  # noqa: E731
+    baseline = {point(r): r["mean_ms"] for r in rows if r["backend"] == BASELINE and r["status"] == "ok"}
     for row in rows:
         if row["status"] == "ok":
-            ref = baseline.get((row["model"], row["batch"], row["height"], row["width"]))
+            ref = baseline.get(point(row))
             row["speedup"] = ref / row["mean_ms"] if ref else None
-    place = lambda r: (settings.models.index(r["model"]), settings.backends.index(r["backend"]),  # noqa: E731
-                       points.index((r["batch"], (r["height"], r["width"]))))  # fmt: skip
-    rows.sort(key=place)
+
+    def order(r: dict) -> tuple:
+        point = (r["batch"], (r["height"], r["width"]))
+        return settings.models.index(r["model"]), settings.modes.index(r["mode"]), settings.backends.index(
+            r["backend"]), points.index(point)  # fmt: skip
+
+    rows.sort(key=order)
     recorded = {**settings.__dict__, "sizes": [list(s) for s in settings.sizes]}
     result = {"schema": SCHEMA, "run": str(run_dir), "command": command, **meta, "settings": recorded, "results": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -349,16 +375,17 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     return result
 
 
-def _model_rows(bench: Bench, model: str) -> list[dict]:
-    """Every backend's rows for one model: each opened and scored once, then timed at every point."""
+def _model_rows(bench: Bench, model: str, mode: str) -> list[dict]:
+    """Every backend's rows for one model in one mode: each opened and scored once, then timed at every point."""
     members = STUDENTS if model == "ensemble" else (model,)
-    reference = TorchRunner([bench.students[s] for s in members], BASELINE, bench.device)
+    window = bench.window if mode == "slide" else None
+    reference = TorchRunner([bench.students[s] for s in members], BASELINE, bench.device, window)
     rows, ready = [], {}  # ready: backend -> its runner and the row fields every point shares
     for backend in bench.settings.backends:
-        base = {"model": model, "backend": backend, "precision": precision_of(backend)}
+        base = {"model": model, "backend": backend, "precision": precision_of(backend), "mode": mode}
         base["device"] = bench.meta["machine"]["device"]
         try:
-            shared = _open(bench, model, backend, members, reference)
+            shared = _open(bench, model, backend, members, reference, window)
         except Exception as e:  # the whole backend is unusable here: one failed row per point
             status = "not shipped" if isinstance(e, NotShipped) else "failed"
             for batch, (h, w) in bench.points:
@@ -373,14 +400,14 @@ def _model_rows(bench: Bench, model: str) -> list[dict]:
     return rows + _time_points(bench, model, ready, bench.settings.rounds)
 
 
-def _open(bench: Bench, model: str, backend: str, members: tuple, reference: TorchRunner) -> dict:
+def _open(bench: Bench, model: str, backend: str, members: tuple, reference: TorchRunner, window) -> dict:
     """A backend's runner, its files' size and build time, and its accuracy at every size."""
     s = bench.settings
     if backend in TORCH:
-        runner = TorchRunner([bench.students[m] for m in members], backend, bench.device)
+        runner = TorchRunner([bench.students[m] for m in members], backend, bench.device, window)
         file_bytes, build_s, base = sum(weights_file(bench.run_dir, m).stat().st_size for m in members), None, {}
     else:
-        runner = EngineRunner(bench.run_dir / "export", model, backend, s.threads)
+        runner = EngineRunner(bench.run_dir / "export", model, backend, s.threads, window is not None)
         file_bytes, build_s, base = runner.file_bytes, runner.build_s, {"variant": runner.variant}
     num_classes = bench.cfg.data.num_classes
     scores = {hw: accuracy(runner, reference, bench.eval_set, s.eval_images, num_classes, hw) for hw in s.sizes}
@@ -481,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time each point in N rounds, every backend in turn (seconds/N each): speed-ups of "
                              "engines measured seconds apart, not minutes (a VM's speed drifts)")  # fmt: skip
+    parser.add_argument("--slide", action="store_true", help="also rows by sliding windows of the serving size")
     parser.add_argument("--out", type=Path, help="default: RUN/bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -506,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_images=args.eval_images,
         threads=args.threads,
         rounds=args.rounds,
+        modes=["fitted", "slide"] if args.slide else ["fitted"],
     )
     command = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run_bench(args.run, settings, args.out or args.run / "bench", command)

@@ -8,6 +8,7 @@ COLUMNS = [  # header, key, format
     ("model", "model", "{}"),
     ("backend", "backend", "{}"),
     ("precision", "precision", "{}"),
+    ("mode", "mode", "{}"),
     ("batch", "batch", "{}"),
     ("size", None, None),
     ("mean ms", "mean_ms", "{:.2f}"),
@@ -32,7 +33,7 @@ COLUMNS = [  # header, key, format
     ("RSS MiB", "rss_mib", "{:.0f}"),
     ("status", "status", "{}"),
 ]
-TEXT_KEYS = (None, "model", "backend", "precision", "status")
+TEXT_KEYS = (None, "model", "backend", "precision", "mode", "status")
 
 
 def cell(row: dict, key: str | None, fmt: str | None) -> str:

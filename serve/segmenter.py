@@ -186,7 +186,7 @@ def load_segmenter(
 
 
 def timed_segmenters(
-    engines_root: str | Path, model: str, backends: list[str] | None = None, runs: int = 3
+    engines_root: str | Path, model: str, backends: list[str] | None = None, runs: int = 3, scores: bool = False
 ) -> dict[str, tuple[Segmenter, float]]:
     """Every gated engine of `model` this host runs (or those of some backends), opened, warmed up and timed at
     the engines' serving size: {backend name: (segmenter, median ms)}."""
@@ -198,7 +198,7 @@ def timed_segmenters(
         if m != model or (backends is not None and row.name not in backends):
             continue
         try:
-            segmenter = load_segmenter(engines_root, model, row)
+            segmenter = load_segmenter(engines_root, model, row, scores=scores)
             segmenter.predict(image)  # warm-up: first-call allocations and compilation
         except (RuntimeError, ValueError, OSError) as e:  # e.g. a precision this CPU lacks: not a candidate
             log.warning("%s on %s cannot run here: %s", model, row.name, e)

@@ -34,6 +34,7 @@ import numpy as np
 from serve.backends import BACKENDS
 from serve.manifest import IO_SPECS
 from serve.segmenter import MODELS, Segmenter, auto_choice, timed_segmenters
+from serve.slide import Sliding, slide, sliding
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +46,37 @@ def model_name(model: str, backend: str) -> str:
     return f"{model}_{backend.replace('.', '_')}"
 
 
-def infer_function(segmenter: Segmenter, max_side: int):
+def class_maps(segmenter: Segmenter, images: np.ndarray, max_side: int, windows: Sliding | None = None) -> np.ndarray:
+    """A batch of same-shape images to their class maps, fitted or by sliding windows (`windows`); a bad batch
+    raises a ValueError that names what is wrong."""
+    if images.shape[0] == 0 or 0 in images.shape[1:3]:
+        raise ValueError(f"{INPUT}: empty batch or image {images.shape}")
+    if max(images.shape[1:3]) > max_side:
+        raise ValueError(f"{INPUT}: {images.shape[1]}x{images.shape[2]} is over the {max_side} pixel limit")
+    fits = windows is None or min(images.shape[1] - segmenter.min_hw[0], images.shape[2] - segmenter.min_hw[1]) < 0
+    if fits:
+        return np.stack([p.labels for p in segmenter.predict_batch(list(images))])
+    return np.stack([slide(segmenter, image, windows).labels for image in images])
+
+
+def infer_function(segmenter: Segmenter, max_side: int, windows: Sliding | None = None):
     """PyTriton's inference callable: a batch of same-shape images in, their class maps out. An error
     here answers that request only; the model goes on serving."""
     from pytriton.decorators import batch
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        images = inputs[INPUT]
-        if images.shape[0] == 0 or 0 in images.shape[1:3]:
-            raise ValueError(f"{INPUT}: empty batch or image {images.shape}")
-        if max(images.shape[1:3]) > max_side:
-            raise ValueError(f"{INPUT}: {images.shape[1]}x{images.shape[2]} is over the {max_side} pixel limit")
-        predictions = segmenter.predict_batch(list(images))
-        return {OUTPUT: np.stack([p.labels for p in predictions])}
+        return {OUTPUT: class_maps(segmenter, inputs[INPUT], max_side, windows)}
 
     return infer
 
 
-def segmenters(engines: Path, models: list[str]) -> dict[str, Segmenter]:
+def segmenters(engines: Path, models: list[str], scores: bool = False) -> dict[str, Segmenter]:
     """Every (model, backend) this host runs, by Triton name, plus each model's fastest (each engine opened
     once; one that cannot run here is logged and not served)."""
     found: dict[str, Segmenter] = {}
     for model in models:
-        timed = timed_segmenters(engines, model)
+        timed = timed_segmenters(engines, model, scores=scores)
         for backend, (segmenter, _) in timed.items():
             found[model_name(model, backend)] = segmenter
         backend, _, how = auto_choice(engines, model, [BACKENDS[b] for b in timed])  # the rule every command shares
@@ -119,11 +127,11 @@ def serve(engines: Path | None, models: list[str], args: argparse.Namespace) -> 
     # one unless given, so that only who started the server can read them
     security = TritonSecurityConfig(access_token=args.access_token)
     with Triton(config=config, security_config=security) as triton:
-        for name, segmenter in (segmenters(engines, models) if engines else {}).items():
+        for name, segmenter in (segmenters(engines, models, args.slide) if engines else {}).items():
             batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= segmenter.max_batch]
             triton.bind(
                 model_name=name,
-                infer_func=infer_function(segmenter, args.max_side),
+                infer_func=infer_function(segmenter, args.max_side, sliding(segmenter) if args.slide else None),
                 inputs=[Tensor(name=INPUT, dtype=np.uint8, shape=(-1, -1, 3))],
                 outputs=[Tensor(name=OUTPUT, dtype=np.uint8, shape=(-1, -1))],
                 config=ModelConfig(
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching's wait for more requests")
     parser.add_argument("--max-side", type=int, default=4096, help="longer image sides are refused")
+    parser.add_argument("--slide", action="store_true", help="every model slides windows of its serving size")
     parser.add_argument(
         "--access-token",
         default=os.environ.get("TRITON_ACCESS_TOKEN"),

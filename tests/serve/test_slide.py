@@ -92,3 +92,17 @@ def test_on_an_image_no_larger_than_one_window_slide_equals_the_fitted_mode(engi
     fitted, slid = segmenter.predict(image), slide(segmenter, image, sliding(segmenter))
     assert slid.windows == 1
     assert np.array_equal(fitted.labels, slid.labels) and np.allclose(fitted.confidence, slid.confidence, atol=1e-5)
+
+
+def test_the_triton_hosts_models_slide_when_asked_and_refuse_bad_batches():
+    from serve.triton_server import class_maps
+
+    segmenter = toy()
+    images = np.zeros((2, 40, 50, 3), np.uint8)
+    images[:, :, 25:] = 255
+    slid = class_maps(segmenter, images, 4096, sliding(segmenter))
+    assert slid.shape == (2, 40, 50) and (slid[:, :, :25] == 0).all() and (slid[:, :, 25:] == 1).all()
+    with pytest.raises(ValueError, match="over the 32 pixel limit"):
+        class_maps(segmenter, images, 32, sliding(segmenter))
+    with pytest.raises(ValueError, match="empty batch"):
+        class_maps(segmenter, images[:0], 4096)
