@@ -131,7 +131,8 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     if dropped := [b for b in opts.batch_sizes if b > shapes["max"][0]]:
         log.warning("parity batch sizes %s are over the profile's max batch %d: not checked", dropped, shapes["max"][0])
         opts = dataclasses.replace(opts, batch_sizes=[b for b in opts.batch_sizes if b <= shapes["max"][0]] or [1])
-    manifests = {s: _export_student(run_dir, cfg, s, opts, out, shapes, eval_set, train_set) for s in opts.students}
+    run = RunExport(run_dir, cfg, opts, out, shapes, eval_set, train_set)
+    manifests = {name: _export_student(run, name) for name in opts.students}
     _write_examples(eval_set, out / "examples", opts.examples)  # only once every gate has passed
     card.write_cards(out)
     return manifests
@@ -144,21 +145,34 @@ def _write_examples(eval_set, folder: Path, count: int) -> None:
         Image.fromarray(eval_set.read(i)[0]).save(folder / f"{i:03d}.png")
 
 
-def _export_student(run_dir, cfg, name, opts, out, shapes, eval_set, train_set) -> Manifest:
-    student = load_student(run_dir, name, cfg)
-    weights = weights_file(run_dir, name)
-    final = out / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-    metrics = run_dir / METRICS_FILE
+@dataclass
+class RunExport:
+    """What every student's export of one run shares: the run, the options, where it goes, the shapes, the data."""
+
+    run_dir: Path
+    cfg: object  # train.config.Config
+    opts: ExportOptions
+    out: Path
+    shapes: dict[str, list[int]]
+    eval_set: object
+    train_set: object  # calibration images, unaugmented
+
+
+def _export_student(run: RunExport, name: str) -> Manifest:
+    student = load_student(run.run_dir, name, run.cfg)
+    weights = weights_file(run.run_dir, name)
+    final = run.out / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=run.out))
+    metrics = run.run_dir / METRICS_FILE
     source = {
-        "run": str(run_dir),
+        "run": str(run.run_dir),
         "weights": weights.name,
         "sha256": sha256(weights),
         "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
     }
     try:
-        job = StudentExport(student, cfg, name, opts, eval_set, train_set, tmp)
-        manifest = _build(job, _describe(cfg, name, opts, shapes, source))
+        job = StudentExport(student, run.cfg, name, run.opts, run.eval_set, run.train_set, tmp)
+        manifest = _build(job, _describe(run.cfg, name, run.opts, run.shapes, source))
         write_manifest(manifest, tmp)
         (tmp / "parity.json").write_text(json.dumps({e.name: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private

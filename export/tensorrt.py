@@ -223,7 +223,7 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
             continue
         log.info("building %s/%s (%s)", engine_dir.name, name, reason)
         try:  # each plan on its own: one that fails leaves the others (and the other student) to build
-            plan = _build_plan(engine_dir, manifest, entry, onnx_sha, target, use_api, cache_root, check)
+            plan = _build_plan(engine_dir, manifest, entry, onnx_sha, Builder(target, use_api, cache_root, check))
         except (RuntimeError, OSError, subprocess.CalledProcessError, *cuda_errors()) as e:
             log.error("%s/%s not built: %s", engine_dir.name, name, e)
             failed.append(f"{engine_dir.name}/{name}: {e}")
@@ -236,15 +236,26 @@ def build_engine_dir(engine_dir: Path, variants: list[str], cache_root: Path, ch
     return manifest
 
 
-def _build_plan(engine_dir, manifest, entry, onnx_sha, target, use_api, cache_root, check) -> EngineEntry:
-    name = plan_file(entry.file)
+@dataclass(frozen=True)
+class Builder:
+    """How plans are built on this host: for which TensorRT and GPU, with the Python API or trtexec, with the
+    timing caches (and example images) under `root`, checked against their ONNX source or not."""
+
+    target: Target
+    use_api: bool
+    root: Path
+    check: bool
+
+
+def _build_plan(engine_dir: Path, manifest: Manifest, entry: EngineEntry, onnx_sha: str, b: Builder) -> EngineEntry:
+    name, target = plan_file(entry.file), b.target
     shapes = manifest.profile(entry.io)
-    cache = cache_file(cache_root, target)
+    cache = cache_file(b.root, target)
     tmp = engine_dir / f".{name}.tmp"
     tf32 = uses_tf32(entry.variant)
     started = time.perf_counter()
     try:
-        if use_api:
+        if b.use_api:
             build_with_api(engine_dir / entry.file, tmp, shapes, cache, tf32)
         else:
             command = trtexec_command(engine_dir / entry.file, tmp, shapes, cache, "image", tf32)
@@ -264,13 +275,13 @@ def _build_plan(engine_dir, manifest, entry, onnx_sha, target, use_api, cache_ro
                 "gpu": target.gpu,
                 "compute_capability": target.compute_capability,
                 "onnx_sha256": onnx_sha,
-                "builder": "python-api" if use_api else "trtexec",
+                "builder": "python-api" if b.use_api else "trtexec",
                 "tf32": tf32,
                 "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
             },
         )
-        if check:
-            plan.parity = _check_plan(engine_dir, manifest, entry, tmp, plan, cache_root / "examples")
+        if b.check:
+            plan.parity = _check_plan(engine_dir, manifest, entry, tmp, plan, b.root / "examples")
         tmp.replace(engine_dir / name)
         return plan
     finally:
