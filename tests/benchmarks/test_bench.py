@@ -17,7 +17,19 @@ from train.models import StudentOutput
 
 TIMING_KEYS = {"mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "cv", "runs", "images_per_s", "speedup"}
 ACCURACY_KEYS = {"miou", "miou_torch", "delta_miou", "agreement"}
-ROW_KEYS = {"model", "backend", "precision", "mode", "device", "batch", "height", "width", "status", "file_mib", "rss_mib"}
+ROW_KEYS = {
+    "model",
+    "backend",
+    "precision",
+    "mode",
+    "device",
+    "batch",
+    "height",
+    "width",
+    "status",
+    "file_mib",
+    "rss_mib",
+}
 
 
 @pytest.fixture(scope="module")

@@ -144,7 +144,7 @@ def test_the_generated_repository_serves_like_the_local_engines(triton, served, 
     for model in ("cnn", "vit", "ensemble"):
         name = f"{model}_fp32"
         assert ready(ports, name), f"{name} is not ready:\n{triton['log'].read_text()[-3000:]}"
-        local = np.stack([p.labels for p in load_segmenter(engines, model, "fp32").predict_batch(list(images))])
+        local = np.stack([p.labels for p in load_segmenter(engines, model, "ort.cpu.fp32").predict_batch(list(images))])
         assert (infer(ports, name, images) == local).mean() >= 0.999, name
     normalised = infer(ports, "ensemble_preprocess", images, output="normalised")
     logits = infer(ports, "vit_fp32_logits", normalised.astype(np.float32), "FP32", output="logits")
