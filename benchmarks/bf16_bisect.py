@@ -28,6 +28,7 @@ VARIANTS = {
     "bf16-no-channels-last": (["channels_last=false"], {}),
     "bf16-grad-clip": (["vit.optimizer.grad_clip=1.0", "cnn.optimizer.grad_clip=1.0"], {}),
     "bf16-no-compiled-losses": (["compile_losses=false"], {}),
+    "bf16-vit-half-lr": (["vit.optimizer.lr=0.002"], {}),  # the peak the warm-up climbs to, halved
     "fp32": (["amp=none"], {}),  # the control: did not diverge
 }
 

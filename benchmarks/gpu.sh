@@ -4,10 +4,13 @@
 #   speed  training-step speed fp32 vs AMP (independent vs full)
 #   train  a short AMP `full` training on the synthetic set (the run the others measure)
 #   check  env probe; TF32 / fp16 / bf16 argmax agreement with fp32; peak memory at the largest profile
-#   bench  torch fp32 / fp16 / bf16, torch.compile and CUDA-graph rows at 1024x2048, batch 1 and 8
-#   ort    onnxruntime-gpu's CUDA rows (fp32, fp16) with the provider check, where onnxruntime-gpu is
-#          installed or its wheel lies in $ORT_WHEELS (whole, or split: *.whl.part-*), with the wheels of
-#          onnxslim and onnxconverter-common there too where the host lacks them (the export needs both)
+#   bench  torch fp32 / fp16 / bf16 rows at 1024x2048, batch 1 and 8
+#   ort    onnxruntime-gpu against eager PyTorch fp32 at 1024x2048, batch 1: every CUDA provider option set and
+#          fp16 graph of benchmarks/ort_cuda.py (ort-engines: the export's engines in the bench, ort.cuda.fp32/
+#          fp16, the provider check), where onnxruntime-gpu is installed or its wheel lies in $ORT_WHEELS (whole, or
+#          split: *.whl.part-*), with the wheels of onnxslim and onnxconverter-common there too where the host
+#          lacks them (the export needs both)
+#   compiled  torch.compile and CUDA-graph rows at 1024x2048, batch 1 (the ViT's first)
 #   bisect the bf16 divergence on CUDA: the same short 256x256 run with one setting changed at a time
 #          (benchmarks/bf16_bisect.py: fused attention off, channels-last off, gradient clipping, ...)
 #   ablation  the method's paired-seed protocol (independent, dml, full x seeds 0-2, every run at once) on
@@ -16,18 +19,19 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (python: $PYTHON or python3)
 #   Default phases, in order of what they are worth: ort (the torch-free GPU engine against eager PyTorch),
-#   bench (the compiled rows still missing), bisect, check. Every bench and the bisection append each row to
+#   compiled (the ViT's rows still missing), bisect, ort-engines, bench, check. Every bench and the bisection append each row to
 #   OUT_DIR/<step>/rows.jsonl as soon as it is measured: a run cut off by the deadline returns what it measured.
 #   GPU_SH_SECONDS=480: the deadline of the whole script; a step gets what is left of it at most.
-#   GPU_SH_RUN=DIR: the run that check, bench and ort measure (default runs/gpu-full, which train rewrites).
+#   GPU_SH_RUN=DIR: the run that check, bench and ort measure (default runs/gpu-full, which train rewrites);
+#   GPU_SH_ITERATIONS=600: that training's length; GPU_SH_BISECT_SEEDS="0 1": the bisection's seeds.
 #
 # Each step has its own time limit and its log in OUT_DIR; a failed step does not stop the others.
 # GPU_SH_DRY=1 prints the steps instead of running them, each as if it used its whole limit
 # (tests/benchmarks/test_gpu_sh.py).
 set -u
-OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [bench] [ort] [bisect] [ablation]}
+OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [ort] [compiled] [ort-engines] [bench] [bisect] [ablation]}
 shift
-PHASES=${*:-ort bench bisect check}
+PHASES=${*:-ort compiled bisect ort-engines bench check}
 PY=${PYTHON:-python3}
 RUN=${GPU_SH_RUN:-runs/gpu-full}
 SIZE="1024x2048"
@@ -62,7 +66,7 @@ fi
 train() {  # a short `full` training with bf16 autocast: does it learn (val mIoU per evaluation in the log)?
     rm -rf "$RUN"
     step train-full-bf16 110 $PY -m train --config configs/synthetic.yaml --run-dir "$RUN" name=gpu-full \
-        method.preset=full device=cuda amp=bf16 iterations=600 eval_interval=200
+        method.preset=full device=cuda amp=bf16 iterations="${GPU_SH_ITERATIONS:-600}" eval_interval=200
     [ -n "${GPU_SH_DRY:-}" ] || cp "$RUN/metrics.json" "$OUT_DIR/train-full-bf16-metrics.json"
 }
 
@@ -109,16 +113,25 @@ for phase in $PHASES; do
         have_run
         step gpu-check 60 $PY -m benchmarks.gpu_check --run "$RUN" --out "$OUT_DIR" --size 1024 2048 --images 4
         ;;
-    bench)  # the PyTorch rows on the GPU at a Cityscapes-sized input (compiled first: the ViT's are still to do)
+    compiled)  # the compiled PyTorch rows at a Cityscapes-sized input (the ViT's are still to do)
         have_run
-        step bench-compiled 120 $PY -m benchmarks.bench --run "$RUN" --models cnn vit \
-            --backends torch torch.compile torch.cudagraphs --batch-sizes 1 8 --sizes $SIZE --seconds 1 \
-            --eval-images 4 --out "$OUT_DIR/bench-compiled"
+        step bench-compiled 120 $PY -m benchmarks.bench --run "$RUN" --models vit cnn \
+            --backends torch torch.compile torch.cudagraphs --batch-sizes 1 --sizes $SIZE --seconds 1 \
+            --eval-images 2 --out "$OUT_DIR/bench-compiled"
+        ;;
+    bench)  # the eager PyTorch rows on the GPU at a Cityscapes-sized input
+        have_run
         step bench-eager 80 $PY -m benchmarks.bench --run "$RUN" --models cnn vit ensemble \
             --backends torch torch.bf16 torch.fp16 --batch-sizes 1 8 --sizes $SIZE --seconds 1 \
             --eval-images 10 --out "$OUT_DIR/bench-eager"
         ;;
-    ort)  # ONNX engines at 1024x2048 on the CUDA provider (the bench asserts it is active)
+    ort)  # every option set and fp16 graph of ONNX Runtime's CUDA provider against eager PyTorch
+        have_run
+        if [ -n "${GPU_SH_DRY:-}" ] || { ort_gpu && export_deps; }; then
+            step ort-options 200 $PY -m benchmarks.ort_cuda --run "$RUN" --size ${SIZE/x/ } --out "$OUT_DIR/ort-cuda"
+        fi
+        ;;
+    ort-engines)  # the export's engines at 1024x2048 on the CUDA provider (the bench asserts it is active)
         have_run
         if [ -n "${GPU_SH_DRY:-}" ] || { ort_gpu && export_deps; }; then
             step export-1024x2048 60 $PY -m export --run "$RUN" --variants fp32 fp16 --size 1024 2048 \
@@ -131,7 +144,7 @@ for phase in $PHASES; do
     bisect)  # which one setting removes the bf16 divergence (every variant and seed at once on the GPU)
         [ -n "${GPU_SH_DRY:-}" ] || [ -f data/synthetic-256/classes.json ] || \
             step data-256 60 $PY -m train.data.synthetic --out data/synthetic-256 --height 256 --width 256 --jobs "$(nproc)"
-        step bf16-bisect 240 $PY -m benchmarks.bf16_bisect --out "$OUT_DIR/bf16-bisect" --seeds 0 1 --iterations 500
+        step bf16-bisect 240 $PY -m benchmarks.bf16_bisect --out "$OUT_DIR/bf16-bisect" --seeds ${GPU_SH_BISECT_SEEDS:-0 1} --iterations 500
         ;;
     ablation)  # not in the default phases: it needs the whole session (issue 15's GPU part)
         step data-256 60 $PY -m train.data.synthetic --out data/synthetic-256 --height 256 --width 256 --jobs "$(nproc)"
@@ -142,6 +155,6 @@ for phase in $PHASES; do
             tar czf "$OUT_DIR/ablation-256-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint runs/ablation-256
         fi
         ;;
-    *) echo "unknown phase '$phase' (speed, train, check, bench, ort, bisect, ablation)" >&2; exit 2 ;;
+    *) echo "unknown phase '$phase' (speed, train, check, ort, compiled, ort-engines, bench, bisect, ablation)" >&2; exit 2 ;;
     esac
 done

@@ -42,6 +42,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--calib-images", type=int, default=64)
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    p.add_argument(
+        "--fp16-keep-fp32",
+        nargs="+",
+        default=[],
+        metavar="OP",
+        help="op types the fp16 graph also keeps in fp32 (e.g. LayerNormalization Softmax, where fp16 overflows)",
+    )
     p.add_argument("--no-openvino", action="store_true", help="no OpenVINO engines (default: where installed)")
     p.add_argument("--int8-min-speedup", type=float, default=1.5, help="CPU int8 vs the fastest float engine")
     p.add_argument("--int8-max-miou-delta", type=float, default=0.005, help="CPU int8's |ΔmIoU| at the gate")
@@ -68,6 +75,7 @@ def options(args: argparse.Namespace):
         batch_sizes=args.batch_sizes,
         calib_images=args.calib_images,
         simplify=not args.no_simplify,
+        fp16_keep_fp32=args.fp16_keep_fp32,
         openvino=not args.no_openvino,
         int8_min_speedup=args.int8_min_speedup,
         int8_max_miou_delta=args.int8_max_miou_delta,

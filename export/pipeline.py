@@ -62,6 +62,7 @@ class ExportOptions:
     calib_images: int = 64
     opset: int = graphs.OPSET
     simplify: bool = True
+    fp16_keep_fp32: list[str] = field(default_factory=list)  # op types the fp16 graph also keeps in fp32
     examples: int = 8  # eval images copied beside the engine dirs, for the demo app
     thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
     openvino: bool = True  # OpenVINO engines (fp32, bf16 where native, int8 Q/DQ) where openvino is installed
@@ -267,7 +268,8 @@ def _write_graphs(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
         if variant == "fp32":
             graph = logits
         elif variant == "fp16":
-            graph = precision.to_fp16(logits)
+            keep = manifest.exporter["fp16_keep_fp32"] = precision.FP16_KEEP_FP32 + job.opts.fp16_keep_fp32
+            graph = precision.to_fp16(logits, keep)
         else:
             if calibration is None:
                 calibration = _calibration_batches(job.train_set, job.opts.calib_images, job.cfg.seed)

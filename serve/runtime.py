@@ -108,15 +108,34 @@ def tensorrt_provider_options(
     return options
 
 
-def provider_list(requested: list[str], model, manifest: Manifest | None, entry: EngineEntry | None, ort_version: str):
-    """The providers with their options: the TensorRT provider with the manifest's profile, and the CUDA
-    provider in strict fp32 for an fp32 engine (its default computes fp32 convolutions and GEMMs in TF32)."""
+# The CUDA provider's options besides precision. Its defaults measured fastest (benchmarks/ort_cuda.py, H200,
+# 1024x2048): NHWC and CUDA graphs were slower, the heuristic convolution search too.
+CUDA_OPTIONS: dict[str, str] = {}
+
+
+def cuda_provider_options(precision: str = "fp32", extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Strict fp32 for an fp32 engine (the provider's default computes fp32 convolutions and GEMMs in TF32), TF32
+    allowed otherwise (`use_tf32=0` also keeps fp16 convolutions off the tensor cores: 4.9x slower), then
+    CUDA_OPTIONS, then `extra` (a measurement's)."""
+    return {"use_tf32": "0" if precision == "fp32" else "1", **CUDA_OPTIONS, **(extra or {})}
+
+
+def provider_list(
+    requested: list[str],
+    model,
+    manifest: Manifest | None,
+    entry: EngineEntry | None,
+    ort_version: str,
+    cuda_options: dict[str, str] | None = None,
+):
+    """The providers with their options: the TensorRT provider with the manifest's profile, the CUDA provider's
+    from cuda_provider_options."""
     providers: list = list(requested)
     for i, provider in enumerate(requested):
         if provider == ORT_PROVIDERS["tensorrt"] and isinstance(model, str) and manifest and entry:
             providers[i] = (provider, tensorrt_provider_options(Path(model), manifest, entry, ort_version))
         elif provider == ORT_PROVIDERS["cuda"]:
-            providers[i] = (provider, {"use_tf32": "0" if entry is None or entry.precision == "fp32" else "1"})
+            providers[i] = (provider, cuda_provider_options(entry.precision if entry else "fp32", cuda_options))
     return providers
 
 
@@ -131,6 +150,7 @@ class OnnxRuntimeEngine:
         threads: int = 0,
         manifest: Manifest | None = None,
         entry: EngineEntry | None = None,
+        cuda_options: dict[str, str] | None = None,
     ) -> None:
         ort = import_onnxruntime()
         self.manifest, self.entry = manifest, entry
@@ -145,7 +165,7 @@ class OnnxRuntimeEngine:
         if requested[0] != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
             # CUDA and cuDNN from the nvidia-* wheels (or torch's), which the provider's dlopen does not search
             ort.preload_dlls()
-        providers = provider_list(requested, source, manifest, entry, ort.__version__)
+        providers = provider_list(requested, source, manifest, entry, ort.__version__, cuda_options)
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as e:  # ONNX Runtime raises its own types, all bare Exception subclasses

@@ -23,14 +23,19 @@ def plan(tmp_path, seconds: int | None = None, phases=()) -> list[str]:
 def test_the_plan_measures_in_order_of_value_what_a_gpu_host_without_tensorrt_can_within_its_deadline(tmp_path):
     steps = plan(tmp_path, seconds=900)
     names = [m[1] for line in steps if (m := re.match(r"step (\S+) \d+s:", line))]
-    assert names == ["export-1024x2048", "bench-ort-cuda", "bench-compiled", "bench-eager", "bf16-bisect", "gpu-check"]
+    assert names == [
+        "ort-options", "bench-compiled", "bf16-bisect", "export-1024x2048", "bench-ort-cuda", "bench-eager", "gpu-check"
+    ]  # fmt: skip
     limits = [int(m[1]) for line in steps if (m := re.match(r"step \S+ (\d+)s:", line))]
     assert sum(limits) <= 900
     text = "\n".join(steps)
     assert "benchmarks.gpu_check" in text and "--size 1024 2048" in text
     for backend in ("torch.fp16", "torch.bf16", "torch.compile", "torch.cudagraphs", "ort.cuda.fp32", "ort.cuda.fp16"):
         line = next(s for s in steps if backend in s)
-        assert "--sizes 1024x2048" in line and "--batch-sizes 1 8" in line, backend
+        batches = "--batch-sizes 1 " if backend in ("torch.compile", "torch.cudagraphs") else "--batch-sizes 1 8"
+        assert "--sizes 1024x2048" in line and batches in line, backend
+    options = next(s for s in steps if "benchmarks.ort_cuda" in s)  # every option set against eager, at the size
+    assert "--size 1024 2048" in options
     assert "benchmarks.bf16_bisect" in text and "--iterations 500" in text
     short = plan(tmp_path, seconds=480)  # the default deadline: the least valuable phase is what gives way
     assert short[-1].startswith("== gpu-check: skipped, out of time")
@@ -82,3 +87,20 @@ def test_the_bf16_bisection_writes_each_runs_row_as_it_ends(synthetic_root, tmp_
     assert sorted(r["variant"] for r in rows) == ["bf16", "bf16-no-fused-attention"]
     assert all(r["exit"] == 0 and not r["diverged"] and r["val_miou_cnn_vit"] for r in rows)
     assert "| bf16-no-fused-attention | 0 | False |" in (tmp_path / "bisect.md").read_text()
+
+
+def test_the_ort_cuda_options_script_writes_each_row_as_it_measures_it(trained_run, tmp_path):
+    """Its CPU dry run: eager PyTorch, then each graph on ONNX Runtime with the default options, one JSON line
+    each; the export's fp16 graph carries fewer Cast nodes than the one with norms kept in fp32."""
+    from benchmarks.ort_cuda import main as ort_cuda
+
+    args = ["--run", str(trained_run), "--models", "cnn", "--size", "48", "80", "--seconds", "0.05"]
+    assert ort_cuda([*args, "--images", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    meta, *rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert meta["meta"]["serve_cuda_options"] == {"use_tf32": "0"}
+    assert [(r["engine"], r["options"]) for r in rows] == [
+        ("torch", "eager fp32"), *[(f"ort.cpu.{g}", "default") for g in ("fp32", "fp16", "fp16-fp32-norms")]
+    ]  # fmt: skip
+    assert all(r["status"] == "ok" for r in rows[1:]) and rows[1]["agreement"] >= 0.999
+    assert rows[2]["casts"] <= rows[3]["casts"]
+    assert "| cnn | ort.cpu.fp16 | default |" in (tmp_path / "report.md").read_text()

@@ -97,6 +97,8 @@ def test_onnx_runtimes_gpu_providers_compute_in_the_engines_precision(tmp_path):
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert provider_list(cuda, "m.onnx", m, fp32, "1.31.1") == [("CUDAExecutionProvider", {"use_tf32": "0"}), cuda[1]]
     assert provider_list(cuda, "m.onnx", m, fp16, "1.31.1")[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+    measured = provider_list(cuda, "m.onnx", m, fp16, "1.31.1", {"enable_cuda_graph": "1"})[0][1]
+    assert measured == {"use_tf32": "1", "enable_cuda_graph": "1"}  # a measurement's options over serve's
     trt = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     old, new = (provider_list(trt, "m.onnx", m, fp16, v)[0][1] for v in ("1.22.0", "1.31.1"))
     assert old["trt_fp16_enable"] == "True" and "trt_fp16_enable" not in new
