@@ -51,7 +51,8 @@ def export_logits(
         w += 32
     sample = torch.randn(2, 3, h, w)
     dims = {
-        0: torch.export.Dim("batch", min=1, max=max(2, max_batch)),
+        # torch.export takes a dynamic size to be >= 2: a max of 2 would leave the constant 2 (no batch 1)
+        0: torch.export.Dim("batch", min=1, max=max(3, max_batch)),
         2: torch.export.Dim("height", min=32, max=8192),
         3: torch.export.Dim("width", min=32, max=8192),
     }

@@ -307,3 +307,15 @@ def test_the_fp16_graph_keeps_only_the_listed_op_types_in_fp32():
     assert fp32_ops(export.pipeline.precision.to_fp16(model)) == {"Resize"}
     kept = export.pipeline.precision.to_fp16(model, [*export.pipeline.precision.FP16_KEEP_FP32, "LayerNormalization"])
     assert fp32_ops(kept) == {"Resize", "LayerNormalization"}
+
+
+def test_a_graph_exported_for_batch_1_runs_batch_1(trained_run):
+    """--max-batch 1 (or 2) once traced a graph whose batch was the constant 2 (torch.export's sizes are >= 2)."""
+    from export.graphs import export_logits
+    from serve.runtime import OnnxRuntimeEngine
+    from train.run_dir import load_student
+
+    graph = export_logits(load_student(trained_run, "vit"), (48, 80), max_batch=1)
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a constant
+    out = OnnxRuntimeEngine(graph.SerializeToString(), device="cpu").run(np.zeros((1, 3, 48, 80), np.float32))
+    assert out.shape[0] == 1
