@@ -7,7 +7,9 @@ python -m export --run runs/<name> [--students cnn vit] [--variants fp32 fp16 in
 Writes runs/<name>/export/<student>/ with model.<variant>.onnx (labels: uint8 image in, class map
 out), model.<variant>.logits.onnx, manifest.json, parity.json and README.md (the model card). The
 engines' shape range (TensorRT's profile) is sized so that the logits at its max stay within
---profile-budget-mib. Exit 1 when a gate fails, 2 on bad input.
+--profile-budget-mib. The gate also runs every engine at the profile's corners (smallest, largest, both
+extreme aspect ratios) and at sizes off the 32-pixel grid, at batch 1 and the largest batch
+(--no-size-sweep: at the serving size only). Exit 1 when a gate fails, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
         help="op types the fp16 graph also keeps in fp32 (e.g. LayerNormalization Softmax, where fp16 overflows)",
     )
     p.add_argument("--no-openvino", action="store_true", help="no OpenVINO engines (default: where installed)")
+    p.add_argument(
+        "--no-size-sweep",
+        action="store_true",
+        help="gate at the serving size only, not also at the profile's other sizes (faster, most of all with "
+        "OpenVINO, which compiles every shape; an engine wrong at another size can ship)",
+    )
     p.add_argument("--int8-min-speedup", type=float, default=1.5, help="CPU int8 vs the fastest float engine")
     p.add_argument("--int8-max-miou-delta", type=float, default=0.005, help="CPU int8's |ΔmIoU| at the gate")
     p.add_argument("--fp32-agreement", type=float, default=defaults["agreement"][0])
@@ -77,6 +85,7 @@ def options(args: argparse.Namespace):
         simplify=not args.no_simplify,
         fp16_keep_fp32=args.fp16_keep_fp32,
         openvino=not args.no_openvino,
+        size_sweep=not args.no_size_sweep,
         int8_min_speedup=args.int8_min_speedup,
         int8_max_miou_delta=args.int8_max_miou_delta,
         thresholds={

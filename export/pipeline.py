@@ -66,6 +66,7 @@ class ExportOptions:
     examples: int = 8  # eval images copied beside the engine dirs, for the demo app
     thresholds: dict[str, parity.Threshold] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
     openvino: bool = True  # OpenVINO engines (fp32, bf16 where native, int8 Q/DQ) where openvino is installed
+    size_sweep: bool = True  # the gate also checks parity.gate_sizes of the profile (False: the serving size only)
     int8_min_speedup: float = 1.5  # a CPU int8 engine ships only this much faster than the best float one...
     int8_max_miou_delta: float = 0.005  # ...and this close in mIoU (at the gate)
 
@@ -228,9 +229,8 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     runners = {e.name: _runner(e, job.tmp) for e in entries}  # the gate's engines, timed again by the int8 rule
     candidates = [parity.Candidate(e.name, e.io, e.precision, runners[e.name]) for e in entries]
     o = job.opts
-    reports = parity.check(
-        job.student, candidates, job.eval_set, o.parity_images, o.batch_sizes, o.thresholds, manifest.shapes
-    )
+    sweep = manifest.shapes if o.size_sweep else None
+    reports = parity.check(job.student, candidates, job.eval_set, o.parity_images, o.batch_sizes, o.thresholds, sweep)
     for e in entries:
         e.parity = reports[e.name]
     skipped = _drop_failed(job.name, entries)
@@ -375,7 +375,12 @@ def _describe(cfg, name: str, opts: ExportOptions, shapes: dict[str, list[int]],
             "opset": opts.opset,
             "dynamo": True,
             "simplifier": None,
-            "parity": {"images": opts.parity_images, "batch_sizes": opts.batch_sizes},
+            "parity": {
+                "images": opts.parity_images,
+                "batch_sizes": opts.batch_sizes,
+                # the sweep's sizes, each checked at batch 1 and the largest batch (none: --no-size-sweep)
+                "sizes": [list(s) for s in parity.gate_sizes(shapes)] if opts.size_sweep else [],
+            },
             "profile_budget_mib": opts.profile_budget_mib,
             "thresholds": {k: asdict(v) for k, v in opts.thresholds.items()},
         },

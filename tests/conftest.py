@@ -20,6 +20,17 @@ def _scratch_in_pytests_tmp(tmp_path_factory):
     tempfile.tempdir = None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bytecode_shared_by_subprocesses(tmp_path_factory):
+    """The Python processes the tests start (CLIs, servers, torchrun ranks: dozens) compile their imports once
+    between them, into a folder of pytest's own tmp dir: with PYTHONDONTWRITEBYTECODE set and a venv installed
+    --no-compile, each start otherwise compiles torch, timm and the rest from source again (~5 s of ~8)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+        env.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A tiny copy of the embedded dataset, written through the real generator."""
@@ -74,8 +85,10 @@ TEST_EXPORT_ARGS = [
 
 @pytest.fixture(scope="session")
 def exported_run(trained_run) -> Path:
-    """The shared run, exported with every precision variant (engine dirs under trained_run/export)."""
+    """The shared run, exported with every precision variant (engine dirs under trained_run/export), gated at the
+    serving size only: the gate's sweep over the profile's other sizes (OpenVINO compiles each shape, most of this
+    export's time) is tested on its own exports in tests/export/test_export.py."""
     from export.__main__ import main
 
-    assert main(["--run", str(trained_run), *TEST_EXPORT_ARGS]) == 0
+    assert main(["--run", str(trained_run), *TEST_EXPORT_ARGS, "--no-size-sweep"]) == 0
     return trained_run

@@ -75,11 +75,13 @@ def test_gpu_check_runs_on_the_cpu_with_the_cuda_rows_marked(trained_run, tmp_pa
     assert "| cnn | n/a | n/a |" in report and report in capsys.readouterr().out
 
 
-def test_the_bf16_bisection_writes_each_runs_row_as_it_ends(synthetic_root, tmp_path):
+def test_the_bf16_bisection_writes_each_runs_row_as_it_ends(synthetic_root, tmp_path, monkeypatch):
     """Its Python half on the CPU: every variant and seed trained at once, a row each in rows.jsonl, a table."""
     from benchmarks.bf16_bisect import main as bisect
     from tests.conftest import tiny_run_args
 
+    # its two runs train at once: the cores split between them (as ablation --jobs does), not each taking all
+    monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     args = ["--out", str(tmp_path), "--config", "configs/synthetic.yaml", "--seeds", "0", "--iterations", "3"]
     args += [*tiny_run_args(synthetic_root, 3), "device=cpu", "--variants", "bf16", "bf16-no-fused-attention"]
     assert bisect(args) == 0

@@ -12,7 +12,7 @@ import torch
 
 import export.pipeline
 from export.__main__ import main
-from export.parity import normalise
+from export.parity import gate_sizes, normalise
 from export.tensorrt import PLAN_VARIANTS
 from serve.manifest import read_manifest
 from serve.runtime import OnnxRuntimeEngine, open_engine
@@ -31,10 +31,11 @@ def test_engine_dir_is_complete_and_gated(exported_run, student):
     assert {(e.variant, e.io) for e in onnx_engines} == {(v, io) for v in shipped for io in ("labels", "logits")}
     assert manifest.student == student and manifest.num_classes == 5 and len(manifest.palette) == 5
     assert len(manifest.source["sha256"]) == 64 and manifest.exporter["dynamo"] is True
+    assert manifest.exporter["parity"]["sizes"] == []  # conftest exports with --no-size-sweep
 
     parity = json.loads((engine_dir / "parity.json").read_text())
     for e in manifest.engines:
-        assert e.parity["passed"] and parity[e.name] == e.parity
+        assert e.parity["passed"] and parity[e.name] == e.parity and e.parity["sizes"] == {}
         assert set(e.parity["batch_sizes"]) == {"1", "3"}  # every benchmarked batch size
         if e.precision == "fp32":
             assert e.parity["agreement"] >= 0.999 and e.parity["miou_delta"] <= 0.001
@@ -154,6 +155,11 @@ def test_gate_keeps_a_perturbed_reduced_precision_engine_out(trained_run, tmp_pa
     assert code == 0  # fp32 passed: the export ships what passed
     manifest = read_manifest(out / "cnn")
     assert {e.variant for e in manifest.engines} == {"fp32"}
+    # the default gate also ran every engine at the profile's other sizes, at batch 1 and the largest batch
+    sizes = gate_sizes(manifest.shapes)
+    assert len(sizes) > 1 and manifest.exporter["parity"]["sizes"] == [list(s) for s in sizes]
+    for e in manifest.engines:
+        assert set(e.parity["sizes"]) == {f"{h}x{w}@{b}" for h, w in sizes for b in (1, manifest.shapes["max"][0])}
     assert sorted(p.name for p in (out / "cnn").glob("*.onnx")) == ["model.fp32.logits.onnx", "model.fp32.onnx"]
     (skipped,) = manifest.skipped
     assert (
@@ -180,7 +186,8 @@ def test_cpu_int8_ships_only_where_it_pays(exported_run, trained_run, tmp_path):
         assert (exported_run / "export" / student / "model.int8.cpu.onnx").is_file() == bool(cpu_int8)
     out = tmp_path / "engines"
     args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu"]
-    assert main([*args, *TEST_EXPORT_ARGS, "--int8-min-speedup", "0", "--int8-max-miou-delta", "1"]) == 0
+    args += [*TEST_EXPORT_ARGS, "--no-size-sweep"]  # the int8 rule, not the gate's sizes
+    assert main([*args, "--int8-min-speedup", "0", "--int8-max-miou-delta", "1"]) == 0
     shipped = {(e.runtime, e.variant) for e in read_manifest(out / "cnn").engines}
     assert {("onnxruntime", "int8.cpu"), ("openvino", "int8.cpu")} <= shipped
     assert (out / "cnn" / "model.int8.cpu.onnx").is_file()
@@ -201,7 +208,7 @@ def test_a_tight_memory_budget_cuts_the_profile_and_the_checked_batch_sizes(trai
 def test_failed_fp32_gate_exits_1_and_writes_nothing(trained_run, tmp_path, capsys):
     out = tmp_path / "engines"
     code = main(["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32",
-                 "--fp32-agreement", "1.01", *TEST_EXPORT_ARGS])  # fmt: skip
+                 "--fp32-agreement", "1.01", *TEST_EXPORT_ARGS, "--no-openvino", "--no-size-sweep"])  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err
     assert "parity gate failed" in err and "model.fp32.onnx" in err
