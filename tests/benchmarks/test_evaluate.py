@@ -23,3 +23,13 @@ def test_the_cli_prints_a_table(exported_run, capsys):
     assert main([*args, "--images", "1"]) == 0
     out = capsys.readouterr().out
     assert "| vit |" in out and "slide" in out
+
+
+def test_slide_batching_times_batched_windows_against_one_at_a_time(exported_run, capsys):
+    from benchmarks.slide_batching import main as slide_batching
+
+    args = ["--engines", str(exported_run / "export"), "--split", "val", "--models", "vit", "--mosaic", "2", "2"]
+    assert slide_batching([*args, "--rounds", "2"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| vit |"))
+    windows, single, batched, speedup = (cell.strip() for cell in row.split("|")[2:6])
+    assert int(windows) > 1 and float(single) > 0 and float(batched) > 0 and speedup.endswith("]")
