@@ -29,7 +29,11 @@ def test_slide_batching_times_batched_windows_against_one_at_a_time(exported_run
     from benchmarks.slide_batching import main as slide_batching
 
     args = ["--engines", str(exported_run / "export"), "--split", "val", "--models", "vit", "--mosaic", "2", "2"]
-    assert slide_batching([*args, "--rounds", "2"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| vit |"))
-    windows, single, batched, speedup = (cell.strip() for cell in row.split("|")[2:6])
+    assert slide_batching([*args, "--backends", "ort.cpu.fp32", "ort.cuda.fp32", "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("| ort.cpu.fp32 | vit |"))
+    windows, single, batched, speedup, rate, share = (cell.strip() for cell in row.split("|")[3:9])
     assert int(windows) > 1 and float(single) > 0 and float(batched) > 0 and speedup.endswith("]")
+    assert float(rate) > 0 and share.endswith("%")
+    # a backend this host cannot run gets a row that says why, and the benchmark goes on
+    assert any(line.startswith("| ort.cuda.fp32 | vit | not run: ") for line in lines)
