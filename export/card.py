@@ -47,12 +47,22 @@ def engine_card(engine_dir: Path, manifest: Manifest, config: dict | None) -> st
         "",
         f"- Trained on {dataset} only: scenes and classes unlike those are outside what it learnt.",
         f"- Engines accept batch 1–{m.shapes['max'][0]} and sizes from {m.shapes['min'][1]}×{m.shapes['min'][2]} "
-        f"to {m.shapes['max'][1]}×{m.shapes['max'][2]} (larger images are scaled down into the range by `serve`); "
-        f"the parity gate checked {m.shapes['opt'][1]}×{m.shapes['opt'][2]} only.",
+        f"to {m.shapes['max'][1]}×{m.shapes['max'][2]} (larger images are scaled down into the range by `serve`, or "
+        f"slid over in windows with `--slide`); {_gated_sizes(m)}.",
         "- Reduced-precision engines are gated on the eval images above; check them on your own data before "
         "relying on them.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _gated_sizes(m: Manifest) -> str:
+    """Which input sizes the parity gate checked: the serving size, and the profile's sweep where it ran."""
+    opt, sizes = m.shapes["opt"], m.exporter.get("parity", {}).get("sizes", [])
+    if not sizes:
+        return f"the parity gate checked {opt[1]}×{opt[2]} only"
+    listed = ", ".join(f"{h}×{w}" for h, w in sizes)
+    largest = m.shapes["max"][0]
+    return f"the parity gate checked {listed} (the profile's corners and off-grid sizes) at batch 1 and {largest}"
 
 
 def _engines(m: Manifest) -> list[str]:

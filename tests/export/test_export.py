@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from importlib.metadata import version
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 import export.pipeline
 from export.__main__ import main
+from export.card import engine_card
 from export.parity import gate_sizes, normalise
 from export.tensorrt import PLAN_VARIANTS
 from serve.manifest import read_manifest
@@ -81,6 +83,9 @@ def test_each_engine_dir_has_a_model_card(exported_run, student):
     assert f"the parity gate checked {h}×{w} only" in card and "python -m serve.predict" in card
     overview = (root / "README.md").read_text()
     assert f"| [{student}]({student}/README.md) |" in overview and f"{100 * val_miou:.2f}" in overview
+    swept = replace(manifest, exporter={**manifest.exporter, "parity": {"sizes": [[32, 32], [37, 75]]}})
+    card = engine_card(root / student, swept, None)
+    assert "the parity gate checked 32×32, 37×75 (the profile's corners and off-grid sizes) at batch 1 and " in card
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
