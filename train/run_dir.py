@@ -10,7 +10,6 @@ from torch import nn
 from train.checkpoint import load_weights
 from train.config import STUDENTS as STUDENT_CONFIGS
 from train.config import Config, ConfigError, load_config
-from train.models import build_student
 
 STUDENTS = tuple(STUDENT_CONFIGS)  # cnn, vit
 CONFIG_FILE = "config.yaml"
@@ -36,6 +35,8 @@ def load_student(run_dir: str | Path, student: str, cfg: Config | None = None) -
     """Rebuild one student from the run's config and load its best weights (eval mode, CPU)."""
     if student not in STUDENTS:
         raise ValueError(f"unknown student '{student}' (expected one of {', '.join(STUDENTS)})")
+    from train.models import build_student  # timm: seconds to import, which a CLI's config error should not wait
+
     cfg = cfg or load_run_config(run_dir)
     model = build_student(getattr(cfg, student), cfg.data.num_classes)
     path = weights_file(Path(run_dir), student)

@@ -306,8 +306,20 @@ class Trainer:
         )
 
     def fit(self) -> dict:
+        writer = (
+            SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration or None)
+            if self.dist.is_main
+            else None
+        )
+        try:  # a run that stops (diverged, interrupted, a bad batch) still flushes what it logged
+            self._train(writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        return self.final_metrics()
+
+    def _train(self, writer: SummaryWriter | None) -> None:
         cfg, main = self.cfg, self.dist.is_main
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration or None) if main else None
         batches = iter(self.train_loader())
         show_bar = main and sys.stderr.isatty()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not show_bar, dynamic_ncols=True)
@@ -332,9 +344,6 @@ class Trainer:
             if it % cfg.checkpoint_interval == 0 or it == cfg.iterations:
                 self.save_checkpoint()
         bar.close()
-        if writer is not None:
-            writer.close()
-        return self.final_metrics()
 
     def _stop_if_diverged(self, logs: dict) -> None:
         """A non-finite loss never recovers: stop with what to change instead of training NaN weights."""

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from benchmarks.ablation import scalars
 from tests.conftest import REPO, run_module, tiny_run_args
 from train.checkpoint import load_state, load_weights
 from train.config import ConfigError, OptimizerConfig, load_config
@@ -264,6 +265,8 @@ def test_a_diverged_run_stops_with_its_last_checkpoint_intact_and_resumes_with_a
     assert "training diverged at iteration 4: ce_cnn is nan. The checkpoint of iteration 2 is intact" in blown.stderr
     kept = load_state(run / "checkpoint" / "last.safetensors")  # not overwritten by NaN weights
     assert kept["iteration"] == 2
+    logged = scalars(run)  # what the stopped run logged before it stopped is on disk
+    assert logged["val/cnn/miou"][-1][0] == 3 and logged["train/loss"][-1][0] == 3
     for name, weight in saved["students"]["cnn"].items():
         assert torch.equal(kept["students"]["cnn"][name], weight), name
 
