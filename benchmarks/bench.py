@@ -80,9 +80,14 @@ class TorchRunner:
     """The PyTorch student(s) on the same contract as an engine: uint8 NHWC in, class map out."""
 
     def __init__(
-        self, students: list[torch.nn.Module], backend: str, device: torch.device, sliding: Sliding | None = None
+        self,
+        students: list[torch.nn.Module],
+        backend: str,
+        device: torch.device,
+        sliding: Sliding | None = None,
+        window_batch: int = 1,
     ) -> None:
-        self.device, self.backend, self.sliding = device, backend, sliding
+        self.device, self.backend, self.sliding, self.window_batch = device, backend, sliding, window_batch
         self.models = [LogitsModel(s).eval().to(device) for s in students]
         # On CUDA, NHWC as in training (cuDNN's fast kernels); uint8 NHWC input permuted is NHWC already.
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -111,13 +116,18 @@ class TorchRunner:
         return torch.stack([F.softmax(o.float(), 1) for o in outs]).mean(0)
 
     def _slid(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A model's logits averaged over the windows serve.slide takes (training's eval.mode=slide)."""
+        """A model's logits averaged over the windows serve.slide takes (training's eval.mode=slide), batched
+        `window_batch` windows a call as serve.slide batches them."""
+        cells = boxes(x.shape[-2], x.shape[-1], self.sliding)
         total, count = None, x.new_zeros(1, 1, *x.shape[-2:])
-        for top, left, h, w in boxes(x.shape[-2], x.shape[-1], self.sliding):
-            logits = model(x[..., top : top + h, left : left + w]).float()
-            total = x.new_zeros(x.shape[0], logits.shape[1], *x.shape[-2:]) if total is None else total
-            total[..., top : top + h, left : left + w] += logits
-            count[..., top : top + h, left : left + w] += 1
+        for first in range(0, len(cells), self.window_batch):
+            chunk = cells[first : first + self.window_batch]
+            windows = torch.cat([x[..., top : top + h, left : left + w] for top, left, h, w in chunk])
+            logits = model(windows).float().unflatten(0, (len(chunk), x.shape[0]))
+            total = x.new_zeros(x.shape[0], logits.shape[2], *x.shape[-2:]) if total is None else total
+            for (top, left, h, w), scores in zip(chunk, logits, strict=True):
+                total[..., top : top + h, left : left + w] += scores
+                count[..., top : top + h, left : left + w] += 1
         return total / count
 
     def _normalised(self, images: np.ndarray) -> torch.Tensor:
@@ -319,6 +329,7 @@ class Bench:
     bar: tqdm
     rows_file: Path  # each row appended as soon as it is measured: a run cut off still returns what it measured
     window: Sliding | None = None  # the engines' sliding windows (slide rows)
+    window_batch: int = 1  # windows per call in slide rows: the engines' max batch, for PyTorch too
 
     def done(self, row: dict) -> dict:
         with self.rows_file.open("a") as f:
@@ -347,11 +358,13 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / ROWS_FILE).write_text("")
-    window = None
+    window, window_batch = None, 1
     if "slide" in settings.modes:  # windows of the engines' serving size, for the PyTorch rows too
-        opt = read_manifest(run_dir / "export" / STUDENTS[0]).shapes["opt"][1:]
+        shapes = read_manifest(run_dir / "export" / STUDENTS[0]).shapes
+        opt, window_batch = shapes["opt"][1:], shapes["max"][0]
         window = Sliding(tuple(opt), (max(1, opt[0] * 2 // 3), max(1, opt[1] * 2 // 3)))
-    bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar, out / ROWS_FILE, window)
+    bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar, out / ROWS_FILE,
+                  window, window_batch)  # fmt: skip
     rows = [row for model in settings.models for mode in settings.modes for row in _model_rows(bench, model, mode)]
     bar.close()
     point = lambda r: (r["model"], r["mode"], r["batch"], r["height"], r["width"])  # noqa: E731
@@ -379,7 +392,7 @@ def _model_rows(bench: Bench, model: str, mode: str) -> list[dict]:
     """Every backend's rows for one model in one mode: each opened and scored once, then timed at every point."""
     members = STUDENTS if model == "ensemble" else (model,)
     window = bench.window if mode == "slide" else None
-    reference = TorchRunner([bench.students[s] for s in members], BASELINE, bench.device, window)
+    reference = TorchRunner([bench.students[s] for s in members], BASELINE, bench.device, window, bench.window_batch)
     rows, ready = [], {}  # ready: backend -> its runner and the row fields every point shares
     for backend in bench.settings.backends:
         base = {"model": model, "backend": backend, "precision": precision_of(backend), "mode": mode}
@@ -404,7 +417,7 @@ def _open(bench: Bench, model: str, backend: str, members: tuple, reference: Tor
     """A backend's runner, its files' size and build time, and its accuracy at every size."""
     s = bench.settings
     if backend in TORCH:
-        runner = TorchRunner([bench.students[m] for m in members], backend, bench.device, window)
+        runner = TorchRunner([bench.students[m] for m in members], backend, bench.device, window, bench.window_batch)
         file_bytes, build_s, base = sum(weights_file(bench.run_dir, m).stat().st_size for m in members), None, {}
     else:
         runner = EngineRunner(bench.run_dir / "export", model, backend, s.threads, window is not None)

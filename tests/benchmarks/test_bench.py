@@ -13,6 +13,7 @@ from PIL import Image
 
 from benchmarks.bench import TorchRunner, main
 from serve.manifest import read_manifest
+from serve.slide import Sliding
 from train.models import StudentOutput
 
 TIMING_KEYS = {"mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "cv", "runs", "images_per_s", "speedup"}
@@ -225,3 +226,27 @@ def test_every_compiled_row_is_compiled_not_eager_after_dynamos_recompile_limit(
         runner(image)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before
     assert torch._dynamo.config.fail_on_recompile_limit_hit
+
+
+def test_slide_rows_beside_fitted_ones_agree_with_pytorch_sliding_the_same_windows(exported_run, tmp_path):
+    out = tmp_path / "bench"
+    args = ["--run", str(exported_run), "--models", "ensemble", "--backends", "ort.cpu.fp32", "--batch-sizes", "1",
+            "--sizes", "96x160", "--seconds", "0.1", "--min-runs", "2", "--warmup", "0.05", "--eval-images", "2",
+            "--slide", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert sorted((r["backend"], r["mode"]) for r in rows) == [
+        ("ort.cpu.fp32", "fitted"), ("ort.cpu.fp32", "slide"), ("torch", "fitted"), ("torch", "slide"),
+    ]  # fmt: skip
+    slid = next(r for r in rows if r["backend"] == "ort.cpu.fp32" and r["mode"] == "slide")
+    assert slid["status"] == "ok" and slid["agreement"] >= 0.999 and abs(slid["delta_miou"]) <= 0.001
+
+
+def test_pytorch_slides_windows_in_batches_with_the_logits_of_one_at_a_time():
+    """The slide rows' PyTorch reference runs the engines' max batch of windows a call, as serve.slide does."""
+    torch.manual_seed(0)
+    student = TinyStudent()
+    student.conv = torch.nn.Conv2d(3, 4, 3, padding=1)  # context: a window's border differs from the image's
+    x, window = torch.rand(2, 3, 20, 30), Sliding((8, 8), (5, 5))
+    one, batched = (TorchRunner([student], "torch", torch.device("cpu"), window, n) for n in (1, 7))
+    torch.testing.assert_close(batched._slid(batched.models[0], x), one._slid(one.models[0], x))
