@@ -351,10 +351,9 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     threads = {"torch": torch.get_num_threads(), "onnxruntime": settings.threads or "default (one per physical core)"}
     meta = {"machine": machine(device.type == "cuda"), "versions": versions(), "threads": threads}
     meta["gemm_peak_gflops"] = None if device.type == "cuda" else gemm_peaks()
-    gflop = {(m, hw): model_gflop([students[s] for s in (STUDENTS if m == "ensemble" else (m,))], hw)
-             for m in settings.models for hw in settings.sizes}  # fmt: skip
     points = [(bs, hw) for hw in settings.sizes for bs in settings.batch_sizes]
-    bar = tqdm(total=len(settings.models) * len(settings.backends) * len(points), desc="bench", unit="config")
+    configs = len(settings.models) * len(settings.backends) * len(points) * len(settings.modes)
+    bar = tqdm(total=configs, desc="bench", unit="config")
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, train=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / ROWS_FILE).write_text("")
@@ -363,6 +362,9 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
         shapes = read_manifest(run_dir / "export" / STUDENTS[0]).shapes
         opt, window_batch = shapes["opt"][1:], shapes["max"][0]
         window = Sliding(tuple(opt), (max(1, opt[0] * 2 // 3), max(1, opt[1] * 2 // 3)))
+    sizes = settings.sizes + ([window.window] if window else [])  # a slide row's work: its windows
+    gflop = {(m, hw): model_gflop([students[s] for s in (STUDENTS if m == "ensemble" else (m,))], hw)
+             for m in settings.models for hw in sizes}  # fmt: skip
     bench = Bench(run_dir, settings, cfg, students, eval_set, device, meta, gflop, points, bar, out / ROWS_FILE,
                   window, window_batch)  # fmt: skip
     rows = [row for model in settings.models for mode in settings.modes for row in _model_rows(bench, model, mode)]
@@ -484,7 +486,8 @@ def _measured(bench: Bench, model: str, x: dict, images: np.ndarray, row: dict, 
         compute = time_cuda(x["runner"].compute, s.warmup, s.seconds, s.min_runs)
         row.update(compute.summary("compute_"), gpu_peak_mib=torch.cuda.max_memory_allocated() / 2**20)
     row["rss_mib"] = _rss_mib()
-    row["gflop"] = bench.gflop[(model, (h, w))]
+    windows = len(boxes(h, w, bench.window)) if row["mode"] == "slide" else 0
+    row["gflop"] = windows * bench.gflop[(model, bench.window.window)] if windows else bench.gflop[(model, (h, w))]
     row["gflops_per_s"] = row["gflop"] * batch / (row["mean_ms"] / 1e3)
     peak = (bench.meta["gemm_peak_gflops"] or {}).get(precision_of(backend))  # the GEMM peak of its precision
     row["peak_gflops"], row["of_peak"] = peak, row["gflops_per_s"] / peak if peak else None

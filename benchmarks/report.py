@@ -51,7 +51,8 @@ def write_report(result: dict, path: Path) -> None:
         f"- Device: **{m['device']}** (CPU: {m['cpu']}, {m['cpu_count']} logical cores; GPU: {m['gpu'] or 'none'})",
         "- Versions: " + ", ".join(f"{k} {val or 'not installed'}" for k, val in v.items()),
         f"- Threads: torch {result['threads']['torch']}, ONNX Runtime {result['threads']['onnxruntime']}",
-        "- GFLOP/s: the model's FLOPs at that size (convolutions and matrix products) x batch / mean latency; "
+        "- GFLOP/s: the model's FLOPs at that size (convolutions and matrix products; slide rows: at every "
+        "window) x batch / mean latency; "
         + (
             "peak: this CPU's best matrix product or 1x1 convolution in the row's precision, measured in this run ("
             + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
