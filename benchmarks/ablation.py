@@ -381,63 +381,80 @@ def plot_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m benchmarks.ablation", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--config", type=Path, default=Path("configs/synthetic.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--arms", nargs="+", default=None, help=f"presets or terms (default: {' '.join(DEFAULT_ARMS)})")
-    parser.add_argument("--arm", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (cores are split between them)")
-    parser.add_argument("--baseline", default="independent")
-    parser.add_argument(
+    p.add_argument("--config", type=Path, default=Path("configs/synthetic.yaml"))
+    p.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    p.add_argument("--arms", nargs="+", default=None, help=f"presets or terms (default: {' '.join(DEFAULT_ARMS)})")
+    p.add_argument("--arm", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (cores are split between them)")
+    p.add_argument("--baseline", default="independent")
+    p.add_argument(
         "--purpose",
         default="reporting",
         help="what these seeds serve, written in the report: tuning (candidates "
         "are chosen on them) or reporting (nothing is chosen on them)",
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to every arm (e.g. iterations=3000)")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    args.custom = {name: shlex.split(overrides) for name, overrides in args.arm}
-    arms = list(dict.fromkeys((args.arms or ([] if args.custom else DEFAULT_ARMS)) + list(args.custom)))
-    for arm in arms:
-        arm_overrides(arm, args.custom)  # unknown names fail before anything trains
-    if args.jobs < 1:
-        parser.error("--jobs must be >= 1")
-    cfg = load_config(args.config, args.overrides)
+    p.add_argument("overrides", nargs="*", help="config overrides applied to every arm (e.g. iterations=3000)")
+    return p
 
+
+def planned_runs(args, arms: list[str]) -> list[tuple[Path, list[str]]]:
+    """(run dir, overrides) of every arm and seed, seed by seed (paired runs finish together); each arm's
+    method options are checked before any run trains."""
     runs = [
         (args.out / arm / f"seed{seed}", [*args.overrides, *arm_overrides(arm, args.custom), f"seed={seed}"])
         for seed in args.seeds
         for arm in arms
     ]
-    for run_dir, overrides in runs:  # every arm's method options, checked before any run trains
+    for run_dir, overrides in runs:
         arm_cfg = load_config(args.config, overrides)
         widths = (arm_cfg.cnn.decoder_channels, arm_cfg.vit.decoder_channels)
         try:
             method_terms(arm_cfg.method, Geometry(tuple(arm_cfg.data.crop_size), widths))
         except ConfigError as e:
             raise SystemExit(f"arm '{run_dir.parent.name}': {e}") from None
-    wanted = [request(args.config, overrides) for _, overrides in runs]
-    for (run_dir, _), want in zip(runs, wanted, strict=True):
-        claim(run_dir, want)
-    failed = train_all(runs, args.config, args.jobs)
+    return runs
+
+
+def write_report(args, arms: list[str], cfg, data: dict | None) -> None:
+    """table.md, results.json and curves.png of the arms whose every seed has finished."""
     results = {
         arm: {seed: read_run(args.out / arm / f"seed{seed}", cfg.iterations) for seed in args.seeds}
         for arm in arms
         if all((args.out / arm / f"seed{s}" / METRICS_FILE).is_file() for s in args.seeds)
     }
-    if results:
-        first = args.out / arms[0] / f"seed{args.seeds[0]}"
-        names = yaml.safe_load((first / CONFIG_FILE).read_text())["data"]["class_names"]
-        text = report(results, args, cfg, names, wanted[0]["data"])
-        (args.out / "table.md").write_text(text + "\n")
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        plot_curves(results, args.out / "curves.png")
-        print(text)
+    if not results:
+        return
+    first = args.out / arms[0] / f"seed{args.seeds[0]}"
+    names = yaml.safe_load((first / CONFIG_FILE).read_text())["data"]["class_names"]
+    text = report(results, args, cfg, names, data)
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_curves(results, args.out / "curves.png")
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = parser()
+    args = cli.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    args.custom = {name: shlex.split(overrides) for name, overrides in args.arm}
+    arms = list(dict.fromkeys((args.arms or ([] if args.custom else DEFAULT_ARMS)) + list(args.custom)))
+    for arm in arms:
+        arm_overrides(arm, args.custom)  # unknown names fail before anything trains
+    if args.jobs < 1:
+        cli.error("--jobs must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+    runs = planned_runs(args, arms)
+    wanted = [request(args.config, overrides) for _, overrides in runs]
+    for (run_dir, _), want in zip(runs, wanted, strict=True):
+        claim(run_dir, want)
+    failed = train_all(runs, args.config, args.jobs)
+    write_report(args, arms, cfg, wanted[0]["data"])
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(str(d) for d in failed), file=sys.stderr)
         return 1

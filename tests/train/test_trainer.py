@@ -161,8 +161,6 @@ def test_training_writes_a_complete_run_dir(finished_run):
 def test_the_default_method_trains_end_to_end_and_logs_each_term(finished_run):
     """The tiny run trains `full` with the default options: CE alone for the first quarter, then every
     term, with its gradient ratio to CE and the direction shares in TensorBoard."""
-    from benchmarks.ablation import scalars
-
     tb = {tag: dict(points) for tag, points in scalars(finished_run).items()}
     assert tb["train/hfd"][1] == 0 and tb["train/hfd"][6] > 0  # progress 0 is before method.start
     assert tb["train/ratio_hfd_cnn"][6] > 0 and tb["train/ratio_region_bsd_vit"][6] >= 0
