@@ -44,7 +44,7 @@ from serve.segmenter import STUDENTS, engines_of, load_segmenter
 from serve.slide import Sliding, boxes, slide, sliding
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from train.metrics import ConfusionMatrix
+from train.metrics import ConfusionMatrix, class_map
 from train.run_dir import load_run_config, load_student, weights_file
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        labels = self.logits(self._normalised(images)).argmax(1).to(torch.uint8)
+        labels = class_map(self.logits(self._normalised(images))).to(torch.uint8)
         return labels.cpu().numpy()
 
     def prepare(self, images: np.ndarray) -> None:

@@ -26,7 +26,7 @@ from train.config import EvalConfig
 from train.data import build_dataset
 from train.data.transforms import normalise
 from train.evaluate import predict_logits
-from train.metrics import ConfusionMatrix
+from train.metrics import ConfusionMatrix, class_map
 from train.run_dir import load_run_config, load_student
 
 
@@ -70,7 +70,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> dict[str, dict[str, flo
                 probs = sum(
                     predict_logits(students[m], x, eval_cfg, list(cfg.data.crop_size)).softmax(1) for m in members
                 )
-            ref = probs.argmax(1)[0].numpy().astype(np.uint8)
+            ref = class_map(probs)[0].numpy().astype(np.uint8)
             reference.update(torch.from_numpy(resize(ref, mask.shape, Image.NEAREST).astype(np.int64)), target)
         results[model] = {"engine": engine.compute()["miou"], "torch": reference.compute()["miou"]}
     return results

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from export.pipeline import profile_shapes
 from serve.manifest import ManifestError, read_manifest
 from train.data import build_dataset
+from train.metrics import class_map
 from train.run_dir import load_run_config, load_students
 
 MODES = ("fp32", "tf32", "fp16", "bf16")
@@ -69,7 +70,7 @@ def predict(model, images: torch.Tensor, mode: str, device: torch.device) -> tor
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(images).logits.float()
     _set_tf32(False)
-    return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+    return class_map(F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False))
 
 
 def agreement(students: dict, images: torch.Tensor, device: torch.device) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 from train.config import EvalConfig
 from train.data import build_dataset, pad_collate
 from train.data.transforms import fit_scale
-from train.metrics import Complementarity, ConfusionMatrix
+from train.metrics import Complementarity, ConfusionMatrix, class_map
 from train.run_dir import load_run_config, load_students, resolve_device
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,11 @@ def evaluate(
         probs, preds = 0, []
         for name, model in students.items():
             logits = predict_logits(model, images, eval_cfg, list(crop))
-            preds.append(logits.argmax(1))
+            preds.append(class_map(logits))
             matrices[name].update(preds[-1], labels)
             probs = probs + logits.softmax(1)
         if "ensemble" in matrices:
-            matrices["ensemble"].update(probs.argmax(1), labels)
+            matrices["ensemble"].update(class_map(probs), labels)
         if pair is not None:
             pair.update(*preds, labels)
     for name, m in students.items():

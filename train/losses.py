@@ -18,6 +18,7 @@ from torch import nn
 
 from train.config import ConfigError, MethodConfig
 from train.data import IGNORE_INDEX
+from train.metrics import class_map
 from train.models import StudentOutput
 
 
@@ -213,7 +214,7 @@ def pixel_bsd_loss(
         if criterion == "ce":
             vit_teaches, cnn_teaches = valid & better_v, valid & better_c
         else:
-            right_c, right_v = zc.argmax(1) == labels, zv.argmax(1) == labels
+            right_c, right_v = class_map(zc) == labels, class_map(zv) == labels
             vit_teaches = valid & right_v & (~right_c | better_v)
             cnn_teaches = valid & right_c & (~right_v | better_c)
         if selection == "random":
@@ -497,7 +498,7 @@ class Objective(nn.Module):
         losses = {"ce_cnn": cross_entropy(zc, labels, px.ce_cnn), "ce_vit": cross_entropy(zv, labels, px.ce_vit)}
         with torch.no_grad():
             valid = labels != IGNORE_INDEX
-            one_right = ((zc.argmax(1) == labels) ^ (zv.argmax(1) == labels)) & valid
+            one_right = ((class_map(zc) == labels) ^ (class_map(zv) == labels)) & valid
             stats = {"one_right": one_right.sum() / valid.sum().clamp(min=1)}
         for name in self.terms:
             losses[name], term_stats = TERMS[name].compute(self, cnn, vit, labels, px)

@@ -7,6 +7,12 @@ import torch
 from train.data import IGNORE_INDEX
 
 
+def class_map(logits: torch.Tensor) -> torch.Tensor:
+    """The class of each pixel (argmax over dim 1, the first of ties). `max(1).indices`: torch's CPU `argmax`
+    over a dim that is not the last is 15-25x slower (torch 2.14: 107 ms against 4 ms for 5x512x1024)."""
+    return logits.max(1).indices
+
+
 class ConfusionMatrix:
     """`mat[t, p]` counts pixels of true class t predicted as p, summed over a whole split.
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from train.metrics import Complementarity, ConfusionMatrix
+from train.metrics import Complementarity, ConfusionMatrix, class_map
 
 
 def test_confusion_matrix_against_hand_computed_values():
@@ -60,3 +60,13 @@ def test_complementarity_on_hand_built_predictions():
     assert on_a["iou"] == pytest.approx([2 / 3, 1.0, 0.5])
     assert on_b["iou"] == pytest.approx([1.0, 2 / 3, 0.5])
     assert on_a["acc"] == pytest.approx(5 / 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_map_is_argmax_over_classes_with_the_first_of_ties(dtype):
+    logits = torch.randn(3, 5, 7, 9).to(dtype)
+    logits[0, :, 0, 0] = 1.0  # a tie across every class: class 0, as argmax says
+    logits[1, 2:4, 1, 1] = 9.0  # a tie of classes 2 and 3: class 2
+    labels = class_map(logits)
+    assert labels.dtype == torch.int64 and torch.equal(labels, logits.argmax(1))
+    assert labels[0, 0, 0] == 0 and labels[1, 1, 1] == 2
