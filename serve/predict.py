@@ -342,20 +342,18 @@ def open_segmenter(args: argparse.Namespace):
     if (coverage := s.window[0] * s.window[1] / (s.stride[0] * s.stride[1])) > OVERLAP_WORK:
         raise SlideError(f"a stride of {s.stride} covers each pixel {coverage:.0f} times: over {OVERLAP_WORK}")
     print(f"sliding windows of {s.window[0]}x{s.window[1]}, stride {s.stride[0]}x{s.stride[1]}", file=sys.stderr)
-    small = segmenter.min_hw
+
+    def one(image: np.ndarray) -> Prediction:
+        (h, w), (wh, ww) = image.shape[:2], s.window
+        if h < segmenter.min_hw[0] or w < segmenter.min_hw[1]:
+            print(f"a {h}x{w} image is under the engines' smallest input: fitted", file=sys.stderr)
+            return segmenter.predict(image)
+        if h < wh or w < ww:  # as training's slide evaluation does
+            print(f"a {h}x{w} image is smaller than the {wh}x{ww} window: windows cut to the image", file=sys.stderr)
+        return slide(segmenter, image, s, args.max_pixels)
 
     def run(images: list[np.ndarray]) -> list[Prediction]:
-        out = []
-        for image in images:
-            if image.shape[0] < small[0] or image.shape[1] < small[1]:
-                print(
-                    f"a {image.shape[0]}x{image.shape[1]} image is under the engines' smallest input: fitted",
-                    file=sys.stderr,
-                )
-                out.append(segmenter.predict(image))
-            else:
-                out.append(slide(segmenter, image, s, args.max_pixels))
-        return out
+        return [one(image) for image in images]
 
     return segmenter, run
 

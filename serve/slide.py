@@ -7,7 +7,7 @@ averaged where windows overlap, then turned into probabilities (the ensemble: th
 and one argmax gives the class map, with the chosen class's probability as the confidence. This is
 `python -m train.evaluate`'s `eval.mode=slide` step for step, so an engine scores what its PyTorch student
 scores in that mode (benchmarks.evaluate checks it). An image smaller than a window in one dimension runs with
-the window cut to the image there (as training's evaluation does), and says so.
+the window cut to the image there (as training's evaluation does); `serve.predict` says so.
 """
 
 from __future__ import annotations

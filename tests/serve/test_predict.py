@@ -294,6 +294,22 @@ def test_slide_writes_what_the_sliding_segmenter_computes_with_its_confidence(en
     assert np.load(out / "mosaic.confidence.npy").dtype == np.float32
 
 
+def test_slide_says_when_an_image_is_smaller_than_a_window_or_the_engines_smallest_input(engines, tmp_path, capsys):
+    segmenter = load_segmenter(engines, "cnn", "ort.cpu.fp32", scores=True)
+    (wh, ww), (lh, lw) = segmenter.opt_hw, segmenter.min_hw
+    rng = np.random.default_rng(0)
+    for name, hw in (("narrow", (wh + 20, lw + 4)), ("tiny", (lh - 8, ww))):
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / "narrow.png"), str(tmp_path / "tiny.png")]
+    assert main(["--engines", str(engines), "--out", str(out), "--backend", "ort.cpu.fp32", "--slide", *inputs]) == 0
+    err = capsys.readouterr().err
+    assert f"a {wh + 20}x{lw + 4} image is smaller than the {wh}x{ww} window: windows cut to the image" in err
+    assert f"a {lh - 8}x{ww} image is under the engines' smallest input: fitted" in err
+    windows = {Path(r["file"]).stem: r["windows"] for r in lines(out)}
+    assert windows == {"narrow": 2, "tiny": 1}  # the tiny image ran fitted: one call
+
+
 def test_slide_options_the_engines_cannot_take_fail_in_one_line(engines, tmp_path, capsys):
     _, path = _mosaic(engines, tmp_path / "in")
     base = [
