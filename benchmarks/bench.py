@@ -41,7 +41,7 @@ from export.graphs import LogitsModel
 from serve.backends import BACKENDS, RUNTIMES, usable
 from serve.manifest import read_manifest
 from serve.segmenter import STUDENTS, engines_of, load_segmenter
-from serve.slide import Sliding, boxes, slide, sliding
+from serve.slide import Sliding, boxes, default_stride, slide, sliding
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.metrics import ConfusionMatrix, class_map
@@ -361,7 +361,7 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     if "slide" in settings.modes:  # windows of the engines' serving size, for the PyTorch rows too
         shapes = read_manifest(run_dir / "export" / STUDENTS[0]).shapes
         opt, window_batch = shapes["opt"][1:], shapes["max"][0]
-        window = Sliding(tuple(opt), (max(1, opt[0] * 2 // 3), max(1, opt[1] * 2 // 3)))
+        window = Sliding(tuple(opt), default_stride(opt))
     sizes = settings.sizes + ([window.window] if window else [])  # a slide row's work: its windows
     gflop = {(m, hw): model_gflop([students[s] for s in (STUDENTS if m == "ensemble" else (m,))], hw)
              for m in settings.models for hw in sizes}  # fmt: skip

@@ -25,7 +25,7 @@ from serve.backends import BACKENDS
 from serve.decide import interleaved, speedup_of
 from serve.manifest import ManifestError
 from serve.segmenter import MODELS, engines_of, load_segmenter
-from serve.slide import slide, sliding
+from serve.slide import boxes, slide, sliding
 from train.data import build_dataset
 from train.run_dir import load_run_config, load_students
 
@@ -40,7 +40,7 @@ def row(segmenter, image, rounds: int, students: list, peak: float) -> list[str]
     runs = {"single": partial(slide, segmenter, s=s, batch=1), "batched": partial(slide, segmenter, s=s)}
     times = interleaved(runs, image, rounds=rounds, calls=1)
     up = speedup_of(times["single"], times["batched"])
-    windows = slide(segmenter, image, s).windows
+    windows = len(boxes(*image.shape[:2], s))
     rate = gflop_per_window * windows / (up.b_ms / 1e3)
     return [str(windows), f"{up.a_ms:.0f}", f"{up.b_ms:.0f}", f"{up.ratio:.2f}x [{up.low:.2f}, {up.high:.2f}]",
             f"{rate:.0f}", f"{rate / peak:.0%}"]  # fmt: skip

@@ -32,6 +32,11 @@ class Sliding:
     stride: tuple[int, int]
 
 
+def default_stride(window: tuple[int, int]) -> tuple[int, int]:
+    """2/3 of the window, as training's eval.mode=slide: windows overlap by a third."""
+    return max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3)
+
+
 def sliding(segmenter: Segmenter, window: tuple[int, int] | None = None, stride=None) -> Sliding:
     """The window (default: the engines' serving size) and stride (default: 2/3 of the window), checked."""
     window = tuple(window or segmenter.opt_hw)
@@ -40,7 +45,7 @@ def sliding(segmenter: Segmenter, window: tuple[int, int] | None = None, stride=
         raise SlideError(
             f"window {window[0]}x{window[1]} is outside the engines' profile {low[0]}x{low[1]} .. {high[0]}x{high[1]}"
         )
-    stride = tuple(stride or (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3)))
+    stride = tuple(stride or default_stride(window))
     if not all(0 < s <= w for s, w in zip(stride, window, strict=True)):
         raise SlideError(
             f"stride {stride[0]}x{stride[1]} must be at least 1 and at most the window {window[0]}x{window[1]}"
