@@ -23,18 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.ablation import scalars, table
+from benchmarks.ablation import group_mean, scalars, table
 from train.run_dir import CONFIG_FILE, METRICS_FILE
 
 LEAD, ORACLE, SHARED, ONE_RIGHT = 4.0, 5.0, 0.40, 0.05
-
-
-def group_mean(iou: list[float | None], names: list[str], group: list[str]) -> float:
-    """Mean IoU (points) over a group of classes."""
-    unknown = [c for c in group if c not in names]
-    if unknown:
-        raise SystemExit(f"unknown classes {unknown}: the dataset has {', '.join(names)}")
-    return 100 * statistics.fmean(iou[names.index(c)] or 0.0 for c in group)
 
 
 def seed_stats(run_dir: Path, cnn_group: list[str], vit_group: list[str]) -> dict[str, float]:

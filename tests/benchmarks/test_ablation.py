@@ -1,10 +1,11 @@
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 
-from benchmarks.ablation import main
+from benchmarks.ablation import TARGETS, differences, group_tables, helps, main, request
 from tests.conftest import tiny_run_args
 from train.run_dir import CHECKPOINT_FILE
 
@@ -67,14 +68,69 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
     assert main(args) == 0
     assert {arm: stamp(arm) for arm in before} == before
 
-    # An arm asked for with another config is trained again, and says so; the old run is kept aside.
+    # Report only: more baselines and groups of classes, nothing trained; a run of another config is left out
+    # of the report (and left where it is).
+    groups = ["--group", "plain", "solid", "stripes", "--group", "rest", "speckle"]
+    assert main([*args, "--report-only", "--baselines", "independent", "gentle", *groups]) == 0
+    assert {arm: stamp(arm) for arm in before} == before
+    text = (out / "table.md").read_text()
+    assert set(rows_of(text, "Paired Δ to `gentle`")) == {"independent", "pixel_bsd"}
+    assert "- plain: solid, stripes" in text and "| gentle ensemble |" in text
     changed = [a.replace("dml_weight=0.5", "dml_weight=0.7") for a in args]
+    assert main([*changed, "--report-only"]) == 0
+    said = capsys.readouterr().out
+    assert "[gentle/seed0] trained for another config (method.dml_weight: 0.5 -> 0.7): left out" in said
+    assert "gentle" not in rows_of((out / "table.md").read_text(), "## test, best weights")
+    assert not list(out.glob("gentle/*.stale-*")) and stamp("gentle") == before["gentle"]
+
+    # An arm asked for with another config is trained again, and says so; the old run is kept aside.
     assert main(changed) == 0
     said = capsys.readouterr().out
     assert "[gentle/seed1] asked for another config than it was trained with (method.dml_weight: 0.5 -> 0.7)" in said
     assert stamp("gentle") != before["gentle"] and stamp("independent") == before["independent"]
     assert "dml_weight: 0.7" in (out / "gentle" / "seed1" / "config.yaml").read_text()
     assert "dml_weight: 0.5" in (out / "gentle" / "seed1.stale-1" / "config.yaml").read_text()
+
+
+def test_group_table_gives_each_groups_mean_iou_and_paired_delta():
+    names = ["background", "a", "b", "c"]
+
+    def run(cnn: list[float | None]) -> dict:
+        return {"test_best_iou": {"cnn": cnn, "vit": [0.5] * 4, "ensemble": [0.5] * 4}}
+
+    results = {
+        "independent": {0: run([0.9, 0.2, 0.4, 0.5]), 1: run([0.9, 0.4, 0.6, 0.5])},
+        "full": {0: run([0.9, 0.3, 0.7, 0.5]), 1: run([0.9, 0.5, None, 0.5])},  # b absent from seed 1: 0
+    }
+    lines = group_tables(results, "independent", names, {"ab": ["a", "b"], "c": ["c"]})
+    rows = rows_of("\n".join(lines), "## Groups")
+    assert rows["independent cnn"][:2] == ["40.00 ± 14.14", "50.00 ± 0.00"] and rows["independent cnn"][2] == "-"
+    # full on ab: seed 0 50 (Δ +20), seed 1 25 (Δ -25): mean -2.5, worst -25
+    assert rows["full cnn"][2].startswith("-2.50 ± 31.82") and rows["full cnn"][2].endswith("(min -25.00)")
+    assert rows["full vit"][3].startswith("+0.00 ± 0.00")
+    with pytest.raises(SystemExit, match=r"unknown classes \['d'\]: the dataset has background, a, b, c"):
+        group_tables(results, "independent", names, {"d": ["d"]})
+
+
+def test_targets_over_the_first_baseline_and_the_others():
+    def gains(*per_seed: float) -> dict[str, list[float]]:
+        return {m: list(per_seed) for m in ("cnn", "vit", "ensemble")}
+
+    assert helps(gains(1.5, 0.6), TARGETS["first"]) and not helps(gains(3.0, -0.6), TARGETS["first"])
+    assert helps(gains(1.5, -0.4), TARGETS["other"]) and not helps(gains(0.6, 0.3), TARGETS["other"])
+
+
+def test_the_vits_output_stride_does_not_key_a_run(synthetic_root, tmp_path):
+    """pvt_v2's stride is fixed: a run recorded with any ViT output stride is the same run."""
+    wanted = request(Path("configs/synthetic.yaml"), [f"data.root={synthetic_root}"])
+    recorded = json.loads(json.dumps(wanted))
+    recorded["config"]["vit.output_stride"] = 8
+    (tmp_path / "request.json").write_text(json.dumps(recorded))
+    assert differences(tmp_path, wanted) == []
+    stride = wanted["config"]["cnn.output_stride"]
+    recorded["config"]["cnn.output_stride"] = 24 - stride  # the CNN's does (8 <-> 16)
+    (tmp_path / "request.json").write_text(json.dumps(recorded))
+    assert differences(tmp_path, wanted) == [f"cnn.output_stride: {24 - stride} -> {stride}"]
 
 
 def test_arm_whose_option_cannot_apply_fails_before_training(tmp_path, synthetic_root):
