@@ -105,6 +105,9 @@ class MethodConfig:
     # reliable: the selective terms transfer where one student is the more reliable (the method);
     # random: as many regions and pixels in each direction, chosen at random (the control)
     selection: Literal["reliable", "random"] = "reliable"
+    # both: each student learns from the other (the method); cnn / vit: only that one does, the other's
+    # side of every term carries no gradient (one-way distillation, the same terms and selection)
+    learners: Literal["both", "cnn", "vit"] = "both"
     start: float = 0.25  # share of iterations before any distillation (CE alone)
     warmup: float = 0.1  # share of iterations over which every distillation weight ramps up from 0
     hfd_weight: float = 0.2

@@ -341,6 +341,16 @@ def _dml(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: torch.T
     return dml_loss(px.cnn, px.vit, labels, obj.cfg.temperature), {}
 
 
+def _teaching_only(
+    student: str, cnn: StudentOutput, vit: StudentOutput, px: Pixels
+) -> tuple[StudentOutput, StudentOutput, Pixels]:
+    """The terms' inputs with `student`'s side detached: it teaches and learns nothing from its peer."""
+    detached = lambda o: StudentOutput([t.detach() for t in o.low], o.feat.detach(), o.logits.detach())  # noqa: E731
+    if student == "cnn":
+        return detached(cnn), vit, px._replace(cnn=px.cnn.detach(), ce_cnn=px.ce_cnn.detach())
+    return cnn, detached(vit), px._replace(vit=px.vit.detach(), ce_vit=px.ce_vit.detach())
+
+
 def _check_hfd(cfg: MethodConfig, g: Geometry) -> str | None:
     if g.cnn_channels is None or g.vit_channels is None:
         return None
@@ -425,6 +435,11 @@ def method_terms(cfg: MethodConfig, geometry: Geometry | None = None) -> list[st
     terms = list(cfg.terms) if cfg.terms is not None else PRESETS[cfg.preset]
     if unknown := [t for t in terms if t not in TERMS]:
         raise ConfigError(f"method.terms: {unknown[0]!r} is not one of {list(TERMS)}")
+    if cfg.learners != "both" and not terms:
+        raise ConfigError(
+            f"method.learners={cfg.learners!r}: only the {cfg.learners} learns from its peer, and this "
+            "method trains no distillation term (CE only)"
+        )
     if cfg.selection == "random" and not any(TERMS[t].selective for t in terms):
         selective = [t.name for t in TERMS.values() if t.selective]
         raise ConfigError(
@@ -500,6 +515,8 @@ class Objective(nn.Module):
             valid = labels != IGNORE_INDEX
             one_right = ((class_map(zc) == labels) ^ (class_map(zv) == labels)) & valid
             stats = {"one_right": one_right.sum() / valid.sum().clamp(min=1)}
+        if self.cfg.learners != "both":  # the other student is a fixed teacher in every term
+            cnn, vit, px = _teaching_only("vit" if self.cfg.learners == "cnn" else "cnn", cnn, vit, px)
         for name in self.terms:
             losses[name], term_stats = TERMS[name].compute(self, cnn, vit, labels, px)
             stats.update(term_stats)

@@ -404,6 +404,29 @@ def test_grad_ratios_scale_with_the_weight_and_vanish_without_transfer():
     assert objective.grad_ratios(*flat, losses)["ratio_pixel_bsd_cnn"] == 0
 
 
+@pytest.mark.parametrize("learners", ["both", "cnn", "vit"])
+def test_one_way_learners_leave_the_teacher_without_gradient_from_any_term(learners):
+    """learners=vit: the CNN teaches in every term and learns nothing from the ViT (its CE still trains it);
+    the terms and their selection are those of the two-way method."""
+    cnn, vit, labels = student_pair()
+    cnn, vit = (StudentOutput(o.low, o.feat.requires_grad_(), o.logits.requires_grad_()) for o in (cnn, vit))
+    torch.manual_seed(0)  # the same projectors and adapters for both objectives
+    objective = objective_of(MethodConfig(preset="full", start=0, warmup=0, learners=learners))
+    losses, stats = objective(cnn, vit, labels, progress=0.5)
+    torch.manual_seed(0)
+    two_way, two_way_stats = objective_of(MethodConfig(preset="full", start=0, warmup=0))(cnn, vit, labels, 0.5)
+    torch.testing.assert_close(losses, two_way)
+    torch.testing.assert_close(stats, two_way_stats)
+    distillation = sum(losses[t] for t in PRESETS["full"])
+    for name, out in (("cnn", cnn), ("vit", vit)):
+        grads = torch.autograd.grad(
+            distillation, [*out.low, out.feat, out.logits], retain_graph=True, allow_unused=True
+        )
+        learns = sum(g.abs().sum() for g in grads if g is not None)
+        assert (learns > 0) == (learners in ("both", name)), name
+    assert torch.autograd.grad(losses["ce_cnn"], cnn.logits)[0].abs().sum() > 0
+
+
 def test_random_selection_transfers_the_same_shares_elsewhere():
     """The control: as many regions / pixels in each direction as the reliable choice, at random places."""
     g = torch.Generator().manual_seed(0)
@@ -437,6 +460,7 @@ def test_random_selection_transfers_the_same_shares_elsewhere():
     [
         ({"preset": "bsd", "region_size": 3}, (64, 64), r"method.region_size=3: does not divide the 16x16"),
         ({"preset": "dml", "selection": "random"}, (64, 64), r"method.selection=random: .* trains none \(dml\)"),
+        ({"preset": "independent", "learners": "vit"}, (64, 64), r"method.learners='vit': .* no distillation term"),
         ({"preset": "strong"}, (64, 64), r"method.preset='strong': not one of"),
         ({"terms": ["hfd", "kd"]}, (64, 64), r"method.terms: 'kd' is not one of"),
         ({"preset": "hfd", "hfd_stages": [5]}, (64, 64), r"method.hfd_stages: stage 5 does not exist"),
