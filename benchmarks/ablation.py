@@ -40,7 +40,7 @@ import yaml
 
 from benchmarks.hardware import cpu_model
 from serve.decide import ci95
-from train.config import ConfigError, DataConfig, config_to_dict, load_config
+from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config
 from train.data import LAYOUTS
 from train.data.synthetic import STAMP
 from train.losses import PRESETS, TERMS, Geometry, method_terms
@@ -97,12 +97,14 @@ def differences(run_dir: Path, wanted: dict) -> list[str]:
         have = {"config": _flat(yaml.safe_load((run_dir / CONFIG_FILE).read_text())), "data": wanted["data"]}
     else:
         return []
-    have["config"] = {k: v for k, v in have["config"].items() if k not in _UNKEYED}
-    keys = sorted(set(have["config"]) | set(wanted["config"]))
+    # A field added after the run was trained is taken at its default: a new option's default keeps the
+    # behaviour that came before it.
+    recorded = _flat(config_to_dict(Config())) | {k: v for k, v in have["config"].items() if k not in _UNKEYED}
+    keys = sorted(set(recorded) | set(wanted["config"]))
     diff = [
-        f"{k}: {have['config'].get(k)!r} -> {wanted['config'].get(k)!r}"
+        f"{k}: {recorded.get(k)!r} -> {wanted['config'].get(k)!r}"
         for k in keys
-        if have["config"].get(k) != wanted["config"].get(k)
+        if recorded.get(k) != wanted["config"].get(k)
     ]
     if have["data"] != wanted["data"]:
         diff.append(f"data: {(have['data'] or {}).get('hash')} -> {(wanted['data'] or {}).get('hash')}")

@@ -120,13 +120,17 @@ def test_targets_over_the_first_baseline_and_the_others():
     assert helps(gains(1.5, -0.4), TARGETS["other"]) and not helps(gains(0.6, 0.3), TARGETS["other"])
 
 
-def test_the_vits_output_stride_does_not_key_a_run(synthetic_root, tmp_path):
-    """pvt_v2's stride is fixed: a run recorded with any ViT output stride is the same run."""
+def test_a_run_is_keyed_by_what_it_trains(synthetic_root, tmp_path):
+    """pvt_v2's stride is fixed: a run recorded with any ViT output stride is the same run. A field the record
+    lacks (an option added since) is taken at its default."""
     wanted = request(Path("configs/synthetic.yaml"), [f"data.root={synthetic_root}"])
     recorded = json.loads(json.dumps(wanted))
     recorded["config"]["vit.output_stride"] = 8
+    del recorded["config"]["method.learners"]
     (tmp_path / "request.json").write_text(json.dumps(recorded))
     assert differences(tmp_path, wanted) == []
+    one_way = request(Path("configs/synthetic.yaml"), [f"data.root={synthetic_root}", "method.learners=vit"])
+    assert differences(tmp_path, one_way) == ["method.learners: 'both' -> 'vit'"]
     stride = wanted["config"]["cnn.output_stride"]
     recorded["config"]["cnn.output_stride"] = 24 - stride  # the CNN's does (8 <-> 16)
     (tmp_path / "request.json").write_text(json.dumps(recorded))
