@@ -215,7 +215,7 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 def paired(results: dict, arm: str, base: str, key: str) -> dict[str, list] | None:
     """Per model, the per-seed differences arm - base (percentage points) over the seeds both have;
     for per-class keys, one list of class differences per seed."""
-    seeds = [s for s in results[arm] if s in results.get(base, {}) and results[arm][s][key]]
+    seeds = [s for s in results[arm] if s in results.get(base, {}) and results[arm][s][key] and results[base][s][key]]
     if not seeds or arm == base:
         return None
 
@@ -390,9 +390,11 @@ def per_seed(results: dict) -> list[str]:
     return ["## Per seed", "", *table(head, rows, "---")]
 
 
-def report(results: dict, args, cfg, names: list[str], data: dict | None) -> str:
+def report(results: dict, args, cfg, names: list[str], data: dict | None, left_out: list[str]) -> str:
     split = cfg.data.test_split or cfg.data.eval_split
     lines = header(results, args, cfg, data)
+    if left_out:
+        lines[-1:-1] = [f"- Left out: {', '.join(left_out)}"]
     titles = {"test_best": "best weights (picked on val)", "test_last": "last weights (final iteration)"}
     for key, title in titles.items():
         if any(r[key] for runs in results.values() for r in runs.values()):
@@ -451,8 +453,10 @@ def parser() -> argparse.ArgumentParser:
         "--baselines",
         "--baseline",
         nargs="+",
-        default=["independent", "dml"],
-        help="arms every other arm is compared with, seed by seed (per class and per group: the first)",
+        default=None,
+        help="arms every other arm is compared with, seed by seed (default: independent, and dml when it runs); "
+        "the first is the reference: its target is +1.0 with no seed below -0.5, the others' +0.5; "
+        "per class and per group, arms are compared with the first",
     )
     p.add_argument(
         "--group",
@@ -491,35 +495,67 @@ def planned_runs(args, arms: list[str]) -> list[tuple[Path, list[str]]]:
     return runs
 
 
-def finished(runs: list[tuple[Path, list[str]]], wanted: list[dict]) -> dict[str, list[int]]:
-    """Per arm, the seeds whose run has finished for the config asked for; says which are left out."""
+def finished(runs: list[tuple[Path, list[str]]], wanted: list[dict]) -> tuple[dict[str, list[int]], list[str]]:
+    """Per arm, the seeds whose run has finished for the config asked for; and the runs left out, with why."""
     done: dict[str, list[int]] = {}
+    left_out = []
     for (run_dir, _), want in zip(runs, wanted, strict=True):
         name = f"{run_dir.parent.name}/{run_dir.name}"
         if not (run_dir / METRICS_FILE).is_file():
-            print(f"[{name}] not finished: left out of the report")
+            left_out.append(f"{name} (not finished)")
         elif diff := differences(run_dir, want):
-            print(f"[{name}] trained for another config ({'; '.join(diff[:4])}): left out of the report")
+            left_out.append(f"{name} (trained for another config: {'; '.join(diff[:4])})")
         else:
             done.setdefault(run_dir.parent.name, []).append(int(run_dir.name.removeprefix("seed")))
-    return done
+    return done, left_out
+
+
+REPORT_FILES = ("table.md", "results.json", "curves.png")
 
 
 def write_report(args, runs: list[tuple[Path, list[str]]], wanted: list[dict], cfg) -> None:
     """table.md, results.json and curves.png over the seeds on which every arm with a finished run has one
-    (the comparison stays paired while runs are missing)."""
-    done = finished(runs, wanted)
+    (the comparison stays paired while runs are missing); the runs left out are listed in it."""
+    done, left_out = finished(runs, wanted)
     seeds = [s for s in args.seeds if done and all(s in have for have in done.values())]
+    left_out += [
+        f"{arm}/seed{s} (a seed not every arm has finished)" for arm in done for s in done[arm] if s not in seeds
+    ]
+    for line in left_out:
+        print(f"left out of the report: {line}")
     if not seeds:
+        for name in REPORT_FILES:  # an older report must not pass for this one
+            (args.out / name).unlink(missing_ok=True)
+        print("no seed has a finished run of every arm: no report written")
         return
     results = {arm: {seed: read_run(args.out / arm / f"seed{seed}", cfg.iterations) for seed in seeds} for arm in done}
     first = args.out / next(iter(done)) / f"seed{seeds[0]}"
     names = yaml.safe_load((first / CONFIG_FILE).read_text())["data"]["class_names"]
-    text = report(results, args, cfg, names, wanted[0]["data"])
+    text = report(results, args, cfg, names, wanted[0]["data"], left_out)
     (args.out / "table.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot_curves(results, args.out / "curves.png")
     print(text)
+
+
+def check_request(cli: argparse.ArgumentParser, args, arms: list[str], cfg) -> None:
+    """What the report is asked for, checked before anything trains."""
+    hint = " (config overrides go before --arms, or after --)"
+    if unknown := [b for b in args.baselines or () if b not in arms]:
+        cli.error(f"--baselines: {unknown[0]!r} is not an arm ({', '.join(arms)}){hint}")
+    args.baselines = args.baselines or [b for b in ("independent", "dml") if b in arms]
+    args.groups = {}
+    for name, *classes in args.group:
+        if not classes or name in args.groups:
+            cli.error(f"--group {name}: a new name, then the group's classes")
+        args.groups[name] = classes
+    if args.groups and not cfg.data.test_split:
+        cli.error("--group: groups are reported on the test split, and data.test_split is not set")
+    for group in args.groups.values() if not args.report_only else ():
+        try:
+            check_classes(group, class_names(cfg.data))
+        except SystemExit as e:
+            cli.error(f"--group: {e}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,16 +568,12 @@ def main(argv: list[str] | None = None) -> int:
         arm_overrides(arm, args.custom)  # unknown names fail before anything trains
     if args.jobs < 1:
         cli.error("--jobs must be >= 1")
-    args.groups = {name: classes for name, *classes in args.group}
-    if empty := [name for name, classes in args.groups.items() if not classes]:
-        cli.error(f"--group {empty[0]}: name the group's classes after its name")
     cfg = load_config(args.config, args.overrides)
+    check_request(cli, args, arms, cfg)
     runs = planned_runs(args, arms)
     wanted = [request(args.config, overrides) for _, overrides in runs]
     failed = []
     if not args.report_only:
-        for group in args.groups.values():  # before hours of training, not after
-            check_classes(group, class_names(cfg.data))
         for (run_dir, _), want in zip(runs, wanted, strict=True):
             claim(run_dir, want)
         failed = train_all(runs, args.config, args.jobs)

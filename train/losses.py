@@ -474,6 +474,9 @@ class Objective(nn.Module):
         if "region_bsd" in self.terms and cfg.region_adapter:
             c, v = geometry.decoder_channels
             self.cnn_adapter, self.vit_adapter = projector(c, v), projector(v, c)
+        for student in ("cnn", "vit") if cfg.learners != "both" else ():
+            if student != cfg.learners:  # a teacher-only side: its modules stay as built (and out of its optimizer)
+                self.learner_modules(student).requires_grad_(False)
 
     def learner_modules(self, student: str) -> nn.ModuleList:
         """The training-only modules that `student` trains as a learner (they follow its optimizer)."""

@@ -78,10 +78,17 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
     assert "- plain: solid, stripes" in text and "| gentle ensemble |" in text
     changed = [a.replace("dml_weight=0.5", "dml_weight=0.7") for a in args]
     assert main([*changed, "--report-only"]) == 0
-    said = capsys.readouterr().out
-    assert "[gentle/seed0] trained for another config (method.dml_weight: 0.5 -> 0.7): left out" in said
-    assert "gentle" not in rows_of((out / "table.md").read_text(), "## test, best weights")
+    text = (out / "table.md").read_text()
+    assert "gentle/seed0 (trained for another config: method.dml_weight: 0.5 -> 0.7)" in text  # the "Left out" line
+    assert "gentle" not in rows_of(text, "## test, best weights")
     assert not list(out.glob("gentle/*.stale-*")) and stamp("gentle") == before["gentle"]
+    # A seed not finished is left out and said; the report stays on the seeds every arm has.
+    assert main([*args, "--report-only", "--seeds", "0", "1", "2"]) == 0
+    text = (out / "table.md").read_text()
+    assert "2 paired seeds" in text and "independent/seed2 (not finished)" in text
+    # Nothing finished on the seeds asked for: no report, and not an older one either.
+    assert main([*args, "--report-only", "--seeds", "7"]) == 0
+    assert "no report written" in capsys.readouterr().out and not (out / "table.md").exists()
 
     # An arm asked for with another config is trained again, and says so; the old run is kept aside.
     assert main(changed) == 0
@@ -144,9 +151,16 @@ def test_arm_whose_option_cannot_apply_fails_before_training(tmp_path, synthetic
     assert not (tmp_path / "a").exists()
 
 
-def test_unknown_arm_fails_before_training(tmp_path):
+def test_unknown_arm_fails_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown arm 'nonsense'"):
         main(["--out", str(tmp_path), "--arms", "nonsense"])
     with pytest.raises(SystemExit, match="overrides go before --arms"):  # argparse took it for an arm
         main(["--out", str(tmp_path), "--arms", "dml", "iterations=10"])
+    for asked in (["--baselines", "independent"], ["--baselines", "dml", "iterations=10"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path), "--arms", "dml", *asked])
+        assert "is not an arm (dml) (config overrides go before" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--arms", "dml", "--group", "shapes"])
+    assert "--group shapes: a new name, then the group's classes" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -408,8 +408,14 @@ def test_grad_ratios_scale_with_the_weight_and_vanish_without_transfer():
 def test_one_way_learners_leave_the_teacher_without_gradient_from_any_term(learners):
     """learners=vit: the CNN teaches in every term and learns nothing from the ViT (its CE still trains it);
     the terms and their selection are those of the two-way method."""
-    cnn, vit, labels = student_pair()
-    cnn, vit = (StudentOutput(o.low, o.feat.requires_grad_(), o.logits.requires_grad_()) for o in (cnn, vit))
+    cnn, vit, _ = student_pair()
+    # image 0 is class 1 and only the CNN is right there, image 1 class 2 and only the ViT: every term
+    # transfers in both directions
+    labels = torch.tensor([1, 2])[:, None, None].expand(2, 16, 16).contiguous()
+    right, wrong = confident(labels[:, ::4, ::4]), confident(torch.zeros(2, 4, 4, dtype=torch.long))
+    first = torch.tensor([True, False])[:, None, None, None]
+    cnn = StudentOutput(cnn.low, cnn.feat.requires_grad_(), torch.where(first, right, wrong).requires_grad_())
+    vit = StudentOutput(vit.low, vit.feat.requires_grad_(), torch.where(first, wrong, right).requires_grad_())
     torch.manual_seed(0)  # the same projectors and adapters for both objectives
     objective = objective_of(MethodConfig(preset="full", start=0, warmup=0, learners=learners))
     losses, stats = objective(cnn, vit, labels, progress=0.5)
@@ -417,13 +423,15 @@ def test_one_way_learners_leave_the_teacher_without_gradient_from_any_term(learn
     two_way, two_way_stats = objective_of(MethodConfig(preset="full", start=0, warmup=0))(cnn, vit, labels, 0.5)
     torch.testing.assert_close(losses, two_way)
     torch.testing.assert_close(stats, two_way_stats)
-    distillation = sum(losses[t] for t in PRESETS["full"])
+    assert all(stats[f"{kind}_{way}"] > 0 for kind in ("region", "pixel") for way in ("vit_to_cnn", "cnn_to_vit"))
     for name, out in (("cnn", cnn), ("vit", vit)):
-        grads = torch.autograd.grad(
-            distillation, [*out.low, out.feat, out.logits], retain_graph=True, allow_unused=True
-        )
-        learns = sum(g.abs().sum() for g in grads if g is not None)
-        assert (learns > 0) == (learners in ("both", name)), name
+        learns = learners in ("both", name)
+        for term in PRESETS["full"]:
+            xs = [*out.low, out.feat, out.logits]
+            grads = torch.autograd.grad(losses[term], xs, retain_graph=True, allow_unused=True)
+            assert (sum(g.abs().sum() for g in grads if g is not None) > 0) == learns, (name, term)
+        own = list(objective.learner_modules(name).parameters())
+        assert own and all(p.requires_grad == learns for p in own), name  # a teacher's projectors train neither
     assert torch.autograd.grad(losses["ce_cnn"], cnn.logits)[0].abs().sum() > 0
 
 
