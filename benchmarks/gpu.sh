@@ -16,6 +16,9 @@
 #   ablation  the method's paired-seed protocol (independent, dml, full x seeds 0-2, every run at once) on
 #          the synthetic set at 256x256 (configs/synthetic-256.yaml); its report and the runs' logs, metrics
 #          and TensorBoard events (no weights) in OUT_DIR. $ABLATION_OVERRIDES: config overrides for every run
+#   complementary  the method's pending runs on the complementary set (benchmarks/results/
+#          ablation-complementary.md): the reporting seeds of section 5, then section 6's tuning round, every
+#          run of each at once; reports and runs (no weights) in OUT_DIR
 #
 #   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (python: $PYTHON or python3)
 #   Default phases, in order of what they are worth: ort (the torch-free GPU engine against eager PyTorch),
@@ -97,6 +100,35 @@ export_deps() {  # the export's own needs, from wheels beside onnxruntime-gpu's 
     return 1
 }
 
+complementary() {  # benchmarks/results/ablation-complementary.md: section 5's reporting runs, then section 6's round
+    local common=(--config configs/synthetic-complementary.yaml --group cue cue_warm cue_cool
+        --group shapes disc triangle square)
+    [ -n "${GPU_SH_DRY:-}" ] || [ -f data/complementary/classes.json ] || \
+        step data-complementary 60 $PY -m train.data.complementary --out data/complementary --jobs "$(nproc)"
+    step complementary-reporting 300 $PY -m benchmarks.ablation "${common[@]}" --out runs/complementary-reporting \
+        --seeds 10 11 12 13 14 --jobs 20 --purpose reporting --arms independent --arm full_a "method.preset=full" \
+        --arm dml_b "method.preset=dml method.dml_weight=0.3" --arm random_a "method.preset=full method.selection=random" \
+        --baselines independent dml_b random_a
+    local arms=(  # section 6: three candidates for each family
+        --arm full_d "method.preset=full method.learners=vit"
+        --arm full_e "method.preset=full method.learners=vit method.region_size=4 method.region_weight=5 method.start=0.1"
+        --arm full_f "method.preset=full method.learners=cnn"
+        --arm dml_d "method.preset=dml method.dml_weight=0.3 method.learners=vit"
+        --arm dml_e "method.preset=dml method.dml_weight=3 method.start=0.1 method.learners=vit"
+        --arm dml_f "method.preset=dml method.dml_weight=0.3 method.learners=cnn"
+        --arm random_d "method.preset=full method.learners=vit method.selection=random"
+        --arm random_e "method.preset=full method.learners=vit method.region_size=4 method.region_weight=5 method.start=0.1 method.selection=random"
+        --arm random_f "method.preset=full method.learners=cnn method.selection=random")
+    step complementary-round2 240 $PY -m benchmarks.ablation "${common[@]}" --out runs/complementary \
+        --seeds 0 1 --jobs 20 --purpose tuning --arms independent "${arms[@]}" --baselines independent
+    if [ -z "${GPU_SH_DRY:-}" ]; then  # what comes back: each report, and every run without its weights
+        for out in complementary-reporting complementary; do
+            mkdir -p "$OUT_DIR/$out" && cp runs/$out/table.md runs/$out/results.json "$OUT_DIR/$out/" 2>/dev/null
+            tar czf "$OUT_DIR/$out-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint runs/$out
+        done
+    fi
+}
+
 for phase in $PHASES; do
     case $phase in
     speed)  # step time at a Cityscapes-like crop (OS8 as in configs/cityscapes.yaml), then at the demo's
@@ -155,6 +187,9 @@ for phase in $PHASES; do
             tar czf "$OUT_DIR/ablation-256-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint runs/ablation-256
         fi
         ;;
-    *) echo "unknown phase '$phase' (speed, train, check, ort, compiled, ort-engines, bench, bisect, ablation)" >&2; exit 2 ;;
+    complementary)  # not in the default phases: the method's pending runs on its own set, every run at once
+        complementary
+        ;;
+    *) echo "unknown phase '$phase' (speed, train, check, ort, compiled, ort-engines, bench, bisect, ablation, complementary)" >&2; exit 2 ;;
     esac
 done

@@ -55,6 +55,23 @@ def test_the_ablation_phase_runs_the_paired_protocol_at_256_on_its_own_set(tmp_p
     assert sum(int(re.match(r"step \S+ (\d+)s:", s)[1]) for s in steps) <= 540
 
 
+def test_the_complementary_phase_runs_the_reporting_seeds_then_the_second_round(tmp_path):
+    steps = plan(tmp_path, seconds=480, phases=["complementary"])
+    assert [s.split()[1] for s in steps] == ["complementary-reporting", "complementary-round2"]
+    reporting, round2 = steps
+    assert "--seeds 10 11 12 13 14" in reporting and "--purpose reporting" in reporting
+    assert "--baselines independent dml_b random_a" in reporting and "--group cue cue_warm cue_cool" in reporting
+    assert "--seeds 0 1" in round2 and "--purpose tuning" in round2 and "--out runs/complementary " in round2
+    arms = dict(re.findall(r"--arm (\w+) (.*?)(?= --arm| --baselines)", round2))
+    assert sorted(arms) == sorted(f"{family}_{c}" for family in ("full", "dml", "random") for c in "def")
+    # the candidates the results file pre-registers, each with its overrides; the controls are the method's
+    registered = (REPO / "benchmarks/results/ablation-complementary.md").read_text().split("## 6.")[1]
+    table = dict(re.findall(r"\| `(\w+)` \| `([^`]+)` \|", registered))
+    assert {a: o for a, o in arms.items() if not a.startswith("random_")} == table
+    assert all(arms[f"random_{c}"] == f"{arms[f'full_{c}']} method.selection=random" for c in "def")
+    assert sum(int(re.match(r"step \S+ (\d+)s:", s)[1]) for s in steps) <= 480
+
+
 def test_unknown_phase_exits_2(tmp_path):
     args = ["bash", "benchmarks/gpu.sh", str(tmp_path), "warp"]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
