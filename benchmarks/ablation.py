@@ -299,7 +299,9 @@ def header(results: dict, args, cfg, data: dict | None) -> list[str]:
         f"- Budget per run: {cfg.iterations} iterations, batch {d.batch_size}, crop {d.crop_size[0]}x{d.crop_size[1]}; "
         f"checkpoints picked on `{d.eval_split}` every {cfg.eval_interval} iterations, numbers from `{split}`",
         f"- Data: {data_line}",
-        f"- Machine: {machine(cfg.device)}, {args.jobs} run(s) at a time; {datetime.date.today()}",
+        f"- Machine: {machine(cfg.device)}, {args.jobs} run(s) at a time; {datetime.date.today()}"
+        if not args.report_only
+        else f"- Tabulated with --report-only on {datetime.date.today()}: each run's log says where it trained",
         f"- Arms: {arms}",
         "",
     ]

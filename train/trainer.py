@@ -277,6 +277,10 @@ class Trainer:
         cfg = self.cfg
         splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
         counts = ", ".join(f"{s.name.rsplit(':', 1)[-1]} {len(s)}" for s in splits)
+        where = torch.cuda.get_device_name(self.device) if self.cuda else f"{torch.get_num_threads()} threads"
+        autocast = amp_dtype(cfg.amp, self.device)
+        precision = f"autocast {str(autocast).removeprefix('torch.')}" if autocast else "fp32"
+        log.info("device %s (%s), %s, torch %s", self.device, where, precision, torch.__version__)
         log.info("dataset %s (%s): %s images", cfg.data.root, cfg.data.format, counts)
         log.info("%d classes: %s", cfg.data.num_classes, ", ".join(cfg.data.class_names))
         for name in STUDENTS:

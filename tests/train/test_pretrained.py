@@ -160,6 +160,9 @@ def test_export_needs_only_the_run_dir(synthetic_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr  # what the run trains on, said before the first step
     assert "train 16, val 4, test 3 images" in log and "5 classes: background, solid" in log
+    assert re.search(
+        rf"device cpu \(\d+ threads\), (fp32|autocast bfloat16), torch {re.escape(torch.__version__)}\n", log
+    )
     assert f"cnn: deeplabv3plus on resnet18, encoder from {cnn_file}" in log
     assert f"vit: segformer on pvt_v2_b0, encoder from {tmp_path / 'mit-b0'}" in log
     assert log.index("encoder from") < log.index("it 1/2")
