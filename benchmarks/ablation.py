@@ -456,7 +456,8 @@ def parser() -> argparse.ArgumentParser:
         "--baseline",
         nargs="+",
         default=None,
-        help="arms every other arm is compared with, seed by seed (default: independent, and dml when it runs); "
+        help="arms every other arm is compared with, seed by seed (default: independent and dml where they "
+        "run, else the first arm); "
         "the first is the reference: its target is +1.0 with no seed below -0.5, the others' +0.5; "
         "per class and per group, arms are compared with the first",
     )
@@ -545,7 +546,7 @@ def check_request(cli: argparse.ArgumentParser, args, arms: list[str], cfg) -> N
     hint = " (config overrides go before --arms, or after --)"
     if unknown := [b for b in args.baselines or () if b not in arms]:
         cli.error(f"--baselines: {unknown[0]!r} is not an arm ({', '.join(arms)}){hint}")
-    args.baselines = args.baselines or [b for b in ("independent", "dml") if b in arms]
+    args.baselines = args.baselines or [b for b in ("independent", "dml") if b in arms] or arms[:1]
     args.groups = {}
     for name, *classes in args.group:
         if not classes or name in args.groups:
