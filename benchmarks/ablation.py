@@ -52,6 +52,7 @@ REQUEST_FILE = "request.json"  # what a run was trained for: its resolved config
 # Fields that do not change what a run trains: its name, what the trainer fills in from the data, and the
 # ViT's output stride (pvt_v2's is fixed at 32: the ViT reads none).
 _UNKEYED = {"name", "data.num_classes", "data.class_names", "data.palette", "vit.output_stride"}
+OVERRIDES_HINT = " (config overrides go before --arms, or after --)"  # when argparse took one for a name
 
 
 def arm_overrides(name: str, custom: dict[str, list[str]]) -> list[str]:
@@ -61,7 +62,7 @@ def arm_overrides(name: str, custom: dict[str, list[str]]) -> list[str]:
         return [f"method.preset={name}"]
     if name in TERMS:
         return [f"method.terms=[{name}]"]
-    hint = " (config overrides go before --arms, or after --)" if "=" in name else ""
+    hint = OVERRIDES_HINT if "=" in name else ""
     raise SystemExit(
         f"unknown arm '{name}': a preset ({', '.join(PRESETS)}), a term ({', '.join(TERMS)}), or --arm{hint}"
     )
@@ -543,9 +544,8 @@ def write_report(args, runs: list[tuple[Path, list[str]]], wanted: list[dict], c
 
 def check_request(cli: argparse.ArgumentParser, args, arms: list[str], cfg) -> None:
     """What the report is asked for, checked before anything trains."""
-    hint = " (config overrides go before --arms, or after --)"
     if unknown := [b for b in args.baselines or () if b not in arms]:
-        cli.error(f"--baselines: {unknown[0]!r} is not an arm ({', '.join(arms)}){hint}")
+        cli.error(f"--baselines: {unknown[0]!r} is not an arm ({', '.join(arms)}){OVERRIDES_HINT}")
     args.baselines = args.baselines or [b for b in ("independent", "dml") if b in arms] or arms[:1]
     args.groups = {}
     for name, *classes in args.group:
@@ -554,11 +554,12 @@ def check_request(cli: argparse.ArgumentParser, args, arms: list[str], cfg) -> N
         args.groups[name] = classes
     if args.groups and not cfg.data.test_split:
         cli.error("--group: groups are reported on the test split, and data.test_split is not set")
-    for group in args.groups.values() if not args.report_only else ():
+    names = class_names(cfg.data) if args.groups and not args.report_only else None
+    for group in args.groups.values() if names else ():
         try:
-            check_classes(group, class_names(cfg.data))
+            check_classes(group, names)
         except SystemExit as e:
-            cli.error(f"--group: {e}{hint}")
+            cli.error(f"--group: {e}{OVERRIDES_HINT}")
 
 
 def main(argv: list[str] | None = None) -> int:

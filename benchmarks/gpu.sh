@@ -100,6 +100,12 @@ export_deps() {  # the export's own needs, from wheels beside onnxruntime-gpu's 
     return 1
 }
 
+bring_back() {  # bring_back RUNS DEST NAME: the report into DEST, the runs (no weights) to OUT_DIR/NAME-runs.tar.gz
+    [ -n "${GPU_SH_DRY:-}" ] && return 0
+    mkdir -p "$2" && cp "$1"/table.md "$1"/results.json "$1"/curves.png "$2/" 2>/dev/null
+    tar czf "$OUT_DIR/$3-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint "$1"
+}
+
 complementary() {  # benchmarks/results/ablation-complementary.md: section 5's reporting runs, then section 6's round
     local common=(--config configs/synthetic-complementary.yaml --group cue cue_warm cue_cool
         --group shapes disc triangle square)
@@ -121,12 +127,8 @@ complementary() {  # benchmarks/results/ablation-complementary.md: section 5's r
         --arm random_f "method.preset=full method.learners=cnn method.selection=random")
     step complementary-round2 240 $PY -m benchmarks.ablation "${common[@]}" --out runs/complementary \
         --seeds 0 1 --jobs 20 --purpose tuning --arms independent "${arms[@]}" --baselines independent
-    if [ -z "${GPU_SH_DRY:-}" ]; then  # what comes back: each report, and every run without its weights
-        for out in complementary-reporting complementary; do
-            mkdir -p "$OUT_DIR/$out" && cp runs/$out/table.md runs/$out/results.json "$OUT_DIR/$out/" 2>/dev/null
-            tar czf "$OUT_DIR/$out-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint runs/$out
-        done
-    fi
+    bring_back runs/complementary-reporting "$OUT_DIR/complementary-reporting" complementary-reporting
+    bring_back runs/complementary "$OUT_DIR/complementary" complementary
 }
 
 for phase in $PHASES; do
@@ -182,10 +184,7 @@ for phase in $PHASES; do
         step data-256 60 $PY -m train.data.synthetic --out data/synthetic-256 --height 256 --width 256 --jobs "$(nproc)"
         step ablation-256 480 $PY -m benchmarks.ablation --config configs/synthetic-256.yaml --out runs/ablation-256 \
             --jobs 9 --arms independent dml full --seeds 0 1 2 -- ${ABLATION_OVERRIDES:-}
-        if [ -z "${GPU_SH_DRY:-}" ]; then  # what comes back: the report, and every run without its weights
-            cp runs/ablation-256/table.md runs/ablation-256/results.json runs/ablation-256/curves.png "$OUT_DIR/" 2>/dev/null
-            tar czf "$OUT_DIR/ablation-256-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint runs/ablation-256
-        fi
+        bring_back runs/ablation-256 "$OUT_DIR" ablation-256
         ;;
     complementary)  # not in the default phases: the method's pending runs on its own set, every run at once
         complementary

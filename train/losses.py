@@ -474,9 +474,10 @@ class Objective(nn.Module):
         if "region_bsd" in self.terms and cfg.region_adapter:
             c, v = geometry.decoder_channels
             self.cnn_adapter, self.vit_adapter = projector(c, v), projector(v, c)
-        for student in ("cnn", "vit") if cfg.learners != "both" else ():
-            if student != cfg.learners:  # a teacher-only side: its modules stay as built (and out of its optimizer)
-                self.learner_modules(student).requires_grad_(False)
+        # one-way distillation: the student that only teaches; its modules stay as built (out of its optimizer)
+        self.teacher_only = {"cnn": "vit", "vit": "cnn"}.get(cfg.learners)
+        if self.teacher_only:
+            self.learner_modules(self.teacher_only).requires_grad_(False)
 
     def learner_modules(self, student: str) -> nn.ModuleList:
         """The training-only modules that `student` trains as a learner (they follow its optimizer)."""
@@ -518,8 +519,8 @@ class Objective(nn.Module):
             valid = labels != IGNORE_INDEX
             one_right = ((class_map(zc) == labels) ^ (class_map(zv) == labels)) & valid
             stats = {"one_right": one_right.sum() / valid.sum().clamp(min=1)}
-        if self.cfg.learners != "both":  # the other student is a fixed teacher in every term
-            cnn, vit, px = _teaching_only("vit" if self.cfg.learners == "cnn" else "cnn", cnn, vit, px)
+        if self.teacher_only:
+            cnn, vit, px = _teaching_only(self.teacher_only, cnn, vit, px)
         for name in self.terms:
             losses[name], term_stats = TERMS[name].compute(self, cnn, vit, labels, px)
             stats.update(term_stats)

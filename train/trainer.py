@@ -165,6 +165,7 @@ class Trainer:
         # Initial weights first (a hub download, a file check): a missing one fails before any data is read.
         # A resumed run takes every weight from its checkpoint.
         init = {name: None if resume else locate(getattr(cfg, name), name) for name in STUDENTS}
+        self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self._load_data()
         self._describe(init, resume)
         self._build_models(init)
@@ -174,7 +175,6 @@ class Trainer:
             )
             for name in STUDENTS
         }
-        self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.iteration, self.saved_at = 0, None
@@ -278,8 +278,7 @@ class Trainer:
         splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
         counts = ", ".join(f"{s.name.rsplit(':', 1)[-1]} {len(s)}" for s in splits)
         where = torch.cuda.get_device_name(self.device) if self.cuda else f"{torch.get_num_threads()} threads"
-        autocast = amp_dtype(cfg.amp, self.device)
-        precision = f"autocast {str(autocast).removeprefix('torch.')}" if autocast else "fp32"
+        precision = f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "fp32"
         log.info("device %s (%s), %s, torch %s", self.device, where, precision, torch.__version__)
         log.info("dataset %s (%s): %s images", cfg.data.root, cfg.data.format, counts)
         log.info("%d classes: %s", cfg.data.num_classes, ", ".join(cfg.data.class_names))
