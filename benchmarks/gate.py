@@ -10,6 +10,14 @@ on every seed:
 - at most SHARED of the pixels either student gets wrong are wrong for both;
 - in the last quarter of training, at least ONE_RIGHT of the labelled pixels of a batch have exactly one
   student right (`train/one_right`, logged by every run).
+
+With `--full-runs` (few labels, many images: `--runs` are then the `supervised` runs at the chosen label
+count, `--full-runs` the `independent` runs with every label, one per seed, in the same order) it checks
+instead, on every seed, that there is room for unlabelled images to fill and that the students still
+know different things:
+- each student, trained on the labelled subset only, is at least ROOM points of mIoU below itself
+  trained with every label;
+- each student still leads the other by at least LEAD points on its own group of classes.
 Exit status 0 when every check passes on every seed, 1 otherwise.
 """
 
@@ -26,7 +34,7 @@ import yaml
 from benchmarks.ablation import group_mean, scalars, table
 from train.run_dir import CONFIG_FILE, METRICS_FILE
 
-LEAD, ORACLE, SHARED, ONE_RIGHT = 4.0, 5.0, 0.40, 0.05
+LEAD, ORACLE, SHARED, ONE_RIGHT, ROOM = 4.0, 5.0, 0.40, 0.05, 8.0
 
 
 def seed_stats(run_dir: Path, cnn_group: list[str], vit_group: list[str]) -> dict[str, float]:
@@ -49,19 +57,29 @@ def seed_stats(run_dir: Path, cnn_group: list[str], vit_group: list[str]) -> dic
     }
 
 
+def room(run_dir: Path, full_dir: Path) -> dict[str, float]:
+    """How far each student trained on the labelled subset stays below itself with every label (points)."""
+    few, full = (json.loads((d / METRICS_FILE).read_text()) for d in (run_dir, full_dir))
+    return {f"{s}_room": 100 * (full[s]["miou"] - few[s]["miou"]) for s in ("cnn", "vit")}
+
+
+FEW_LABELS = ("cnn_lead", "vit_lead", "cnn_room", "vit_room")  # the checks with --full-runs
 CHECKS = {  # statistic -> (passes, the rule as the report states it)
     "cnn_lead": (lambda v: v >= LEAD, f"≥ +{LEAD:g}"),
     "vit_lead": (lambda v: v >= LEAD, f"≥ +{LEAD:g}"),
     "oracle_gain": (lambda v: v >= ORACLE, f"≥ +{ORACLE:g}"),
     "shared_errors": (lambda v: v <= SHARED, f"≤ {SHARED:.0%}"),
     "one_right": (lambda v: v >= ONE_RIGHT, f"≥ {ONE_RIGHT:.0%}"),
+    "cnn_room": (lambda v: v >= ROOM, f"≥ +{ROOM:g}"),
+    "vit_room": (lambda v: v >= ROOM, f"≥ +{ROOM:g}"),
 }
 
 
 def verdict(stats: dict[str, dict[str, float]]) -> tuple[bool, list[str]]:
     """Whether every check passes on every seed, and the Markdown table that shows it."""
     rows, passed = [], True
-    for name, (ok, rule) in CHECKS.items():
+    checked = [name for name in CHECKS if all(name in s for s in stats.values())]
+    for name, (ok, rule) in ((n, CHECKS[n]) for n in checked):
         values = [s[name] for s in stats.values()]
         fine = all(ok(v) for v in values)
         passed &= fine
@@ -77,9 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="independent runs, one per tuning seed")
     parser.add_argument("--cnn-classes", nargs="+", required=True, help="the group the CNN is expected to lead")
     parser.add_argument("--vit-classes", nargs="+", required=True, help="the group the ViT is expected to lead")
+    parser.add_argument(
+        "--full-runs", nargs="+", type=Path, help="few labels: independent runs with every label, one per --runs"
+    )
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
+    if args.full_runs and len(args.full_runs) != len(args.runs):
+        parser.error(f"--full-runs: {len(args.full_runs)} runs for {len(args.runs)} --runs (one per seed)")
     stats = {run.name: seed_stats(run, args.cnn_classes, args.vit_classes) for run in args.runs}
+    if args.full_runs:
+        stats = {
+            name: {k: v for k, v in (s | room(run, full)).items() if k in FEW_LABELS}
+            for (name, s), run, full in zip(stats.items(), args.runs, args.full_runs, strict=True)
+        }
     passed, lines = verdict(stats)
     text = "\n".join(
         [

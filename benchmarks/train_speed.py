@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.hardware import cpu_model
 from train.config import load_config
-from train.trainer import Trainer
+from train.trainer import Batch, Trainer
 
 
 def synchronize(device: torch.device) -> None:
@@ -46,7 +46,7 @@ def time_steps(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, ste
     for _ in range(steps):
         synchronize(trainer.device)
         start = time.perf_counter()
-        trainer.step(images, labels)
+        trainer.step(Batch(images, labels))
         synchronize(trainer.device)
         times.append(time.perf_counter() - start)
     return times

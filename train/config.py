@@ -38,10 +38,28 @@ class DataConfig:
     num_workers: int = 2
     eval_max_images: int | None = None  # evaluate on the first N eval images only (quick checks)
     verify: bool = True  # read every mask once before training, so bad labels fail at start
+    # Few labels, many images (docs/method.md, "Few labels"): `labeled` keeps a subset of the train split's
+    # masks (a count, a share in (0, 1], or a file of image names relative to `root`), drawn by `labeled_seed`
+    # alone and written to the run dir as labeled.txt; the rest of the split joins `unlabeled`, a folder of
+    # images without masks (searched recursively; relative to `root`). A batch holds `batch_size` labelled
+    # images and `unlabeled_ratio` times as many unlabelled ones, when the method has a term that reads them.
+    labeled: int | float | str | None = None
+    labeled_seed: int = 0
+    unlabeled: str | None = None
+    unlabeled_ratio: float = 1.0
     # Filled from the dataset when a run starts; written to the run dir's config.yaml.
     num_classes: int | None = None
     class_names: list[str] | None = None
     palette: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        labeled = self.labeled
+        if isinstance(labeled, int) and labeled < 1:
+            raise ConfigError(f"data.labeled={labeled}: keep at least one labelled image (null: every image)")
+        if isinstance(labeled, float) and not 0 < labeled <= 1:
+            raise ConfigError(f"data.labeled={labeled}: a share of the train split is in (0, 1]")
+        if self.unlabeled_ratio <= 0:
+            raise ConfigError(f"data.unlabeled_ratio={self.unlabeled_ratio}: must be > 0")
 
 
 @dataclass
@@ -108,6 +126,9 @@ class MethodConfig:
     # both: each student learns from the other (the method); cnn / vit: only that one does, the other's
     # side of every term carries no gradient (one-way distillation, the same terms and selection)
     learners: Literal["both", "cnn", "vit"] = "both"
+    # mixed: a CNN and a ViT (the method); cnn / vit: two students of that architecture, the other slot holding
+    # a second one with an initialisation of its own (the `same` baseline: is the peer's difference what helps?)
+    pair: Literal["mixed", "cnn", "vit"] = "mixed"
     start: float = 0.25  # share of iterations before any distillation (CE alone)
     warmup: float = 0.1  # share of iterations over which every distillation weight ramps up from 0
     hfd_weight: float = 0.2
@@ -127,6 +148,17 @@ class MethodConfig:
     temperature: float = 1.0
     dml_weight: float = 1.0
     cwd_temperature: float = 4.0  # softmax temperature of the `cwd` feature distance
+    # Pseudo-label terms on unlabelled pixels (cross, self_training, offline): a teacher's class where its
+    # probability reaches pseudo_threshold; `class` balance gives each pseudo-class the same total weight.
+    pseudo_weight: float = 0.1
+    pseudo_threshold: float = 0.9
+    pseudo_balance: Literal["none", "class"] = "none"
+    cross_teacher: Literal["live", "ema"] = "live"  # cross: the peer itself, or its moving average
+    ema_decay: float = 0.99  # the moving-average teachers (self_training; cross with cross_teacher=ema)
+    # same: the teachers see what the learners see; weak_strong: the teachers a weakly augmented view, the
+    # learners a strongly augmented one of the same crop (colour, greyscale, blur)
+    views: Literal["same", "weak_strong"] = "same"
+    offline_run: str | None = None  # offline: a finished run dir whose students teach, frozen
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -135,8 +167,11 @@ class MethodConfig:
 
         need(0 <= self.start < 1, "start", "distillation must start before the end of training (0 <= start < 1)")
         need(0 <= self.warmup <= 1, "warmup", "a share of training (0-1)")
-        for name in ("region_margin", "pixel_margin", "hfd_weight", "region_weight", "pixel_weight", "dml_weight"):
+        weights = ("hfd_weight", "region_weight", "pixel_weight", "dml_weight", "pseudo_weight")
+        for name in ("region_margin", "pixel_margin", *weights):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(0 <= self.pseudo_threshold < 1, "pseudo_threshold", "a probability in [0, 1)")
+        need(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)")
         for name in ("temperature", "cwd_temperature"):
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.region_size >= 1, "region_size", "must be >= 1")
@@ -160,6 +195,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cnn: StudentConfig = field(default_factory=lambda: copy.deepcopy(STUDENTS["cnn"]))
     vit: StudentConfig = field(default_factory=lambda: copy.deepcopy(STUDENTS["vit"]))
+
+
+def slot_config(cfg: Config, slot: str) -> StudentConfig:
+    """The student a slot (`cnn`, `vit`) holds: its own section, or with method.pair=cnn|vit that student's."""
+    return getattr(cfg, slot if cfg.method.pair == "mixed" else cfg.method.pair)
 
 
 def _check_value(value: Any, hint: Any, where: str) -> Any:

@@ -130,12 +130,14 @@ def region_bsd_loss(
     tau: float = 4.0,
     selection: str = "reliable",
     generator: torch.Generator | None = None,
+    unlabeled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Region-wise BSD: in each k x k region of the stride-4 grid, the student whose mean CE (or entropy)
-    there is lower by more than `margin` teaches the other its decoder feature; regions without labels
-    are skipped. `adapters` (CNN's, ViT's): learner-side maps from a student's feature to the other's
-    width; without them the two features are compared channel by channel. `selection="random"`: as many
-    regions in each direction, chosen at random among the labelled ones (`shuffled`)."""
+    there is lower by more than `margin` teaches the other its decoder feature; in regions of unlabelled
+    images (`unlabeled`: B x H x W, their image pixels) the entropy decides, and regions with neither labels
+    nor unlabelled pixels are skipped. `adapters` (CNN's, ViT's): learner-side maps from a student's feature
+    to the other's width; without them the two features are compared channel by channel.
+    `selection="random"`: as many regions in each direction, chosen at random among the counted ones."""
     grid = cnn.feat.shape[-2:]
     with torch.no_grad():
         small = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0].long()
@@ -147,6 +149,11 @@ def region_bsd_loss(
             target = small.masked_fill(small == IGNORE_INDEX, 0)
             loss_c = F.cross_entropy(cnn.logits.float(), target, reduction="none")
             loss_v = F.cross_entropy(vit.logits.float(), target, reduction="none")
+            if unlabeled is not None:  # no label there: the more confident student teaches
+                unl = F.interpolate(unlabeled[:, None].float(), size=grid, mode="nearest")[:, 0] > 0
+                loss_c = torch.where(unl, _entropy(cnn.logits), loss_c)
+                loss_v = torch.where(unl, _entropy(vit.logits), loss_v)
+                valid = torch.maximum(valid, unl.float())
         region_c, mass = _region_mean(loss_c, valid, region_size)
         region_v, _ = _region_mean(loss_v, valid, region_size)
         has_labels = mass > 0
@@ -197,12 +204,15 @@ def pixel_bsd_loss(
     norm: str = "active",
     selection: str = "reliable",
     generator: torch.Generator | None = None,
+    unlabeled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pixel-wise BSD: at each labelled pixel the reliable student (correct, and, when both are, of CE
     lower by more than `margin`) teaches the other its distribution; where both are wrong nothing is
-    transferred. `norm`: each direction's KL is averaged over the pixels where it is active (`active`)
-    or over all labelled pixels (`valid`, DML's scale: a pixel weighs the same whatever the share).
-    `selection="random"`: as many pixels in each direction, chosen at random among the labelled ones.
+    transferred. At unlabelled pixels (`unlabeled`: B x H x W) a student's CE is that of its own class, so
+    the more confident student, by more than `margin`, teaches. `norm`: each direction's KL is averaged
+    over the pixels where it is active (`active`) or over all counted pixels (`valid`, DML's scale: a pixel
+    weighs the same whatever the share). `selection="random"`: as many pixels in each direction, chosen at
+    random among the counted ones.
 
     `ce`: the students' per-pixel CE when the caller has it already (the CE terms' own, see `pixel_ce`).
     """
@@ -210,11 +220,17 @@ def pixel_bsd_loss(
     with torch.no_grad():
         valid = labels != IGNORE_INDEX
         ce_c, ce_v = (c.detach() for c in ce) if ce is not None else (pixel_ce(zc, labels), pixel_ce(zv, labels))
+        if unlabeled is not None:  # a student's CE of its own class: the margin on confidence decides
+            valid = valid | unlabeled
+            ce_c = torch.where(unlabeled, -zc.log_softmax(1).amax(1), ce_c)
+            ce_v = torch.where(unlabeled, -zv.log_softmax(1).amax(1), ce_v)
         better_v, better_c = ce_v + margin < ce_c, ce_c + margin < ce_v
         if criterion == "ce":
             vit_teaches, cnn_teaches = valid & better_v, valid & better_c
         else:
             right_c, right_v = class_map(zc) == labels, class_map(zv) == labels
+            if unlabeled is not None:  # no label to be wrong about: both count as right
+                right_c, right_v = right_c | unlabeled, right_v | unlabeled
             vit_teaches = valid & right_v & (~right_c | better_v)
             cnn_teaches = valid & right_c & (~right_v | better_c)
         if selection == "random":
@@ -233,13 +249,51 @@ def pixel_bsd_loss(
     return t2 * (cnn_learns + vit_learns), stats
 
 
-def dml_loss(cnn_logits: torch.Tensor, vit_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
-    """Deep mutual learning: symmetric KL to the detached peer on every labelled pixel."""
+def dml_loss(
+    cnn_logits: torch.Tensor,
+    vit_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    unlabeled: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Deep mutual learning: symmetric KL to the detached peer on every labelled (and unlabelled) pixel."""
     zc, zv = upsample_logits(cnn_logits, labels), upsample_logits(vit_logits, labels)
     valid = labels != IGNORE_INDEX
+    if unlabeled is not None:
+        valid = valid | unlabeled
     logp_c, logp_v = (zc / temperature).log_softmax(1), (zv / temperature).log_softmax(1)
     kl = _kl(logp_v, logp_c) + _kl(logp_c, logp_v)
     return temperature**2 * (kl * valid).sum() / valid.sum().clamp(min=1)
+
+
+def pseudo_label_loss(
+    learner: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float = 0.9,
+    balance: str = "none",
+    selection: str = "reliable",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-labels (cross teaching, self-training): the learner's CE to the teacher's class at the
+    `valid` pixels where the teacher's probability reaches `threshold`, summed and divided by all valid
+    pixels (few confident pixels, a small loss). `balance="class"`: each pseudo-class present gets the same
+    total weight, so that the majority class does not teach the most (confirmation bias).
+    `selection="random"`: as many pixels, chosen at random among the valid ones (the control).
+    Returns the loss and the share of valid pixels taught."""
+    with torch.no_grad():
+        confidence, target = teacher.detach().float().softmax(1).max(1)
+        keep = valid & (confidence >= threshold)
+        if selection == "random":
+            keep, _ = shuffled(keep, torch.zeros_like(keep), valid, generator)
+        n_valid = valid.sum().clamp(min=1)
+        weight = keep.float()
+        if balance == "class":
+            counts = torch.zeros(teacher.shape[1], device=keep.device).index_add_(0, target[keep], weight[keep])
+            present = (counts > 0).sum().clamp(min=1)
+            weight = weight * (keep.sum() / (present * counts.clamp(min=1)))[target]
+    ce = F.cross_entropy(learner.float(), target, reduction="none")
+    return (ce * weight).sum() / n_valid, keep.sum() / n_valid
 
 
 def projector(in_ch: int, out_ch: int) -> nn.Module:
@@ -253,13 +307,28 @@ def _norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
 # --- the table of terms ----------------------------------------------------------------------------
 
 
+class Unlabeled(NamedTuple):
+    """The unlabelled images of a batch, its last `rows` rows (labels 255 there): where they hold image
+    pixels (`mask`, B x H x W over the whole batch) and, per teacher source (`Term.teacher`), the teachers'
+    logits on them (`train.teachers`); `live` comes from the step's own outputs when the teachers see what
+    the learners see."""
+
+    rows: int
+    mask: torch.Tensor
+    teachers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 class Pixels(NamedTuple):
-    """What every pixel term shares in a step: both students' logits at label resolution and their CE."""
+    """What every pixel term shares in a step: both students' logits at label resolution and their CE; the
+    unlabelled pixels and rows; each teacher source's logits on those rows at label resolution."""
 
     cnn: torch.Tensor
     vit: torch.Tensor
     ce_cnn: torch.Tensor
     ce_vit: torch.Tensor
+    unlabeled: torch.Tensor | None = None
+    rows: int = 0
+    teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @dataclass(frozen=True)
@@ -276,6 +345,9 @@ class Term:
     stats: tuple[str, ...] = ()  # what it logs besides its value
     selective: bool = False  # it chooses where knowledge flows, so `method.selection` applies to it
     check: Callable[[MethodConfig, Geometry], str | None] = lambda cfg, geometry: None  # why it cannot apply
+    # the teacher source whose logits on the unlabelled images it reads: live (the students), ema (their
+    # moving averages), offline (a finished run's students, frozen); None: it reads the step's outputs only
+    teacher: Callable[[MethodConfig], str | None] = lambda cfg: None
 
 
 class Geometry(NamedTuple):
@@ -318,6 +390,7 @@ def _region_bsd(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: 
         c.cwd_temperature,
         c.selection,
         obj.generator,
+        px.unlabeled,
     )
 
 
@@ -334,11 +407,31 @@ def _pixel_bsd(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: t
         c.pixel_norm,
         c.selection,
         obj.generator,
+        px.unlabeled,
     )
 
 
 def _dml(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, px: Pixels):
-    return dml_loss(px.cnn, px.vit, labels, obj.cfg.temperature), {}
+    return dml_loss(px.cnn, px.vit, labels, obj.cfg.temperature, px.unlabeled), {}
+
+
+def _pseudo(name: str, crossed: bool):
+    """A pseudo-label term: on the unlabelled rows each student learns the confident classes of its teacher
+    from the term's source, the peer's (`crossed`) or its own."""
+
+    def compute(obj: Objective, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, px: Pixels):
+        c, rows = obj.cfg, px.rows
+        if not rows:  # a fully labelled batch: nothing to teach (a zero in the graph)
+            return px.cnn[:0].sum() + px.vit[:0].sum(), {}
+        t_cnn, t_vit = px.teachers[TERMS[name].teacher(c)]
+        for_cnn, for_vit = (t_vit, t_cnn) if crossed else (t_cnn, t_vit)
+        valid = px.unlabeled[-rows:]
+        options = (c.pseudo_threshold, c.pseudo_balance, c.selection, obj.generator)
+        loss_c, kept_c = pseudo_label_loss(px.cnn[-rows:], for_cnn, valid, *options)
+        loss_v, kept_v = pseudo_label_loss(px.vit[-rows:], for_vit, valid, *options)
+        return loss_c + loss_v, {f"{name}_kept_cnn": kept_c, f"{name}_kept_vit": kept_v}
+
+    return compute
 
 
 def _teaching_only(
@@ -411,20 +504,59 @@ TERMS = {
         ),
         Term(
             "dml",
-            "deep mutual learning: symmetric KL to the peer on every labelled pixel",
+            "deep mutual learning: symmetric KL to the peer on every labelled and unlabelled pixel",
             "dml_weight",
             ("temperature",),
             _dml,
             lambda o, c: [o.logits],
         ),
+        Term(
+            "cross",
+            "cross teaching: on unlabelled images each student learns its peer's confident classes",
+            "pseudo_weight",
+            ("pseudo_threshold", "pseudo_balance", "cross_teacher", "ema_decay", "views", "selection"),
+            _pseudo("cross", crossed=True),
+            lambda o, c: [o.logits],
+            ("cross_kept_cnn", "cross_kept_vit"),
+            selective=True,
+            teacher=lambda c: c.cross_teacher,
+        ),
+        Term(
+            "self_training",
+            "self-training: on unlabelled images each student learns its own moving average's confident classes",
+            "pseudo_weight",
+            ("pseudo_threshold", "pseudo_balance", "ema_decay", "views", "selection"),
+            _pseudo("self_training", crossed=False),
+            lambda o, c: [o.logits],
+            ("self_training_kept_cnn", "self_training_kept_vit"),
+            selective=True,
+            teacher=lambda c: "ema",
+        ),
+        Term(
+            "offline",
+            "offline distillation: on unlabelled images each student learns the confident classes of a "
+            "finished run's other student, frozen",
+            "pseudo_weight",
+            ("pseudo_threshold", "pseudo_balance", "offline_run", "views", "selection"),
+            _pseudo("offline", crossed=True),
+            lambda o, c: [o.logits],
+            ("offline_kept_cnn", "offline_kept_vit"),
+            selective=True,
+            check=lambda c, g: None if c.offline_run else "method.offline_run: the offline term needs a finished run",
+            teacher=lambda c: "offline",
+        ),
     ]
 }
+# The method is `full`; the others are its ablations and the baselines a comparison needs (docs/method.md).
 PRESETS = {
     "independent": [],
     "dml": ["dml"],
     "hfd": ["hfd"],
     "bsd": ["region_bsd", "pixel_bsd"],
-    "full": ["hfd", "region_bsd", "pixel_bsd"],
+    "cross": ["cross"],
+    "full": ["hfd", "region_bsd", "pixel_bsd", "cross"],
+    "self": ["self_training"],
+    "offline": ["offline"],
 }
 
 
@@ -444,6 +576,12 @@ def method_terms(cfg: MethodConfig, geometry: Geometry | None = None) -> list[st
         selective = [t.name for t in TERMS.values() if t.selective]
         raise ConfigError(
             f"method.selection=random: the control randomises a selective term ({', '.join(selective)}), "
+            f"and this method trains none ({', '.join(terms) or 'CE only'})"
+        )
+    if cfg.views == "weak_strong" and not any(TERMS[t].teacher(cfg) for t in terms):
+        readers = [t.name for t in TERMS.values() if t.teacher(cfg)]
+        raise ConfigError(
+            f"method.views=weak_strong: only a term that reads a teacher's view ({', '.join(readers)}) uses it, "
             f"and this method trains none ({', '.join(terms) or 'CE only'})"
         )
     for t in terms if geometry is not None else ():
@@ -497,16 +635,26 @@ class Objective(nn.Module):
             factor *= 1 - done if c.hfd_decay == "linear" else 0.5 * (1 + math.cos(math.pi * done))
         return factor
 
+    @property
+    def teacher_sources(self) -> set[str]:
+        """The teacher sources whose logits on the unlabelled images the terms read (`Term.teacher`)."""
+        return {source for t in self.terms if (source := TERMS[t].teacher(self.cfg))}
+
     def forward(
-        self, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, progress: float
+        self,
+        cnn: StudentOutput,
+        vit: StudentOutput,
+        labels: torch.Tensor,
+        progress: float,
+        unlabeled: Unlabeled | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        losses, stats = self.unweighted(cnn, vit, labels)
+        losses, stats = self.unweighted(cnn, vit, labels, unlabeled)
         for name in self.terms:
             losses[name] = self.schedule(name, progress) * getattr(self.cfg, TERMS[name].weight) * losses[name]
         return losses, stats
 
     def unweighted(
-        self, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor
+        self, cnn: StudentOutput, vit: StudentOutput, labels: torch.Tensor, unlabeled: Unlabeled | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every term at weight 1: the tensor work of a step, with no per-step Python value in it, so that
         `compile_terms` compiles it once. Also logs `one_right`, the share of labelled pixels exactly one
@@ -514,6 +662,13 @@ class Objective(nn.Module):
         # Full-resolution logits and per-pixel CE once per step, shared by every pixel term.
         zc, zv = upsample_logits(cnn.logits, labels), upsample_logits(vit.logits, labels)
         px = Pixels(zc, zv, pixel_ce(zc, labels), pixel_ce(zv, labels))
+        if unlabeled is not None and unlabeled.rows:
+            rows, like = unlabeled.rows, labels[-unlabeled.rows :]
+            teachers = {
+                k: (upsample_logits(c, like), upsample_logits(v, like)) for k, (c, v) in unlabeled.teachers.items()
+            }
+            teachers.setdefault("live", (zc[-rows:].detach(), zv[-rows:].detach()))
+            px = px._replace(unlabeled=unlabeled.mask, rows=rows, teachers=teachers)
         losses = {"ce_cnn": cross_entropy(zc, labels, px.ce_cnn), "ce_vit": cross_entropy(zv, labels, px.ce_vit)}
         with torch.no_grad():
             valid = labels != IGNORE_INDEX

@@ -9,7 +9,7 @@ from torch import nn
 
 from train.checkpoint import load_weights
 from train.config import STUDENTS as STUDENT_CONFIGS
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, load_config, slot_config
 
 STUDENTS = tuple(STUDENT_CONFIGS)  # cnn, vit
 CONFIG_FILE = "config.yaml"
@@ -38,7 +38,7 @@ def load_student(run_dir: str | Path, student: str, cfg: Config | None = None) -
     from train.models import build_student  # timm: seconds to import, which a CLI's config error should not wait
 
     cfg = cfg or load_run_config(run_dir)
-    model = build_student(getattr(cfg, student), cfg.data.num_classes)
+    model = build_student(slot_config(cfg, student), cfg.data.num_classes)
     path = weights_file(Path(run_dir), student)
     state, _ = load_weights(path)
     try:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,10 +24,11 @@ from tqdm import tqdm
 
 from train import distributed
 from train.checkpoint import load_state, save_state, save_weights
-from train.config import Config, ConfigError, OptimizerConfig, save_config
-from train.data import DatasetError, SegmentationDataset, build_dataset
+from train.config import Config, ConfigError, OptimizerConfig, save_config, slot_config
+from train.data import IGNORE_INDEX, DatasetError, SegmentationDataset, build_dataset
+from train.data.unlabeled import LABELED_FILE, UnlabeledDataset, labeled_subset, unlabeled_images, write_labeled
 from train.evaluate import eval_loader, evaluate, format_table
-from train.losses import TERMS, Geometry, Objective, method_terms
+from train.losses import TERMS, Geometry, Objective, Unlabeled, method_terms
 from train.models import build_student, locate
 from train.run_dir import (
     CHECKPOINT_FILE,
@@ -37,6 +39,7 @@ from train.run_dir import (
     resolve_device,
     weights_file,
 )
+from train.teachers import Teachers
 
 log = logging.getLogger(__name__)
 # Progress-bar names of the direction shares: region (r) and pixel (p) BSD, ViT->CNN and CNN->ViT.
@@ -56,27 +59,44 @@ class ResumableSampler(torch.utils.data.Sampler):
     Epoch e is a permutation drawn from (seed, e); each sample's augmentation seed is
     (seed, e, position). So the data seen from iteration i on is the same whether training ran
     straight through or was killed and resumed, and it does not depend on the worker count.
-    With `world > 1`, rank r takes its slice of every global batch (distributed training).
+    With `world > 1`, rank r takes its slice of every global batch (distributed training). `stream` > 0
+    draws another stream from the same seed (the unlabelled images beside the labelled ones).
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_iter: int = 0, rank: int = 0, world: int = 1):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start_iter: int = 0, rank: int = 0, world: int = 1, stream: int = 0
+    ):
+        self.size, self.batch_size, self.seed, self.stream = size, batch_size, seed, stream
         self.start_iter, self.rank, self.world = start_iter, rank, world
         self.global_batch = batch_size * world
         self.per_epoch = size // self.global_batch * self.global_batch
         if self.per_epoch == 0:
-            raise DatasetError(f"the training split has {size} images, fewer than one batch of {self.global_batch}")
+            what = "unlabelled images" if stream else "the training split has"
+            raise DatasetError(f"{what} {size} images, fewer than one batch of {self.global_batch}")
 
-    def __iter__(self) -> Iterator[tuple[int, tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
         position = self.start_iter * self.global_batch
+        tail = (self.stream,) if self.stream else ()
         while True:
             epoch, offset = divmod(position, self.per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            order = np.random.default_rng([self.seed, epoch, *tail]).permutation(self.size)
             for start in range(offset, self.per_epoch, self.global_batch):
                 mine = start + self.rank * self.batch_size
                 for slot in range(mine, mine + self.batch_size):
-                    yield int(order[slot]), (self.seed, epoch, slot)
+                    yield int(order[slot]), (self.seed, epoch, slot, *tail)
             position = (epoch + 1) * self.per_epoch
+
+
+class Batch(NamedTuple):
+    """A training batch: the labelled images, then the learners' view of `rows` unlabelled ones (labels 255
+    there, `unlabeled` marking their image pixels, B x H x W); `weak`: the teachers' view of those, where
+    the learners see a strong one."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    unlabeled: torch.Tensor | None = None
+    weak: torch.Tensor | None = None
+    rows: int = 0
 
 
 def lr_factor(iteration: int, total: int, cfg: OptimizerConfig) -> float:
@@ -119,9 +139,9 @@ class Collaboration(nn.Module):
         super().__init__()
         self.students, self.objective = students, objective
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: float):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: float, unlabeled: Unlabeled | None):
         cnn, vit = self.students["cnn"](images), self.students["vit"](images)
-        losses, stats = self.objective(cnn, vit, labels, progress=progress)
+        losses, stats = self.objective(cnn, vit, labels, progress, unlabeled)
         return losses, stats, (cnn, vit)
 
 
@@ -150,13 +170,18 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         if self.dist.enabled and self.cuda:
             self.device = torch.device("cuda", self.dist.local_rank)
-        if cfg.data.batch_size % self.dist.world:
-            raise ConfigError(
-                f"data.batch_size={cfg.data.batch_size} (the global batch) "
-                f"does not split evenly over {self.dist.world} processes"
-            )
-        widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
-        method_terms(cfg.method, Geometry(tuple(cfg.data.crop_size), widths))  # fails before any data is read
+        self.slots = {name: slot_config(cfg, name) for name in STUDENTS}  # what each slot holds (method.pair)
+        self.unlabeled_batch = max(1, round(cfg.data.batch_size * cfg.data.unlabeled_ratio))
+        for field, size in (
+            ("batch_size", cfg.data.batch_size),
+            ("batch_size x unlabeled_ratio", self.unlabeled_batch),
+        ):
+            if size % self.dist.world:
+                raise ConfigError(
+                    f"data.{field}={size} (the global batch) does not split evenly over {self.dist.world} processes"
+                )
+        widths = (self.slots["cnn"].decoder_channels, self.slots["vit"].decoder_channels)
+        terms = method_terms(cfg.method, Geometry(tuple(cfg.data.crop_size), widths))  # fails before data is read
         torch.manual_seed(cfg.seed)
         if self.cuda:  # TF32 matmuls for fp32 (cuDNN's convolutions use TF32 by default already)
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -164,15 +189,13 @@ class Trainer:
 
         # Initial weights first (a hub download, a file check): a missing one fails before any data is read.
         # A resumed run takes every weight from its checkpoint.
-        init = {name: None if resume else locate(getattr(cfg, name), name) for name in STUDENTS}
+        init = {name: None if resume else locate(self.slots[name], name) for name in STUDENTS}
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
-        self._load_data()
+        self._load_data(resume, reads_unlabeled=bool(terms))
         self._describe(init, resume)
         self._build_models(init)
         self.optimizers = {
-            name: build_optimizer(
-                self.students[name], getattr(cfg, name).optimizer, self.objective.learner_modules(name)
-            )
+            name: build_optimizer(self.students[name], self.slots[name].optimizer, self.objective.learner_modules(name))
             for name in STUDENTS
         }
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -188,14 +211,26 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / CONFIG_FILE)
+            if cfg.data.labeled is not None:
+                write_labeled(self.split, self.labeled, cfg.data.root, self.run_dir)
 
-    def _load_data(self) -> None:
-        """The splits, the dataset's classes recorded in the config, and (data.verify) every mask read once."""
+    def _load_data(self, resume: bool, reads_unlabeled: bool) -> None:
+        """The splits, the dataset's classes recorded in the config, the labelled subset (a resumed run's own
+        record) and the unlabelled images where a term reads them, and (data.verify) every mask read once."""
         data = self.cfg.data
-        self.train_set = build_dataset(data, data.train_split, train=True)
+        self.split = build_dataset(data, data.train_split, train=True)
         self.eval_set = build_dataset(data, data.eval_split, train=False)
         self.test_set = build_dataset(data, data.test_split, train=False) if data.test_split else None
-        self._record_classes(self.train_set)
+        self._record_classes(self.split)
+        recorded = self.run_dir / LABELED_FILE if resume and data.labeled is not None else None
+        self.labeled = labeled_subset(self.split, data, recorded)
+        self.train_set = self.split.subset(self.labeled)
+        self.unlabeled_set = None
+        if reads_unlabeled and (pool := unlabeled_images(self.split, self.labeled, data)):
+            strong = self.cfg.method.views == "weak_strong"
+            self.unlabeled_set = UnlabeledDataset(pool, self.split.transform, strong, f"{data.root}:unlabeled")
+        elif data.unlabeled is not None or len(self.labeled) < len(self.split):
+            log.info("the method trains no distillation term: the unlabelled images are not read")
         if data.verify:
             splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
             log.info("checking every mask of %s", ", ".join(s.name for s in splits))
@@ -203,11 +238,21 @@ class Trainer:
                 split.verify()
 
     def _build_models(self, init: dict) -> None:
-        """Both students and the objective (with its training-only modules), on the device."""
-        cfg = self.cfg
-        students = nn.ModuleDict({n: build_student(getattr(cfg, n), cfg.data.num_classes, init[n]) for n in STUDENTS})
+        """Both students and the objective (with its training-only modules), on the device; the teachers of
+        the pseudo-label terms beside them."""
+        cfg, k = self.cfg, self.cfg.data.num_classes
+        # Each slot's own student first, from the stream every arm of a seed shares (the same initial weights);
+        # with method.pair, the partner of the named student then takes the other slot, from a stream of its own.
+        own = [n for n in STUDENTS if cfg.method.pair in ("mixed", n)]
+        students = nn.ModuleDict(
+            {n: build_student(getattr(cfg, n), k, init[n] if n in own else None) for n in STUDENTS}
+        )
+        for partner in (n for n in STUDENTS if n not in own):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 3)
+                students[partner] = build_student(self.slots[partner], k, init[partner])
         channels = {name: m.encoder.feature_info.channels() for name, m in students.items()}
-        widths = (cfg.cnn.decoder_channels, cfg.vit.decoder_channels)
+        widths = (self.slots["cnn"].decoder_channels, self.slots["vit"].decoder_channels)
         geometry = Geometry(tuple(cfg.data.crop_size), widths, channels["cnn"], channels["vit"])
         # The objective's own modules draw from a generator of their own, so every method arm of one seed
         # trains with the same random stream (dropout) as `independent`: paired comparisons stay paired.
@@ -224,6 +269,9 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)
         if self.cuda and cfg.compile_losses:
             self.objective.compile_terms()
+        with torch.random.fork_rng(devices=[]):  # an offline run's students are built: the stream stays paired
+            weak = cfg.method.views == "weak_strong"
+            self.teachers = Teachers(objective.teacher_sources, students, cfg.method, k, weak).to(self.device)
 
     def _record_classes(self, dataset: SegmentationDataset) -> None:
         data = self.cfg.data
@@ -242,17 +290,22 @@ class Trainer:
 
     # --- one training step -------------------------------------------------------------------
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, diagnose: bool = False) -> dict[str, torch.Tensor]:
+    def step(self, batch: Batch, diagnose: bool = False) -> dict[str, torch.Tensor]:
         """One optimisation step; returns detached scalar tensors (read them only when logging: on a
         GPU every `.item()` waits for the step to finish). `diagnose` adds each distillation term's
         gradient-norm ratio to CE (`Objective.grad_ratios`: extra backward passes, for log steps)."""
         for name, optimizer in self.optimizers.items():
-            factor = lr_factor(self.iteration, self.cfg.iterations, getattr(self.cfg, name).optimizer)
+            factor = lr_factor(self.iteration, self.cfg.iterations, self.slots[name].optimizer)
             for group in optimizer.param_groups:
-                group["lr"] = getattr(self.cfg, name).optimizer.lr * group["lr_mult"] * factor
+                group["lr"] = self.slots[name].optimizer.lr * group["lr_mult"] * factor
 
+        progress = self.iteration / self.cfg.iterations
         with self.autocast():
-            losses, stats, outputs = self.model(images, labels, progress=self.iteration / self.cfg.iterations)
+            unlabeled = None
+            if batch.rows:
+                seen = batch.weak if batch.weak is not None else batch.images[-batch.rows :]
+                unlabeled = Unlabeled(batch.rows, batch.unlabeled, self.teachers.predict(self.students, seen))
+            losses, stats, outputs = self.model(batch.images, batch.labels, progress, unlabeled)
         total = sum(losses.values())
         if diagnose and len(losses) > 2:
             stats = {**stats, **self.objective.grad_ratios(*outputs, losses)}
@@ -260,7 +313,7 @@ class Trainer:
         self.scaler.scale(total).backward()
         norms = {}
         for name, optimizer in self.optimizers.items():
-            clip = getattr(self.cfg, name).optimizer.grad_clip
+            clip = self.slots[name].optimizer.grad_clip
             if clip > 0:
                 self.scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
                 params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -269,21 +322,26 @@ class Trainer:
         self.scaler.update()
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
+        self.teachers.update(self.students)
         self.iteration += 1
         return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}, **stats, **norms}
 
     def _describe(self, init: dict, resume: bool) -> None:
         """What a long run is about to train on, before its first step."""
         cfg = self.cfg
-        splits = [s for s in (self.train_set, self.eval_set, self.test_set) if s is not None]
+        splits = [s for s in (self.split, self.eval_set, self.test_set) if s is not None]
         counts = ", ".join(f"{s.name.rsplit(':', 1)[-1]} {len(s)}" for s in splits)
+        if len(self.train_set) < len(self.split):
+            counts += f"; {len(self.train_set)} of the train split labelled"
+        if self.unlabeled_set is not None:
+            counts += f", {len(self.unlabeled_set)} unlabelled ({self.unlabeled_batch} a batch)"
         where = torch.cuda.get_device_name(self.device) if self.cuda else f"{torch.get_num_threads()} threads"
         precision = f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "fp32"
         log.info("device %s (%s), %s, torch %s", self.device, where, precision, torch.__version__)
         log.info("dataset %s (%s): %s images", cfg.data.root, cfg.data.format, counts)
         log.info("%d classes: %s", cfg.data.num_classes, ", ".join(cfg.data.class_names))
         for name in STUDENTS:
-            student = getattr(cfg, name)
+            student = self.slots[name]
             source = "from the checkpoint" if resume else f"encoder from {init[name]}" if init[name] else "random init"
             log.info("%s: %s on %s, %s", name, student.arch, student.backbone, source)
 
@@ -308,6 +366,40 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
+    def unlabeled_loader(self) -> torch.utils.data.DataLoader:
+        """The unlabelled images' own endless stream (sampler stream 1), resumable like the labelled one."""
+        per_rank = self.unlabeled_batch // self.dist.world
+        sampler = ResumableSampler(
+            len(self.unlabeled_set), per_rank, self.cfg.seed, self.iteration, self.dist.rank, self.dist.world, stream=1
+        )
+        d = self.cfg.data
+        return torch.utils.data.DataLoader(
+            self.unlabeled_set,
+            batch_size=per_rank,
+            sampler=sampler,
+            num_workers=d.num_workers,
+            pin_memory=self.cuda,
+            drop_last=True,
+            persistent_workers=d.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def batch(self, labeled: tuple[torch.Tensor, torch.Tensor], unlabeled: tuple | None) -> Batch:
+        """One batch on the device: the labelled images, then the learners' view of the unlabelled ones."""
+        device, channels_last = self.device, self.cuda and self.cfg.channels_last
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        layout = lambda x: x.contiguous(memory_format=torch.channels_last) if channels_last else x  # noqa: E731
+        images, labels = move(labeled[0]), move(labeled[1])
+        if unlabeled is None:
+            return Batch(layout(images), labels)
+        *views, pixels = (move(t) for t in unlabeled)
+        weak, strong = (views[0], views[1]) if len(views) == 2 else (None, views[0])
+        rows = strong.shape[0]
+        images = torch.cat([images, strong])
+        mask = torch.cat([torch.zeros_like(labels, dtype=torch.bool), pixels])
+        labels = torch.cat([labels, torch.full_like(labels[:1].expand(rows, -1, -1), IGNORE_INDEX)])
+        return Batch(layout(images), labels, mask, None if weak is None else layout(weak), rows)
+
     def fit(self) -> dict:
         writer = (
             SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration or None)
@@ -324,18 +416,16 @@ class Trainer:
     def _train(self, writer: SummaryWriter | None) -> None:
         cfg, main = self.cfg, self.dist.is_main
         batches = iter(self.train_loader())
+        unlabeled = iter(self.unlabeled_loader()) if self.unlabeled_set is not None else None
         show_bar = main and sys.stderr.isatty()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not show_bar, dynamic_ncols=True)
         started, start_iter = time.perf_counter(), self.iteration
         self.model.train()
         while self.iteration < cfg.iterations:
-            images, labels = next(batches)
-            images = images.to(self.device, non_blocking=True)
-            if self.cuda and cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            batch = self.batch(next(batches), next(unlabeled) if unlabeled is not None else None)
             it = self.iteration + 1
             diagnose = main and it % cfg.log_interval == 0
-            logs = self.step(images, labels.to(self.device, non_blocking=True), diagnose)
+            logs = self.step(batch, diagnose)
             bar.update(1)
             log_now = it % cfg.log_interval == 0 or it == cfg.iterations
             if log_now or it % cfg.checkpoint_interval == 0:  # before a checkpoint could keep NaN weights
@@ -419,7 +509,7 @@ class Trainer:
         summary = "  ".join(f"{m} {100 * r['miou']:.2f}" for m, r in results.items())
         log.info("it %d  val mIoU  %s", self.iteration, summary)
         for name in improved:
-            info = {"student": name, "arch": getattr(self.cfg, name).arch, **self.best[name]}
+            info = {"student": name, "arch": self.slots[name].arch, **self.best[name]}
             save_weights(self.students[name], weights_file(self.run_dir, name), info)
         return results
 
@@ -462,6 +552,7 @@ class Trainer:
             "best": self.best,
             "students": {name: m.state_dict() for name, m in self.students.items()},
             "objective": self.objective.state_dict(),
+            "teachers": self.teachers.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "selection": self.objective.generator.get_state()},
@@ -477,6 +568,7 @@ class Trainer:
             raise FileNotFoundError(f"nothing to resume: no checkpoint at {path}")
         state = load_state(path)
         self.objective.load_state_dict(state["objective"])
+        self.teachers.load_state_dict(state.get("teachers", {}))
         for name in STUDENTS:
             self.students[name].load_state_dict(state["students"][name])
             self.optimizers[name].load_state_dict(state["optimizers"][name])

@@ -6,6 +6,9 @@ python -m train.data.check --config configs/cityscapes.yaml [key.sub=value ...]
 Prints image and mask counts per split, each class's share of the labelled pixels (and in how many
 images it appears), classes no split has a pixel of, and every problem, naming the file: unreadable
 or truncated files, images without masks, image/mask size mismatches, label values outside the classes.
+With `data.labeled` and `data.unlabeled` (few labels, many images), also how many of the train split's
+images keep their masks and the unlabelled folder: its images, their sizes, and files that are masks,
+unreadable or smaller than the crop.
 Exit status 1 when there is a problem that would stop training, 2 when the config or layout is wrong.
 """
 
@@ -22,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from train.config import ConfigError, DataConfig, load_config
-from train.data import LAYOUTS
+from train.data import LAYOUTS, build_dataset
 from train.data.dataset import IGNORE_INDEX, DatasetError, Sample, read_image, read_mask, size_mismatch
+from train.data.unlabeled import folder_images, image_problem, labeled_subset
 
 
 @dataclass
@@ -73,6 +77,24 @@ def check_split(cfg: DataConfig, split: str, workers: int) -> tuple[SplitReport,
     return report, classes.names
 
 
+def check_unlabeled(cfg: DataConfig, workers: int) -> tuple[list[str], list[str]]:
+    """The few-labels lines of the report (the labelled subset, the unlabelled folder) and the folder's
+    problems, every file decoded."""
+    lines = []
+    if cfg.labeled is not None:
+        split = build_dataset(cfg, cfg.train_split, train=False)
+        kept = len(labeled_subset(split, cfg))
+        lines.append(f"{cfg.train_split}: {kept} of {len(split)} images keep their masks (data.labeled={cfg.labeled})")
+    if cfg.unlabeled is None:
+        return lines, []
+    folder = Path(cfg.root) / cfg.unlabeled
+    images = folder_images(folder)
+    with ThreadPoolExecutor(workers) as pool:
+        problems = [p for p in pool.map(lambda f: image_problem(f, cfg, decode=True), images) if p]
+    lines.append(f"unlabelled: {len(images)} images in {folder} (data.unlabeled), {len(problems)} problems")
+    return lines, problems
+
+
 def format_report(cfg: DataConfig, reports: list[SplitReport], names: list[str]) -> str:
     lines = [f"{cfg.root} ({cfg.format}), {len(names)} classes", "", "| split | images | masks | problems |"]
     lines.append("|---|---:|---:|---:|")
@@ -110,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         for split in splits:
             report, names = check_split(cfg, split, max(1, args.workers))
             reports.append(report)
+        cfg.num_classes = len(names)  # what a mask in the unlabelled folder is told apart by
+        few_labels, unlabeled_problems = check_unlabeled(cfg, max(1, args.workers))
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(cfg, reports, names))
-    problems = [p for r in reports for p in r.problems]
+    if few_labels:
+        print("\n" + "\n".join(few_labels))
+    problems = [p for r in reports for p in r.problems] + unlabeled_problems
     if problems:
         print(f"\n{len(problems)} problems that would stop training:", file=sys.stderr)
         for p in problems:

@@ -6,6 +6,7 @@ mapping and validation live here, so every layout fails the same clear way.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ def read_split_file(path: Path) -> list[str]:
     return ids
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     try:
         return Image.open(path)
     except (OSError, UnidentifiedImageError) as e:
@@ -70,7 +71,7 @@ def size_mismatch(mask: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int
 def read_image(path: Path) -> np.ndarray:
     """HxWx3 uint8 RGB."""
     try:
-        with _open(path) as img:
+        with open_image(path) as img:
             return np.asarray(img.convert("RGB"))
     except OSError as e:  # truncated or corrupt data surfaces only on decode
         raise DatasetError(f"cannot read {path}: {e}") from None
@@ -80,7 +81,7 @@ def read_mask(path: Path, label_map: np.ndarray | None, num_classes: int) -> np.
     """HxW uint8 class indices (255 = ignore) from a single-channel mask, mapped through the layout's
     `label_map`; values outside 0..num_classes-1 fail, naming the file."""
     try:
-        with _open(path) as m:
+        with open_image(path) as m:
             if m.mode not in ("L", "P"):
                 raise DatasetError(f"mask must be single-channel 8-bit (mode L or P), got {m.mode}: {path}")
             mask = np.asarray(m)
@@ -126,12 +127,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"image not found: {s.image}")
             if not s.mask.is_file():
                 raise DatasetError(f"image without mask: {s.image} (expected {s.mask})")
-            with _open(s.image) as img, _open(s.mask) as mask:
+            with open_image(s.image) as img, open_image(s.mask) as mask:
                 if img.size != mask.size:
                     raise DatasetError(size_mismatch(s.mask, mask.size, img.size))
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices: list[int]) -> SegmentationDataset:
+        """The same dataset over some of its samples (checked already)."""
+        other = copy.copy(self)
+        other.samples = [self.samples[i] for i in indices]
+        return other
 
     def read_mask(self, index: int) -> np.ndarray:
         """HxW uint8 class indices (255 = ignore), validated against the class table."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 from train.data.dataset import IGNORE_INDEX
 
@@ -61,6 +61,24 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def strong_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A learner's strong view of an unlabelled crop, in colour only so that its pixels stay aligned with the
+    teacher's weak view (FixMatch / UniMatch's recipe): colour jitter (p 0.8: brightness, contrast and
+    saturation x0.5-1.5, hue +-0.25 turn), greyscale (p 0.2), Gaussian blur (p 0.5, sigma 0.1-2 px)."""
+    img = Image.fromarray(image)
+    if rng.random() < 0.8:
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            img = enhance(img).enhance(rng.uniform(0.5, 1.5))
+        hsv = np.asarray(img.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.uniform(-0.25, 0.25) * 256)) % 256
+        img = Image.fromarray(hsv, "HSV").convert("RGB")
+    if rng.random() < 0.2:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.1, 2.0)))
+    return np.asarray(img)
+
+
 class TrainTransform:
     """Random scale, random crop (padding the mask with ignore), horizontal flip, optional photometric
     distortion, ImageNet normalisation: mmseg's training pipeline.
@@ -95,6 +113,10 @@ class TrainTransform:
         return top, left
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        return to_tensors(*self.crop(image, mask, rng))
+
+    def crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The augmented uint8 image and its mask, before normalisation."""
         scale = rng.uniform(*self.scale_range)
         h, w = mask.shape
         if self.base_size is not None:
@@ -115,7 +137,7 @@ class TrainTransform:
             image, mask = image[:, ::-1], mask[:, ::-1]
         if self.photometric:
             image = photometric_distortion(image, rng)
-        return to_tensors(image, mask)
+        return image, mask
 
 
 class EvalTransform:
