@@ -4,8 +4,11 @@ python -m benchmarks.ablation [--config configs/synthetic.yaml] [--out runs/abla
     [--arms independent dml full] [--arm NAME "key=value ..."] [--seeds 0 1 2] [--jobs 2]
     [--baselines independent dml] [--group NAME CLASS ...] [--report-only] [overrides]
 
-An arm is a method preset (`independent dml hfd bsd full`), one term alone (`region_bsd pixel_bsd`),
-or a named set of overrides (`--arm gentle "method.preset=full method.pixel_weight=0.3"`). Every arm
+An arm is a method preset (`independent dml hfd bsd full ...`), one term alone (`region_bsd pixel_bsd`),
+or a named set of overrides (`--arm gentle "method.preset=full method.pixel_weight=0.3"`), in which `{seed}`
+and `{out}` stand for the run's seed and the ablation's folder: `--arm offline "method.preset=offline
+method.offline_run={out}/supervised/seed{seed}"` distils from the `supervised` arm's run of the same seed,
+and waits for it to finish. Every arm
 trains once per seed in `<out>/<arm>/seed<k>`; within a seed every arm starts from the same student
 initialisation and sees the same batches in the same order (both follow the seed alone). A killed
 ablation resumes where it stopped; finished runs are not trained again. `--report-only` tabulates the
@@ -40,7 +43,7 @@ import yaml
 
 from benchmarks.hardware import cpu_model
 from serve.decide import ci95
-from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config
+from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, slot_config
 from train.data import LAYOUTS
 from train.data.synthetic import STAMP
 from train.losses import PRESETS, TERMS, Geometry, method_terms
@@ -142,8 +145,23 @@ def command(config: Path, run_dir: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "train", *args]
 
 
+def waits_for(overrides: list[str]) -> Path | None:
+    """The run a run needs finished before it starts (its `method.offline_run`), or None."""
+    runs = [o.partition("=")[2] for o in overrides if o.startswith("method.offline_run=")]
+    return Path(runs[-1]) if runs and runs[-1] not in ("", "null") else None
+
+
+def startable(todo: list[tuple[Path, list[str]]]) -> int | None:
+    """The first run of `todo` whose offline run (if any) has finished."""
+    for i, (_, overrides) in enumerate(todo):
+        if (needed := waits_for(overrides)) is None or (needed / METRICS_FILE).is_file():
+            return i
+    return None
+
+
 def train_all(runs: list[tuple[Path, list[str]]], config: Path, jobs: int) -> list[Path]:
-    """Train the runs not finished yet, `jobs` at a time; returns the run dirs that failed."""
+    """Train the runs not finished yet, `jobs` at a time, a run that distils from another once that one has
+    finished; returns the run dirs that failed (or could not start)."""
     todo = [(d, o) for d, o in runs if not (d / METRICS_FILE).is_file()]
     threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -151,8 +169,8 @@ def train_all(runs: list[tuple[Path, list[str]]], config: Path, jobs: int) -> li
     failed = []
     print(f"{len(runs) - len(todo)} of {len(runs)} runs done before; {len(todo)} to train, {jobs} at a time")
     while todo or running:
-        while todo and len(running) < jobs:
-            run_dir, overrides = todo.pop(0)
+        while todo and len(running) < jobs and (i := startable(todo)) is not None:
+            run_dir, overrides = todo.pop(i)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             with open(run_dir.with_suffix(".log"), "a") as log:
                 proc = subprocess.Popen(command(config, run_dir, overrides), stdout=log, stderr=log, env=env)
@@ -169,6 +187,11 @@ def train_all(runs: list[tuple[Path, list[str]]], config: Path, jobs: int) -> li
                 print(f"[{name}] failed (exit {proc.returncode}) after {took}", flush=True)
             else:
                 print(f"[{name}] done in {took}", flush=True)
+        if todo and not running and startable(todo) is None:  # what they wait for failed
+            for run_dir, overrides in todo:
+                print(f"[{run_dir.parent.name}/{run_dir.name}] not started: {waits_for(overrides)} did not finish")
+                failed.append(run_dir)
+            todo = []
     return failed
 
 
@@ -191,7 +214,7 @@ def read_run(run_dir: Path, iterations: int) -> dict:
     terms = {}
     for tag in tb:
         key = tag.removeprefix("train/")
-        logged = key.split("_")[0] in ("ratio", "region", "pixel", "one", *TERMS)
+        logged = key.startswith(("ratio_", "region_", "pixel_", "one_", *TERMS))
         if tag.startswith("train/") and logged and late(tag):
             terms[key] = statistics.fmean(late(tag))
     test = metrics.get("test")
@@ -272,7 +295,10 @@ def term_rows(results: dict) -> list[list[str]]:
         one_right = f"{mean['one_right']:.3f}" if "one_right" in mean else "-"
         for term in (t for t in TERMS if t in mean):
             kind = term.split("_")[0]
-            keys = [f"ratio_{term}_cnn", f"ratio_{term}_vit", f"{kind}_vit_to_cnn", f"{kind}_cnn_to_vit"]
+            shares = [f"{kind}_vit_to_cnn", f"{kind}_cnn_to_vit"]
+            if f"{term}_kept_cnn" in mean:  # a pseudo-label term: the shares of unlabelled pixels each is taught
+                shares = [f"{term}_kept_cnn", f"{term}_kept_vit"]
+            keys = [f"ratio_{term}_cnn", f"ratio_{term}_vit", *shares]
             cells = (f"{mean[k]:.2f}" if k in mean else "-" for k in keys)
             rows.append([arm, term, f"{mean[term]:.4f}", *cells, one_right])
     return rows
@@ -283,6 +309,12 @@ def machine(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__} (host CPU {cpu_model()})"
     return cpu_model()
+
+
+def pair_of(arm: str, custom: dict[str, list[str]]) -> str:
+    """The arm's `method.pair` (`mixed`: a CNN and a ViT)."""
+    pairs = [o.partition("=")[2] for o in arm_overrides(arm, custom) if o.startswith("method.pair=")]
+    return pairs[-1] if pairs else "mixed"
 
 
 def header(results: dict, args, cfg, data: dict | None) -> list[str]:
@@ -304,6 +336,11 @@ def header(results: dict, args, cfg, data: dict | None) -> list[str]:
         if not args.report_only
         else f"- Tabulated with --report-only on {datetime.date.today()}: each run's log says where it trained",
         f"- Arms: {arms}",
+        *[
+            f"- `{a}` trains two {pair.upper()}s (method.pair={pair}): its other column is the second {pair.upper()}"
+            for a in results
+            if (pair := pair_of(a, args.custom)) != "mixed"
+        ],
         "",
     ]
 
@@ -412,10 +449,11 @@ def report(results: dict, args, cfg, names: list[str], data: dict | None, left_o
             "",
             "Value: the weighted term in the loss. Ratio: its gradient norm over CE's at the tensor it acts on",
             "(HFD: the distilled encoder stages; region BSD: the decoder feature; pixel BSD, DML: the logits).",
-            "Shares: of the labelled regions / pixels where the ViT teaches the CNN (v→c) and the CNN the ViT (c→v).",
+            "Shares: of the regions / pixels where the ViT teaches the CNN (→CNN) and the CNN the ViT (→ViT); for a "
+            "pseudo-label term, of the unlabelled pixels each student is taught.",
             "One right: the share of labelled training pixels exactly one student gets right.",
             "",
-            *table(["arm", "term", "value", "ratio CNN", "ratio ViT", "v→c", "c→v", "one right"], terms),
+            *table(["arm", "term", "value", "ratio CNN", "ratio ViT", "→CNN", "→ViT", "one right"], terms),
         ]
     return "\n".join(lines)
 
@@ -484,14 +522,21 @@ def parser() -> argparse.ArgumentParser:
 def planned_runs(args, arms: list[str]) -> list[tuple[Path, list[str]]]:
     """(run dir, overrides) of every arm and seed, seed by seed (paired runs finish together); each arm's
     method options are checked before any run trains."""
+
+    def filled(override: str, seed: int) -> str:
+        return override.replace("{seed}", str(seed)).replace("{out}", str(args.out))
+
     runs = [
-        (args.out / arm / f"seed{seed}", [*args.overrides, *arm_overrides(arm, args.custom), f"seed={seed}"])
+        (
+            args.out / arm / f"seed{seed}",
+            [*args.overrides, *(filled(o, seed) for o in arm_overrides(arm, args.custom)), f"seed={seed}"],
+        )
         for seed in args.seeds
         for arm in arms
     ]
     for run_dir, overrides in runs:
         arm_cfg = load_config(args.config, overrides)
-        widths = (arm_cfg.cnn.decoder_channels, arm_cfg.vit.decoder_channels)
+        widths = tuple(slot_config(arm_cfg, slot).decoder_channels for slot in ("cnn", "vit"))
         try:
             method_terms(arm_cfg.method, Geometry(tuple(arm_cfg.data.crop_size), widths))
         except ConfigError as e:

@@ -328,7 +328,7 @@ class Pixels(NamedTuple):
     ce_vit: torch.Tensor
     unlabeled: torch.Tensor | None = None
     rows: int = 0
-    teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    teachers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,23 @@ def test_unknown_arm_fails_before_training(tmp_path, capsys):
         main(["--out", str(tmp_path), "--arms", "dml", "--group", "shapes"])
     assert "--group shapes: a new name, then the group's classes" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_few_labels_baselines_run_as_arms_offline_after_the_run_it_distils_from(synthetic_root, tmp_path):
+    """`{out}` and `{seed}` name the supervised run of the same seed; two runs at a time, the offline arm still
+    starts only when that run has finished. The `same` arm's report says what its other column holds."""
+    out = tmp_path / "few"
+    args = ["--out", str(out), "--seeds", "0", "--jobs", "2", *tiny_run_args(synthetic_root, iterations=4)]
+    args += ["data.labeled=6", "method.start=0", "method.warmup=0", "method.pseudo_threshold=0"]
+    args += ["--arm", "supervised", "method.preset=independent"]
+    args += ["--arm", "offline", "method.preset=offline method.offline_run={out}/supervised/seed{seed}"]
+    args += ["--arm", "same_cnn", "method.preset=cross method.pair=cnn"]
+    assert main(args) == 0
+    assert f"offline_run: {out}/supervised/seed0" in (out / "offline" / "seed0" / "config.yaml").read_text()
+    supervised_done = (out / "supervised" / "seed0" / "metrics.json").stat().st_mtime
+    offline_began = (out / "offline" / "seed0" / "request.json").stat().st_mtime  # claimed before training
+    assert offline_began <= supervised_done <= (out / "offline" / "seed0" / "tensorboard").stat().st_mtime
+    text = (out / "table.md").read_text()
+    assert "`same_cnn` trains two CNNs (method.pair=cnn): its other column is the second CNN" in text
+    terms = rows_of(text, "## Distillation terms")
+    assert terms["offline"][0] == "offline" and float(terms["offline"][4]) > 0  # unlabelled pixels taught

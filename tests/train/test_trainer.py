@@ -66,8 +66,7 @@ def test_grad_clip_bounds_one_students_step(synthetic_root, tmp_path):
     overrides += [f"{s}.{o}" for s in ("cnn",) for o in sgd] + ["cnn.optimizer.grad_clip=1e-3"]
     trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", overrides), tmp_path / "run")
     before = {k: v.detach().clone() for k, v in trainer.students.named_parameters()}
-    images, labels = next(iter(trainer.train_loader()))
-    logs = trainer.step(images, labels)
+    logs = trainer.step(trainer.batch(next(iter(trainer.train_loader())), None))
 
     assert logs["grad_norm_cnn"] > 1e-3 and "grad_norm_vit" not in logs  # clipped; the ViT is not
     after = {k: v.detach() for k, v in trainer.students.named_parameters()}
@@ -84,8 +83,8 @@ def test_region_bsd_needs_decoder_features_of_one_width_or_adapters(synthetic_ro
     with pytest.raises(ConfigError, match=r"cnn.decoder_channels \(32\) must equal .* method.region_adapter=true"):
         Trainer(load_config(REPO / "configs/synthetic.yaml", plain), tmp_path / "a")
     trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", [*widths, "method.preset=hfd"]), tmp_path / "b")
-    images, labels = next(iter(trainer.train_loader()))
-    assert torch.isfinite(trainer.step(images, labels)["hfd"])  # only region-wise BSD compares decoder features
+    batch = trainer.batch(next(iter(trainer.train_loader())), None)
+    assert torch.isfinite(trainer.step(batch)["hfd"])  # only region-wise BSD compares decoder features
 
     adapted = [*widths, "method.preset=full", "method.region_adapter=true", "method.start=0", "method.warmup=0"]
     trainer = Trainer(load_config(REPO / "configs/synthetic.yaml", adapted), tmp_path / "c")
@@ -93,7 +92,7 @@ def test_region_bsd_needs_decoder_features_of_one_width_or_adapters(synthetic_ro
     in_cnn_optimizer = any(p is adapter for g in trainer.optimizers["cnn"].param_groups for p in g["params"])
     assert adapter.shape == (48, 32, 1, 1) and in_cnn_optimizer  # the learner's optimizer trains its adapter
     before = adapter.detach().clone()
-    logs = trainer.step(images, labels, diagnose=True)
+    logs = trainer.step(batch, diagnose=True)
     assert torch.isfinite(logs["region_bsd"]) and not torch.equal(adapter, before)
     assert {"ratio_region_bsd_cnn", "ratio_hfd_vit", "ratio_pixel_bsd_cnn"} <= set(logs)
 
