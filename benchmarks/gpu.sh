@@ -19,6 +19,9 @@
 #   complementary  the method's pending runs on the complementary set (benchmarks/results/
 #          ablation-complementary.md): the reporting seeds of section 5, then section 6's tuning round, every
 #          run of each at once; reports and runs (no weights) in OUT_DIR
+#   few-labels  the few-labels protocol (benchmarks/results/ablation-few-labels.md) at FEW_LABELS_N labelled
+#          images (default 100): the gate (supervised and independent, tuning seeds 0-2), then, where it passes,
+#          the registered tuning round (every family's candidates, seeds 0-2), every run of each at once
 #
 #   bash benchmarks/gpu.sh OUT_DIR [phase ...]   (python: $PYTHON or python3)
 #   Default phases, in order of what they are worth: ort (the torch-free GPU engine against eager PyTorch),
@@ -32,7 +35,7 @@
 # GPU_SH_DRY=1 prints the steps instead of running them, each as if it used its whole limit
 # (tests/benchmarks/test_gpu_sh.py).
 set -u
-OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [ort] [compiled] [ort-engines] [bench] [bisect] [ablation]}
+OUT_DIR=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [speed] [train] [check] [ort] [compiled] [ort-engines] [bench] [bisect] [ablation] [complementary] [few-labels]}
 shift
 PHASES=${*:-ort compiled bisect ort-engines bench check}
 PY=${PYTHON:-python3}
@@ -104,6 +107,38 @@ bring_back() {  # bring_back RUNS DEST NAME: the report into DEST, the runs (no 
     [ -n "${GPU_SH_DRY:-}" ] && return 0
     mkdir -p "$2" && cp "$1"/table.md "$1"/results.json "$1"/curves.png "$2/" 2>/dev/null
     tar czf "$OUT_DIR/$3-runs.tar.gz" --exclude='*.safetensors' --exclude=checkpoint "$1"
+}
+
+few_labels() {  # benchmarks/results/ablation-few-labels.md: the gate, then the tuning round where it passes
+    local n=${FEW_LABELS_N:-100} common=(--config configs/synthetic-complementary.yaml --seeds 0 1 2 --purpose tuning
+        --group cue cue_warm cue_cool --group shapes disc triangle square)
+    [ -n "${GPU_SH_DRY:-}" ] || [ -f data/complementary/classes.json ] || \
+        step data-complementary 60 $PY -m train.data.complementary --out data/complementary --jobs "$(nproc)"
+    step few-labels-gate 240 $PY -m benchmarks.ablation "${common[@]}" --out runs/few-labels-gate --jobs 6 \
+        --arms independent --arm "supervised_$n" "data.labeled=$n"
+    local runs=runs/few-labels-gate
+    step few-labels-gate-check 30 $PY -m benchmarks.gate --runs $runs/supervised_$n/seed{0,1,2} \
+        --full-runs $runs/independent/seed{0,1,2} --cnn-classes cue_warm cue_cool --vit-classes disc triangle square \
+        --out "$OUT_DIR/few-labels-gate.md"
+    bring_back runs/few-labels-gate "$OUT_DIR/few-labels-gate" few-labels-gate
+    if [ -z "${GPU_SH_DRY:-}" ] && ! grep -q "Gate: \*\*passed" "$OUT_DIR/few-labels-gate.md" 2>/dev/null; then
+        echo "== few-labels: the gate did not pass at $n labels: no tuning (FEW_LABELS_N=200 tries the next count)"
+        return 0
+    fi
+    local off="method.offline_run={out}/supervised/seed{seed}" balanced="method.pseudo_balance=class method.views=weak_strong"
+    local arms=(  # ablation-few-labels.md, "Tuning": two candidates a family
+        --arm supervised "method.preset=independent"
+        --arm full_a "method.preset=full" --arm full_b "method.preset=full $balanced"
+        --arm self_a "method.preset=self" --arm self_b "method.preset=self $balanced"
+        --arm offline_a "method.preset=offline $off" --arm offline_b "method.preset=offline $off $balanced"
+        --arm same_cnn_a "method.preset=full method.pair=cnn" --arm same_vit_a "method.preset=full method.pair=vit"
+        --arm same_cnn_b "method.preset=full method.pair=cnn $balanced"
+        --arm same_vit_b "method.preset=full method.pair=vit $balanced"
+        --arm random_a "method.preset=full method.selection=random"
+        --arm random_b "method.preset=full method.selection=random $balanced")
+    step few-labels-tuning 480 $PY -m benchmarks.ablation "${common[@]}" --out runs/few-labels --jobs 39 \
+        "data.labeled=$n" "${arms[@]}" --baselines supervised
+    bring_back runs/few-labels "$OUT_DIR/few-labels" few-labels
 }
 
 complementary() {  # benchmarks/results/ablation-complementary.md: section 5's reporting runs, then section 6's round
@@ -189,6 +224,9 @@ for phase in $PHASES; do
     complementary)  # not in the default phases: the method's pending runs on its own set, every run at once
         complementary
         ;;
-    *) echo "unknown phase '$phase' (speed, train, check, ort, compiled, ort-engines, bench, bisect, ablation, complementary)" >&2; exit 2 ;;
+    few-labels)  # not in the default phases: the few-labels gate and tuning, every run of each at once
+        few_labels
+        ;;
+    *) echo "unknown phase '$phase' (speed, train, check, ort, compiled, ort-engines, bench, bisect, ablation, complementary, few-labels)" >&2; exit 2 ;;
     esac
 done

@@ -123,3 +123,24 @@ def test_the_ort_cuda_options_script_writes_each_row_as_it_measures_it(trained_r
     assert all(r["status"] == "ok" for r in rows[1:]) and rows[1]["agreement"] >= 0.999
     assert rows[2]["casts"] <= rows[3]["casts"]
     assert "| cnn | ort.cpu.fp16 | default |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_few_labels_phase_runs_the_gate_then_the_registered_tuning_round(tmp_path):
+    steps = plan(tmp_path, seconds=900, phases=["few-labels"])
+    assert [s.split()[1] for s in steps] == ["few-labels-gate", "few-labels-gate-check", "few-labels-tuning"]
+    gate, check, tuning = steps
+    assert "--arms independent --arm supervised_100 data.labeled=100" in gate and "--seeds 0 1 2" in gate
+    assert "--full-runs runs/few-labels-gate/independent/seed0" in check
+    assert "--cnn-classes cue_warm cue_cool --vit-classes disc triangle square" in check
+    assert "--purpose tuning" in tuning and "data.labeled=100" in tuning and "--baselines supervised" in tuning
+    arms = dict(re.findall(r"--arm (\w+) (.*?)(?= --arm| --baselines)", tuning))
+    registered = (REPO / "benchmarks/results/ablation-few-labels.md").read_text().split("## Tuning")[1]
+    table = dict(re.findall(r"\| `(\w+)` \| `([^`]+)` \|", registered.replace(" balanced", " BALANCED")))
+    balanced = "method.pseudo_balance=class method.views=weak_strong"
+    single = {a: o.replace(balanced, "BALANCED") for a, o in arms.items() if not a.startswith(("same_", "random_"))}
+    assert single == table
+    for c in "ab":  # the same-architecture pairs and the controls are the method's candidates
+        full = arms[f"full_{c}"].split()
+        assert arms[f"random_{c}"].split() == [full[0], "method.selection=random", *full[1:]]
+        for pair in ("cnn", "vit"):
+            assert arms[f"same_{pair}_{c}"].split() == [full[0], f"method.pair={pair}", *full[1:]]
