@@ -28,7 +28,8 @@ from PIL import Image
 
 from benchmarks.bench import TorchRunner, time_it
 from export import graphs, precision
-from serve.runtime import OnnxRuntimeEngine, cuda_provider_options, import_onnxruntime
+from serve.backends import import_onnxruntime
+from serve.runtime import OnnxRuntimeEngine, cuda_provider_options
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.run_dir import load_run_config, load_student

@@ -1,4 +1,4 @@
-"""The backend table: one row per way of running an engine, and one probe and one opener per runtime.
+"""The backend table: one row per way of running an engine, and the probes of what this host can run.
 
 A backend is a runtime on a device at a precision (`ort.cpu.fp32`, `ov.int8`, `trt.fp16`): the name users
 type (`serve.predict --backend`, the app, the Triton host) and the bench times. It opens one engine file of
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from functools import cache
+from importlib import metadata
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,34 @@ ORT_PROVIDERS = {
 }
 
 
+ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu")  # both install the one `onnxruntime` module
+
+
+def installed_onnxruntime_wheels() -> list[str]:
+    found = []
+    for wheel in ORT_WHEELS:
+        try:
+            metadata.version(wheel)
+            found.append(wheel)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def import_onnxruntime():
+    """The `onnxruntime` module, refusing an environment where both wheels overwrite each other
+    (the result is a CPU-only or broken module, whichever was installed last)."""
+    wheels = installed_onnxruntime_wheels()
+    if len(wheels) > 1:
+        raise RuntimeError(
+            "both onnxruntime and onnxruntime-gpu are installed and overwrite the same module; keep one: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (GPU) or onnxruntime (CPU)"
+        )
+    import onnxruntime
+
+    return onnxruntime
+
+
 def runtime_problem(runtime: str) -> str | None:
     """Why `runtime` cannot run on this host (None: it can): the one availability probe per runtime."""
     spec = RUNTIMES[runtime]
@@ -81,8 +110,6 @@ def runtime_problem(runtime: str) -> str | None:
 
 @cache
 def _ort_providers() -> tuple[str, ...]:
-    from serve.runtime import import_onnxruntime
-
     return tuple(import_onnxruntime().get_available_providers())
 
 

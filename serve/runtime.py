@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from serve.backends import BACKENDS, ORT_PROVIDERS, RUNTIMES, Backend, backend_named
+from serve.backends import BACKENDS, ORT_PROVIDERS, RUNTIMES, Backend, backend_named, import_onnxruntime
 from serve.manifest import (
     METADATA_KEY,
     PRECISION,
@@ -31,8 +30,6 @@ from serve.manifest import (
     read_manifest,
 )
 
-ORT_WHEELS = ("onnxruntime", "onnxruntime-gpu")
-
 log = logging.getLogger(__name__)
 
 
@@ -41,31 +38,6 @@ class Engine(Protocol):
     entry: EngineEntry | None
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-def installed_onnxruntime_wheels() -> list[str]:
-    found = []
-    for wheel in ORT_WHEELS:
-        try:
-            metadata.version(wheel)
-            found.append(wheel)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def import_onnxruntime():
-    """The `onnxruntime` module, refusing an environment where both wheels overwrite each other
-    (the result is a CPU-only or broken module, whichever was installed last)."""
-    wheels = installed_onnxruntime_wheels()
-    if len(wheels) > 1:
-        raise RuntimeError(
-            "both onnxruntime and onnxruntime-gpu are installed and overwrite the same module; keep one: "
-            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (GPU) or onnxruntime (CPU)"
-        )
-    import onnxruntime
-
-    return onnxruntime
 
 
 def onnxruntime_providers(device: str = "auto") -> list[str]:

@@ -167,7 +167,7 @@ def test_both_onnxruntime_wheels_in_one_environment_are_refused(tmp_path):
     record = tmp_path / "onnxruntime_gpu-1.23.0.dist-info"
     record.mkdir()
     (record / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.23.0\n")
-    code = "from serve.runtime import import_onnxruntime\nimport_onnxruntime()"
+    code = "from serve.backends import import_onnxruntime\nimport_onnxruntime()"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
         env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": ""},
