@@ -63,7 +63,6 @@ TORCH = {
 }
 COMPILED = ("torch.compile", "torch.cudagraphs")
 ROWS_FILE = "rows.jsonl"  # one JSON line per row, written as it is measured (results.json: all of them, at the end)
-ROWS = [*TORCH, *BACKENDS]  # every name --backends takes
 
 
 def precision_of(backend: str) -> str:
@@ -513,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--backends", nargs="+", choices=ROWS, help="default: all this machine runs")
+    rows = [*TORCH, *BACKENDS]  # read when the command runs: a row added to the table is a row here
+    parser.add_argument("--backends", nargs="+", choices=rows, help="default: all this machine runs")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--sizes", nargs="+", type=parse_size, help="HxW (default: the eval size and 512x1024)")
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per configuration")

@@ -27,7 +27,7 @@ def run(phases: list[tuple[str, str]]) -> tuple[int, list[tuple[str, float]]]:
 
 def table(timed: list[tuple[str, float]]) -> str:
     total = sum(s for _, s in timed)
-    rows = [f"| {name} | {s:.0f} | {100 * s / total:.0f} % |" for name, s in timed] if total else []
+    rows = [f"| {name} | {s:.0f} | {f'{100 * s / total:.0f} %' if total else '-'} |" for name, s in timed]
     return "\n".join(["| phase | seconds | share |", "|---|---:|---:|", *rows, f"| total | {total:.0f} | |"])
 
 

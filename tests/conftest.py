@@ -58,7 +58,9 @@ def tiny_run_args(data_root: Path, iterations: int = 6) -> list[str]:
 
 
 def run_module(*args: str, cwd: Path = REPO, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m ARGS` in the repo, output captured; a command that hangs fails its test after `timeout` (600 s)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    kwargs.setdefault("timeout", 600)
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import shutil
+import urllib.error
+import urllib.request
 from tempfile import TemporaryDirectory
 
 import numpy as np
@@ -113,12 +115,30 @@ def test_bad_inputs_get_a_message_and_the_next_request_still_succeeds(client, tm
         assert _segment(client, good)[4]["image_size"] == [44, 60], f"after {kind}"
 
 
-def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
+def test_uploads_over_the_size_limit_are_refused(client, server, tmp_path):
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)).save(big)
     assert big.stat().st_size > 1 << 20 and MAX_PIXELS > 700 * 900  # only the file size is over
-    with pytest.raises(Exception, match=r"(?i)size|large|limit"):
+    with pytest.raises(
+        ValueError, match=r"exceeds the maximum file size of 1048576 bytes"
+    ):  # the client reads the limit
         _segment(client, big)
+    # a client that ignores the limit: the server refuses the upload itself
+    boundary = "segdeploy-test"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + big.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    upload = urllib.request.Request(
+        f"{server}gradio_api/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(upload, timeout=30)
+    assert refused.value.code == 413
     assert _segment(client, _good_image(tmp_path))[4]["image_size"] == [44, 60]
 
 
@@ -150,10 +170,11 @@ def test_a_browser_uploads_an_image_and_sees_the_overlay(server, tmp_path):
             page.wait_for_selector("#overlay img", timeout=60_000)
             assert page.locator("#overlay img").count() >= 2  # the image and at least one class mask
             assert "inference" in page.locator("#latency").inner_text()
-            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            shown = page.locator("#overlay img").first.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert shown == [60, 44]  # the overlay the browser shows is the uploaded image's, at its size
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)  # for a person to look at
         finally:
             browser.close()
-    assert Image.open(tmp_path / "demo.png").size[0] > 0
 
 
 def test_a_long_running_app_keeps_a_bounded_number_of_class_map_files(engines, tmp_path):
