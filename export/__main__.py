@@ -113,7 +113,12 @@ def summary(manifests: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    import onnx.defs
+
+    if unknown := [op for op in args.fp16_keep_fp32 if not onnx.defs.has(op)]:  # a typo would keep nothing
+        cli.error(f"--fp16-keep-fp32: {unknown[0]!r} is not an ONNX op type (e.g. LayerNormalization, Softmax)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):  # graph-rewrite logs, one line per pass
         logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -1,12 +1,11 @@
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 
 from benchmarks.ablation import TARGETS, differences, group_tables, helps, main, request
-from tests.conftest import tiny_run_args
+from tests.conftest import REPO, tiny_run_args
 from train.run_dir import CHECKPOINT_FILE
 
 
@@ -130,13 +129,13 @@ def test_targets_over_the_first_baseline_and_the_others():
 def test_a_run_is_keyed_by_what_it_trains(synthetic_root, tmp_path):
     """pvt_v2's stride is fixed: a run recorded with any ViT output stride is the same run. A field the record
     lacks (an option added since) is taken at its default."""
-    wanted = request(Path("configs/synthetic.yaml"), [f"data.root={synthetic_root}"])
+    wanted = request(REPO / "configs/synthetic.yaml", [f"data.root={synthetic_root}"])
     recorded = json.loads(json.dumps(wanted))
     recorded["config"]["vit.output_stride"] = 8
     del recorded["config"]["method.learners"]
     (tmp_path / "request.json").write_text(json.dumps(recorded))
     assert differences(tmp_path, wanted) == []
-    one_way = request(Path("configs/synthetic.yaml"), [f"data.root={synthetic_root}", "method.learners=vit"])
+    one_way = request(REPO / "configs/synthetic.yaml", [f"data.root={synthetic_root}", "method.learners=vit"])
     assert differences(tmp_path, one_way) == ["method.learners: 'both' -> 'vit'"]
     stride = wanted["config"]["cnn.output_stride"]
     recorded["config"]["cnn.output_stride"] = 24 - stride  # the CNN's does (8 <-> 16)

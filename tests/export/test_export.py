@@ -321,6 +321,24 @@ def test_the_fp16_graph_keeps_only_the_listed_op_types_in_fp32():
     assert fp32_ops(kept) == {"Resize", "LayerNormalization"}
 
 
+def test_fp16_keep_fp32_reaches_the_graph_and_the_manifest_through_the_cli(trained_run, tmp_path, capsys):
+    from onnx import TensorProto
+
+    out = tmp_path / "export"
+    args = ["--run", str(trained_run), "--students", "vit", "--variants", "fp32", "fp16", "--out", str(out)]
+    args += ["--no-openvino", "--no-size-sweep", *TEST_EXPORT_ARGS]
+    assert main([*args, "--fp16-keep-fp32", "LayerNormalization"]) == 0
+    manifest = read_manifest(out / "vit")
+    assert manifest.exporter["fp16_keep_fp32"] == [*export.pipeline.precision.FP16_KEEP_FP32, "LayerNormalization"]
+    graph = onnx.shape_inference.infer_shapes(onnx.load(out / "vit" / "model.fp16.logits.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.graph.value_info, *graph.graph.input]}
+    norms = [n for n in graph.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(types.get(n.input[0]) == TensorProto.FLOAT for n in norms)  # fed fp32 through Casts
+    with pytest.raises(SystemExit):
+        main([*args, "--fp16-keep-fp32", "LayerNorm"])
+    assert "--fp16-keep-fp32: 'LayerNorm' is not an ONNX op type" in capsys.readouterr().err
+
+
 def test_a_graph_exported_for_batch_1_runs_batch_1(trained_run):
     """--max-batch 1 (or 2) once traced a graph whose batch was the constant 2 (torch.export's sizes are >= 2)."""
     from export.graphs import export_logits

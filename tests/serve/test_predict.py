@@ -292,6 +292,9 @@ def test_slide_writes_what_the_sliding_segmenter_computes_with_its_confidence(en
     assert record["confidence"] == {"file": "mosaic.confidence.png", "holds": CONFIDENCE["png"][1]}
     assert main([*args, "--confidence", "--confidence-format", "npy", "--force"]) == 0  # fitted, as float32
     assert np.load(out / "mosaic.confidence.npy").dtype == np.float32
+    plain = tmp_path / "plain"  # the class map beside a confidence map is the one a plain run writes
+    assert main([*args[:2], "--out", str(plain), *args[4:]]) == 0
+    assert np.array_equal(np.asarray(Image.open(plain / "mosaic.png")), np.asarray(Image.open(out / "mosaic.png")))
 
 
 def test_slide_says_when_an_image_is_smaller_than_a_window_or_the_engines_smallest_input(engines, tmp_path, capsys):

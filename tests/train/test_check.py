@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import REPO
 from tests.train.test_data import make_folder, save_png
 from train.data.check import main
 
-CONFIG = "configs/synthetic.yaml"
+CONFIG = str(REPO / "configs/synthetic.yaml")
 
 
 def tree(root, broken: bool):

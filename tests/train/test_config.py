@@ -1,17 +1,17 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from tests.conftest import REPO
 from train.config import Config, ConfigError, config_to_dict, load_config, save_config
 
-REPO_CONFIGS = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+REPO_CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+assert REPO_CONFIGS, "no configs found"  # a glob that finds nothing would make the tests below collect nothing
 
 
 @pytest.mark.parametrize("name", REPO_CONFIGS)
 def test_shipped_configs_load(name):
-    cfg = load_config(f"configs/{name}.yaml")
+    cfg = load_config(REPO / f"configs/{name}.yaml")
     assert cfg.cnn.arch == "deeplabv3plus" and cfg.vit.arch == "segformer"
 
 
@@ -19,7 +19,7 @@ def test_shipped_configs_load(name):
 def test_real_dataset_configs_start_from_imagenet_with_the_reference_pipeline(name):
     from train.models.pretrained import hub_source
 
-    cfg = load_config(f"configs/{name}.yaml")
+    cfg = load_config(REPO / f"configs/{name}.yaml")
     assert cfg.cnn.pretrained and cfg.vit.pretrained  # fine-tuning learning rates need ImageNet encoders
     assert hub_source(cfg.vit).startswith("nvidia/mit-b") and hub_source(cfg.cnn).startswith("timm/")
     assert cfg.data.photometric and cfg.data.cat_max_ratio == 0.75 and cfg.vit.optimizer.warmup_iters == 1500
@@ -34,7 +34,7 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 def test_the_256_synthetic_config_is_the_demo_recipe_at_another_size():
     """The GPU protocol compares arms on the 64x64 recipe: only size and what runs on a GPU may differ."""
-    demo, big = (flat(config_to_dict(load_config(f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-256"))
+    demo, big = (flat(config_to_dict(load_config(REPO / f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-256"))
     assert {k for k in demo if demo[k] != big[k]} == {
         "name", "iterations", "checkpoint_interval", "device", "amp", "compile_losses",
         "data.root", "data.crop_size", "data.num_workers",
@@ -43,7 +43,9 @@ def test_the_256_synthetic_config_is_the_demo_recipe_at_another_size():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("configs/synthetic.yaml", ["iterations=7", "data.crop_size=[32, 48]", "vit.optimizer.lr=1e-3"])
+    cfg = load_config(
+        REPO / "configs/synthetic.yaml", ["iterations=7", "data.crop_size=[32, 48]", "vit.optimizer.lr=1e-3"]
+    )
     assert cfg.iterations == 7 and cfg.data.crop_size == [32, 48] and cfg.vit.optimizer.lr == 0.001
 
 
@@ -60,7 +62,7 @@ def test_overrides_are_typed_and_nested():
 )
 def test_bad_fields_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/synthetic.yaml", [override])
+        load_config(REPO / "configs/synthetic.yaml", [override])
 
 
 def test_missing_file_is_named(tmp_path):
@@ -69,7 +71,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config("configs/synthetic.yaml", ["data.num_classes=7", "data.class_names=[a,b]"])
+    cfg = load_config(REPO / "configs/synthetic.yaml", ["data.num_classes=7", "data.class_names=[a,b]"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert Config().vit.optimizer.head_lr_mult == 10.0  # the SegFormer recipe: head at 10x the lr
@@ -101,7 +103,7 @@ def test_a_section_naming_the_other_students_architecture_is_an_error():
 def test_the_complementary_config_is_the_demo_recipe_on_other_data():
     """The method's benchmark compares arms on the demo's recipe: only the data and the budget differ."""
     demo, comp = (
-        flat(config_to_dict(load_config(f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-complementary")
+        flat(config_to_dict(load_config(REPO / f"configs/{n}.yaml"))) for n in ("synthetic", "synthetic-complementary")
     )
     differing = {k for k in demo if demo[k] != comp[k]}
     assert differing <= {"name", "iterations", "checkpoint_interval", "data.root", "data.eval_batch_size"}

@@ -508,11 +508,11 @@ def test_a_term_registered_once_reaches_the_checks_the_objective_the_diagnostics
 
 def test_the_docs_list_every_term_and_every_method_option():
     import dataclasses
-    from pathlib import Path
 
+    from tests.conftest import REPO
     from train.losses import PRESETS, TERMS
 
-    doc = Path("docs/method.md").read_text()
+    doc = (REPO / "docs/method.md").read_text()
     for name in [*TERMS, *PRESETS]:
         assert f"`{name}`" in doc, name
     for option in (f.name for f in dataclasses.fields(MethodConfig)):

@@ -198,12 +198,15 @@ def _checkpoint_iteration(path: Path) -> int:
 
 
 def test_resume_after_sigkill_reaches_the_same_weights(synthetic_root, tmp_path):
-    iterations = 12
+    """One-way `full` (the ViT learns, the CNN only teaches): the same weights after a SIGKILL and a resume, and
+    the CNN's learner-side projectors as they were built, through both."""
+    iterations, one_way = 12, ["method.learners=vit", "method.start=0"]
     straight = tmp_path / "straight"
-    assert train_cli(straight, synthetic_root, iterations=iterations).returncode == 0
+    assert train_cli(straight, synthetic_root, *one_way, iterations=iterations).returncode == 0
 
     killed = tmp_path / "killed"
     args = ["--config", "configs/synthetic.yaml", "--run-dir", str(killed), *tiny_run_args(synthetic_root, iterations)]
+    args += one_way
     proc = subprocess.Popen(
         [sys.executable, "-m", "train", *args],
         cwd=REPO,
@@ -230,6 +233,11 @@ def test_resume_after_sigkill_reaches_the_same_weights(synthetic_root, tmp_path)
     for student in ("cnn", "vit"):
         for key, value in a["students"][student].items():
             torch.testing.assert_close(b["students"][student][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    config = load_config(killed / "config.yaml", ["data.verify=false"])
+    built = Trainer(config, tmp_path / "built").objective.state_dict()  # the same seed: the projectors as built
+    for key, value in b["objective"].items():
+        if key.endswith(("weight", "bias")):  # the CNN's learner side is frozen, the ViT's trains
+            assert torch.equal(value, built[key]) == key.startswith(("cnn_to_vit", "cnn_adapter")), key
     assert json.loads((killed / "metrics.json").read_text())["cnn"]["miou"] == pytest.approx(
         json.loads((straight / "metrics.json").read_text())["cnn"]["miou"], abs=1e-3
     )
