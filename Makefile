@@ -8,7 +8,7 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve serve-triton demo ablation bench bench-train load test lint format clean
+.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve serve-triton demo ablation bench bench-train load test lint format docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -84,8 +84,8 @@ serve-triton: $(TRITON_VENV)/.installed
 
 # The whole pipeline on the embedded dataset: data, training (a second `make demo` resumes or just
 # re-reports runs/demo), the engines the demo serves and benches (fp32 on ONNX Runtime) through the parity
-# gate, a short bench; then where the time went, per phase. Every precision and runtime (int8, OpenVINO's,
-# each gated at every size of the profile): make export RUN=runs/demo
+# gate, a short bench, a picture of what the engines see (runs/demo/overlays.png); then where the time went,
+# per phase. Every precision and runtime (int8, OpenVINO's, each gated at every size): make export RUN=runs/demo
 DEMO_TRAIN = if [ -f runs/demo/checkpoint/last.safetensors ]; then $(PY) -m train --resume runs/demo $(ARGS); \
 	else $(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); fi
 demo:
@@ -94,7 +94,8 @@ demo:
 		"train=$(DEMO_TRAIN)" \
 		"export=$(PY) -m export --run runs/demo --variants fp32 --no-openvino" \
 		"bench=$(PY) -m benchmarks.bench --run runs/demo --models cnn vit ensemble --backends torch ort.cpu.fp32 \
-		--batch-sizes 1 --sizes 64x64 --seconds 1 --eval-images 100"
+		--batch-sizes 1 --sizes 64x64 --seconds 1 --eval-images 100" \
+		"overlays=$(PY) -m benchmarks.overlays --run runs/demo"
 	@echo; echo "Start the demo app: make serve RUN=runs/demo   (then open http://127.0.0.1:7860)"
 
 # Every engine of a run against its PyTorch students: runs/<name>/bench/{results.json,report.md,*.png}
@@ -121,6 +122,13 @@ test: setup $(TRITON_VENV)/.installed
 		echo "chromium could not be installed: the browser test will skip"
 	$(PY) -m pytest -q
 
+# The documentation site from docs/ (MkDocs, Material theme) into site/; the reference page is generated from
+# the code first (the config dataclasses, every command's parser).
+docs: setup
+	$(PY) docs/reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@echo "site/index.html (or: $(VENV)/bin/mkdocs serve)"
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -130,4 +138,4 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf runs data/synthetic
+	rm -rf runs data/synthetic site

@@ -23,19 +23,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: Literal["folder", "cityscapes", "camvid", "voc", "ade20k"] = "folder"
-    root: str = "data/synthetic"
-    train_split: str = "train"
+    format: Literal["folder", "cityscapes", "camvid", "voc", "ade20k"] = "folder"  # the layout (docs/datasets.md)
+    root: str = "data/synthetic"  # the dataset's folder
+    train_split: str = "train"  # trained on
     eval_split: str = "val"  # evaluated during training: picks each student's best weights
     test_split: str | None = None  # held out: evaluated once at the end (best and last weights), for reporting
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # H, W
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale of the image, then a crop
     base_size: list[int] | None = None  # [long, short]: the scale_range ratio applies to the image fitted to it
     cat_max_ratio: float = 1.0  # < 1: redraw a crop (up to 10 times) while one class covers more of it
     photometric: bool = False  # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)
-    batch_size: int = 8
-    eval_batch_size: int = 1
-    num_workers: int = 2
+    batch_size: int = 8  # labelled images a step, over all processes
+    eval_batch_size: int = 1  # images an evaluation batch (padded to the largest)
+    num_workers: int = 2  # data-loading processes
     eval_max_images: int | None = None  # evaluate on the first N eval images only (quick checks)
     verify: bool = True  # read every mask once before training, so bad labels fail at start
     # Few labels, many images (docs/method.md, "Few labels"): `labeled` keeps a subset of the train split's
@@ -44,9 +44,9 @@ class DataConfig:
     # images without masks (searched recursively; relative to `root`). A batch holds `batch_size` labelled
     # images and `unlabeled_ratio` times as many unlabelled ones, when the method has a term that reads them.
     labeled: int | float | str | None = None
-    labeled_seed: int = 0
-    unlabeled: str | None = None
-    unlabeled_ratio: float = 1.0
+    labeled_seed: int = 0  # draws the labelled subset, apart from the run's seed
+    unlabeled: str | None = None  # a folder of images without masks, relative to root
+    unlabeled_ratio: float = 1.0  # unlabelled images a batch per labelled one
     # Filled from the dataset when a run starts; written to the run dir's config.yaml.
     num_classes: int | None = None
     class_names: list[str] | None = None
@@ -64,20 +64,20 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
+    name: Literal["sgd", "adamw"] = "sgd"  # the optimizer
+    lr: float = 0.01  # encoder learning rate at its peak
     momentum: float = 0.9  # SGD only
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # AdamW: not on norms and biases
     head_lr_mult: float = 1.0  # decoder/classifier lr = lr * head_lr_mult
     warmup_iters: int = 0  # linear warm-up, then poly decay
-    poly_power: float = 0.9
+    poly_power: float = 0.9  # poly decay to 0 at the last iteration
     grad_clip: float = 0.0  # max global gradient norm of this student's step (0: no clipping)
 
 
 @dataclass
 class StudentConfig:
     arch: str = "deeplabv3plus"  # the architecture of its student in STUDENTS (a slot holds its own kind)
-    backbone: str = "resnet18"
+    backbone: str = "resnet18"  # the timm encoder
     output_stride: int | None = 8  # CNN encoders only; pvt_v2 has a fixed stride of 32
     decoder_channels: int = 256  # width of the decoder feature `feat` (ASPP / All-MLP), docs/method.md
     # Initial encoder weights (train/models/pretrained.py): ImageNet weights from the Hugging Face hub
@@ -105,7 +105,7 @@ STUDENTS = {
 
 @dataclass
 class EvalConfig:
-    mode: Literal["whole", "slide"] = "whole"
+    mode: Literal["whole", "slide"] = "whole"  # the whole image at once, or sliding windows
     crop_size: list[int] | None = None  # slide window size (H, W); defaults to the train crop
     stride: list[int] | None = None  # slide step; defaults to 2/3 of the window
     scale: list[int] | None = None  # [long, short]: images rescaled to fit it; predictions resized back to the labels
@@ -118,7 +118,7 @@ class MethodConfig:
     training). The defaults are chosen by measurement under a paired-seed protocol (docs/method.md lists
     each against the reading of the paper it replaces; benchmarks/results/ holds the runs)."""
 
-    preset: str = "full"  # a name of train.losses.PRESETS (independent, dml, hfd, bsd, full)
+    preset: str = "full"  # a name of train.losses.PRESETS (docs/method.md lists them)
     terms: list[str] | None = None  # names of train.losses.TERMS; overrides the preset
     # reliable: the selective terms transfer where one student is the more reliable (the method);
     # random: as many regions and pixels in each direction, chosen at random (the control)
@@ -131,28 +131,28 @@ class MethodConfig:
     pair: Literal["mixed", "cnn", "vit"] = "mixed"
     start: float = 0.25  # share of iterations before any distillation (CE alone)
     warmup: float = 0.1  # share of iterations over which every distillation weight ramps up from 0
-    hfd_weight: float = 0.2
+    hfd_weight: float = 0.2  # HFD's weight
     hfd_stages: list[int] = field(default_factory=lambda: [1])  # encoder stages, 1 = stride 4
-    hfd_distance: Literal["mse", "cosine", "cwd"] = "mse"
+    hfd_distance: Literal["mse", "cosine", "cwd"] = "mse"  # per position, or channel-wise distributions (cwd)
     hfd_decay: Literal["none", "linear", "cosine"] = "none"  # HFD's weight decays to 0 at the end of training
-    region_weight: float = 1.0
+    region_weight: float = 1.0  # region-wise BSD's weight
     region_size: int = 8  # k x k cells of the stride-4 grid
-    region_criterion: Literal["ce", "entropy"] = "ce"
-    region_distance: Literal["mse", "cosine", "cwd"] = "mse"
+    region_criterion: Literal["ce", "entropy"] = "ce"  # who teaches a region: lower CE, or lower entropy (label-free)
+    region_distance: Literal["mse", "cosine", "cwd"] = "mse"  # how the learner's feature is pulled to the teacher's
     region_margin: float = 0.1  # the teacher's mean CE (or entropy) in a region must be lower by this (nats)
     region_adapter: bool = True  # learner-side 1x1 conv + BN from a student's decoder feature to the other's
-    pixel_weight: float = 1.0
-    pixel_criterion: Literal["correct_then_ce", "ce"] = "correct_then_ce"
+    pixel_weight: float = 1.0  # pixel-wise BSD's weight
+    pixel_criterion: Literal["correct_then_ce", "ce"] = "correct_then_ce"  # the right student teaches, or lower CE
     pixel_margin: float = 0.5  # where both students are right, the teacher's CE must be lower by this (nats)
     pixel_norm: Literal["active", "valid"] = "valid"  # average each direction over all labelled pixels, or its own
-    temperature: float = 1.0
-    dml_weight: float = 1.0
+    temperature: float = 1.0  # softmax temperature of pixel-wise BSD and DML (their KL is scaled by T^2)
+    dml_weight: float = 1.0  # DML's weight
     cwd_temperature: float = 4.0  # softmax temperature of the `cwd` feature distance
     # Pseudo-label terms on unlabelled pixels (cross, self_training, offline): a teacher's class where its
     # probability reaches pseudo_threshold; `class` balance gives each pseudo-class the same total weight.
-    pseudo_weight: float = 0.1
-    pseudo_threshold: float = 0.9
-    pseudo_balance: Literal["none", "class"] = "none"
+    pseudo_weight: float = 0.1  # the pseudo-label term's weight
+    pseudo_threshold: float = 0.9  # a teacher's class counts where its probability reaches this
+    pseudo_balance: Literal["none", "class"] = "none"  # class: each pseudo-class gets the same total weight
     cross_teacher: Literal["live", "ema"] = "live"  # cross: the peer itself, or its moving average
     ema_decay: float = 0.99  # the moving-average teachers (self_training; cross with cross_teacher=ema)
     # same: the teachers see what the learners see; weak_strong: the teachers a weakly augmented view, the
@@ -179,13 +179,13 @@ class MethodConfig:
 
 @dataclass
 class Config:
-    name: str = "run"
-    seed: int = 0
+    name: str = "run"  # the run dir's name under runs/ (unless --run-dir)
+    seed: int = 0  # the students' initialisation and the batch order (every arm of a comparison shares it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    iterations: int = 80_000
-    eval_interval: int = 4_000
-    checkpoint_interval: int = 1_000
-    log_interval: int = 50
+    iterations: int = 80_000  # training steps (one batch each)
+    eval_interval: int = 4_000  # steps between evaluations on data.eval_split (each keeps a student's best weights)
+    checkpoint_interval: int = 1_000  # steps between resumable checkpoints (checkpoint/last.safetensors)
+    log_interval: int = 50  # steps between log lines, TensorBoard scalars and gradient-ratio diagnostics
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA; on a CPU bf16 where native (AVX512-BF16, AMX), else fp32
     channels_last: bool = True  # CUDA only
     cudnn_benchmark: bool = True  # CUDA only: autotuned convolutions (false: bitwise-repeatable GPU runs)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -148,20 +149,23 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, device: str = "a
     return {"dataset": cfg.data.root, "split": split, **results}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Re-evaluate a run dir's best weights.")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.evaluate", description="Re-evaluate a run dir's best weights."
+    )
     parser.add_argument("--run", required=True, help="run dir, e.g. runs/demo")
     parser.add_argument("--split", default=None, help="eval split (default: the config's data.eval_split)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = evaluate_run(args.run, args.split, args.device)
     cfg = load_run_config(args.run)
     print(format_table({k: v for k, v in results.items() if isinstance(v, dict)}, cfg.data.class_names))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

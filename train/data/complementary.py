@@ -187,10 +187,13 @@ def groups(classes: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def main(argv: list[str] | None = None) -> int:
+    cli = synthetic.parser(scene(), {"train": 1000, "val": 300, "test": 500}, __doc__)
+    cli.add_argument("--classes", help="a candidate set, comma-separated (the probes; default: the frozen set)")
+    args = cli.parse_args(argv)
+    synthetic.write(args, scene(args.classes.split(",") if args.classes else DEFAULT_CLASSES))
+    return 0
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    chosen = DEFAULT_CLASSES
-    if "--classes" in argv:  # a candidate set (probes); the default is the frozen set
-        i = argv.index("--classes")
-        chosen, argv = argv[i + 1].split(","), argv[:i] + argv[i + 2 :]
-    synthetic.main(argv, scene(chosen), {"train": 1000, "val": 300, "test": 500})
+    sys.exit(main())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -217,18 +218,21 @@ def generate(
     return out
 
 
-def main(argv: list[str] | None = None, scene: Scene = SCENE, sizes: dict | None = None) -> None:
-    """The generator's CLI; `sizes` are a scene's default split sizes."""
+def parser(scene: Scene = SCENE, sizes: dict | None = None, doc: str | None = __doc__) -> argparse.ArgumentParser:
+    """The generator's command line; `sizes` are a scene's default split sizes."""
     sizes = {"train": 800, "val": 100, "test": 500} | (sizes or {})
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=f"data/{scene.name}")
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=f"data/{scene.name}")
     for split, count in sizes.items():
-        parser.add_argument(f"--{split}", type=int, default=count, help=f"images in the {split} split")
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="processes that render images (same files as one)")
-    args = parser.parse_args(argv)
+        p.add_argument(f"--{split}", type=int, default=count, help=f"images in the {split} split")
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="processes that render images (same files as one)")
+    return p
+
+
+def write(args: argparse.Namespace, scene: Scene) -> None:
     out = generate(args.out, args.train, args.val, args.height, args.width, args.seed, args.test, args.jobs, scene)
     print(
         f"{scene.name} dataset: {args.train} train + {args.val} val + {args.test} test images "
@@ -236,5 +240,10 @@ def main(argv: list[str] | None = None, scene: Scene = SCENE, sizes: dict | None
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    write(parser().parse_args(argv), SCENE)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
