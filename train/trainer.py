@@ -1,4 +1,5 @@
-"""The collaborative trainer: two students, one batch stream, one objective, two optimizers.
+"""The collaborative trainer: two students, one labelled batch stream (and one of unlabelled images where a term
+reads them), one objective, the teachers of the pseudo-label terms, two optimizers.
 
 `step()` reads like the method: forward both students, compute each loss term by name,
 back-propagate their sum once, step each student's optimizer.
