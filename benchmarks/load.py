@@ -27,14 +27,17 @@ from PIL import Image
 from serve.backends import legacy
 
 
-def drive(clients: int, seconds: float, make_sender) -> tuple[list[float], Counter, float]:
+def drive(clients: int, seconds: float, make_sender) -> tuple[list[float], Counter, float, float]:
     """`clients` threads, each calling its own `make_sender(i)()` back to back for `seconds`: latencies
-    (s), errors by message, elapsed time."""
+    (s), errors by message, elapsed time, and the time the clients took to connect. The clock starts when
+    every client is ready (a slow handshake does not eat the window)."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
     deadline = [0.0]
+    began = time.perf_counter()
+    # the last client to arrive sets the deadline, before any is released
+    start = threading.Barrier(clients + 1, action=lambda: deadline.__setitem__(0, time.perf_counter() + seconds))
 
     def user(i: int) -> None:
         try:
@@ -59,17 +62,17 @@ def drive(clients: int, seconds: float, make_sender) -> tuple[list[float], Count
     threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
-    deadline[0] = time.perf_counter() + seconds  # set before the barrier releases the users
     start.wait()
-    began = time.perf_counter()
+    ready = time.perf_counter()
     for t in threads:
         t.join()
-    return latencies, errors, time.perf_counter() - began
+    return latencies, errors, time.perf_counter() - ready, ready - began
 
 
-def summary(latencies: list[float], errors: Counter, elapsed: float) -> dict:
+def summary(latencies: list[float], errors: Counter, elapsed: float, connect: float) -> dict:
     ms = 1e3 * np.array(latencies) if latencies else np.zeros(1)
     return {
+        "connect_s": round(connect, 2),
         "seconds": round(elapsed, 2),
         "requests": len(latencies),
         "requests_per_s": len(latencies) / elapsed,
@@ -175,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             backend = legacy(args.precision, args.backend).name if args.precision else args.backend
             r = run_load(args.url, args.clients, args.seconds, images, args.model, backend)
-    print("| clients | seconds | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | connect s | seconds | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
-        f"| {r['clients']} | {r['seconds']:.1f} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.1f} "
-        f"| {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['errors']} |"
+        f"| {r['clients']} | {r['connect_s']:.1f} | {r['seconds']:.1f} | {r['requests']} | {r['requests_per_s']:.2f} "
+        f"| {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['errors']} |"
     )
     if "server_ms" in r:
         print("Triton, mean per request: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["server_ms"].items() if v))
