@@ -127,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     from export.pipeline import export_run
     from train.config import ConfigError
     from train.data import DatasetError
+    from train.run_dir import RunBusy, held
 
+    out = args.out or args.run / "export"
     try:
-        manifests = export_run(args.run, options(args))
+        with held(out.parent / f"{out.name}.lock", "an export"):  # one export at a time into an engine dir
+            manifests = export_run(args.run, options(args))
     except ParityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, DatasetError, OSError, ValueError) as e:
+    except (ConfigError, DatasetError, OSError, ValueError, RunBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary(manifests)

@@ -8,6 +8,7 @@ torchrun --nproc_per_node N -m train --config ...   (DistributedDataParallel, on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from train.config import ConfigError, load_config
 from train.data import DatasetError
-from train.run_dir import CHECKPOINT_FILE, load_run_config
+from train.run_dir import CHECKPOINT_FILE, RunBusy, held, load_run_config
+
+LOCK_FILE = "train.lock"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         from train import distributed  # imports torch; keep --help and config errors fast
         from train.trainer import Trainer, TrainingDiverged
 
-        distributed.init(cfg.device)
-        try:
-            Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        finally:
-            distributed.shutdown()
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        # one training at a time in a run dir (rank 0 holds the lock for all ranks)
+        with held(Path(run_dir) / LOCK_FILE, "training") if rank == 0 else contextlib.nullcontext():
+            distributed.init(cfg.device)
+            try:
+                Trainer(cfg, run_dir, resume=bool(args.resume)).fit()
+            except TrainingDiverged as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+            finally:
+                distributed.shutdown()
+    except (ConfigError, DatasetError, FileNotFoundError, RunBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,3 +64,53 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the lock of what this one would write."""
+
+
+def _alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process (a shared disk): assume it runs
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def held(lock: Path, what: str) -> Iterator[None]:
+    """One process at a time: `lock` is created exclusively and names the process (pid, host, command, since
+    when); a second process is refused with those, and a lock whose process is gone is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([sys.executable, *sys.argv])}
+    me["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder and _alive(holder):
+                raise RunBusy(
+                    f"{lock.parent} is busy: {what} by pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('since')} ({holder.get('command')}); wait for it to end, or stop it "
+                    f"(the lock is {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)  # its process is gone (killed): take the lock over
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise RunBusy(f"{lock}: could not be taken")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
