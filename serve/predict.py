@@ -24,8 +24,11 @@ INPUT: an image, a folder (searched recursively), a glob ('photos/**/*.jpg', quo
 
 Images of one size run in batches up to the engines' max batch, while the next ones are decoded.
 Bad files (unreadable, truncated, not an image, over --max-pixels) are skipped with a message naming
-each; the exit status is 1 when any input failed. A second run on the same OUT skips what is done
-unless --force.
+each; the exit status is 1 when any input failed. Every output is written under a temporary name and
+renamed, and its predictions.jsonl line, written after it, records what made it (model, backend, the engine
+files and their weights' hash, the sliding windows, the confidence format): a second run on the same OUT,
+or a run killed and started again, skips the inputs whose record matches and redoes the others (--force:
+all). With --slide each image is written as soon as its windows are done.
 """
 
 from __future__ import annotations
@@ -110,12 +113,38 @@ CONFIDENCE = {  # how a confidence map is written: file suffix, what the file ho
 }
 
 
-class Writer:
-    """Output paths and files of one OUT folder."""
+def made_by(segmenter: Segmenter, backend: str, slide: tuple | None, confidence: str | None) -> dict:
+    """What makes an output: the model, the backend, each engine file and the weights it came from, the sliding
+    windows and the confidence format. A rerun whose recipe differs redoes the output."""
+    engines = [
+        {"student": e.manifest.student, "file": e.entry.file, "weights_sha256": e.manifest.source.get("sha256")}
+        for e in segmenter.engines
+    ]
+    return {"model": segmenter.name, "backend": backend, "engines": engines, "slide": slide, "confidence": confidence}
 
-    def __init__(self, out: Path, segmenter: Segmenter, overlay: bool, confidence: str | None = None) -> None:
+
+def recorded(path: Path) -> dict[str, dict]:
+    """The newest record of each output in a predictions.jsonl (a line cut by a kill is no record)."""
+    found = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            line = json.loads(line)
+            found[line["output"]] = line
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return found
+
+
+class Writer:
+    """Output paths and files of one OUT folder, and the record of what made each."""
+
+    def __init__(
+        self, out: Path, segmenter: Segmenter, overlay: bool, confidence: str | None = None, recipe: dict | None = None
+    ) -> None:
         self.out, self.segmenter, self.overlay, self.confidence = out, segmenter, overlay, confidence
+        self.recipe = recipe or {}
         self.flat_palette = [c for colour in segmenter.palette.tolist() for c in colour]
+        self.records = recorded(out / RESULTS_FILE)
 
     def confidence_path(self, item: Item) -> Path:
         return self.out / item.rel.with_name(item.rel.name + CONFIDENCE[self.confidence][0])
@@ -127,9 +156,12 @@ class Writer:
         return self.out / "overlay" / item.rel.with_suffix(".mp4" if item.video else ".jpg")
 
     def done(self, item: Item) -> bool:
+        """Its outputs are on disk and its record says they were made as this run would make them."""
         marker = self.labels_path(item) / "summary.json" if item.video else self.labels_path(item)
         confidence = not self.confidence or item.video or self.confidence_path(item).is_file()
-        return marker.is_file() and (not self.overlay or self.overlay_path(item).is_file()) and confidence
+        files = marker.is_file() and (not self.overlay or self.overlay_path(item).is_file()) and confidence
+        record = self.records.get(str(self.labels_path(item).relative_to(self.out)), {})
+        return files and record.get("made_by") == self.recipe
 
     def class_map(self, labels: np.ndarray, path: Path) -> None:
         img = Image.fromarray(labels, "P")
@@ -175,6 +207,7 @@ class Writer:
             **extra,
             "shares": shares,
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+            "made_by": self.recipe,
         }
 
 
@@ -201,8 +234,9 @@ def read_ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int):
         yield item, future
 
 
-def predict_images(items: list[Item], run, writer: Writer, max_pixels: int, results) -> list[str]:
-    """`run(images) -> predictions`: the segmenter's batches, or its sliding windows image by image."""
+def predict_images(items: list[Item], run, writer: Writer, max_pixels: int, results, batch_size: int) -> list[str]:
+    """`run(images) -> predictions`: the segmenter's batches (`batch_size` images), or its sliding windows image by
+    image (`batch_size` 1: each is written as soon as it is done)."""
     segmenter = writer.segmenter
     failures: list[str] = []
     batch: list[tuple[Item, np.ndarray]] = []
@@ -228,7 +262,7 @@ def predict_images(items: list[Item], run, writer: Writer, max_pixels: int, resu
                 bar.write(f"skipped: {e}", file=sys.stderr)
                 bar.update(1)
                 continue
-            if len(batch) == segmenter.max_batch:
+            if len(batch) == batch_size:
                 flush()
         if batch:
             flush()
@@ -292,15 +326,11 @@ def predict_video(item: Item, run, writer: Writer, max_pixels: int) -> dict:
 
 
 def compact(path: Path) -> None:
-    """One line per output (the newest) after reruns with --force."""
+    """One line per output (the newest) after reruns, without the line a kill may have cut."""
     if not path.is_file():
         return
-    latest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            latest[json.loads(line)["output"]] = line
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in latest.values()))
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in recorded(path).values()))
     os.replace(tmp, path)
 
 
@@ -330,14 +360,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def open_segmenter(args: argparse.Namespace):
-    """The segmenter the flags ask for and `run(images) -> predictions` over it (fitted, or sliding windows)."""
+    """The segmenter the flags ask for, `run(images) -> predictions` over it (fitted, or sliding windows) and the
+    recipe that makes its outputs (`made_by`)."""
     backend, variant, how = select(args.engines, args.model, args.backend, args.variant, args.device)
     if how:
         print(f"engine: {how}", file=sys.stderr)
     scores = args.slide or bool(args.confidence)
     segmenter = load_segmenter(args.engines, args.model, backend, args.threads, variant, scores)
+    confidence = args.confidence_format if args.confidence else None
     if not args.slide:
-        return segmenter, segmenter.predict_batch
+        return segmenter, segmenter.predict_batch, made_by(segmenter, backend.name, None, confidence)
     s = sliding(segmenter, args.window, args.stride)
     if (coverage := s.window[0] * s.window[1] / (s.stride[0] * s.stride[1])) > OVERLAP_WORK:
         raise SlideError(f"a stride of {s.stride} covers each pixel {coverage:.0f} times: over {OVERLAP_WORK}")
@@ -355,18 +387,19 @@ def open_segmenter(args: argparse.Namespace):
     def run(images: list[np.ndarray]) -> list[Prediction]:
         return [one(image) for image in images]
 
-    return segmenter, run
+    windows = {"window": list(s.window), "stride": list(s.stride)}
+    return segmenter, run, made_by(segmenter, backend.name, windows, confidence)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     items, missing = collect(args.inputs, skip=args.out)
     try:
-        segmenter, run = open_segmenter(args)
+        segmenter, run, recipe = open_segmenter(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    writer = Writer(args.out, segmenter, args.overlay, args.confidence_format if args.confidence else None)
+    writer = Writer(args.out, segmenter, args.overlay, recipe["confidence"], recipe)
     outputs = {}
     for item in items:
         if (other := outputs.setdefault(writer.labels_path(item), item)) is not item:
@@ -379,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [item for item in items if args.force or not writer.done(item)]
     if skipped := len(items) - len(todo):
         print(f"{skipped} of {len(items)} inputs already done in {args.out} (--force redoes them)", file=sys.stderr)
+    if redone := sum(1 for i in todo if not args.force and writer.labels_path(i).exists()):
+        print(f"{redone} inputs made otherwise before (model, engines or options): made again", file=sys.stderr)
     if args.confidence and any(i.video for i in todo):
         print("confidence maps are written for images; videos get their class maps", file=sys.stderr)
     failures = write_all(args, todo, run, writer)
@@ -397,7 +432,9 @@ def write_all(args: argparse.Namespace, todo: list[Item], run, writer: Writer) -
             results.write(json.dumps(line) + "\n")
             results.flush()
 
-        failures = predict_images([i for i in todo if not i.video], run, writer, args.max_pixels, record)
+        images = [i for i in todo if not i.video]
+        batch = 1 if args.slide else writer.segmenter.max_batch
+        failures = predict_images(images, run, writer, args.max_pixels, record, batch)
         for item in (i for i in todo if i.video):
             try:
                 record(predict_video(item, run, writer, args.max_pixels))

@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from PIL import Image
 
 from serve.backends import usable
 from serve.images import read_image
-from serve.predict import CONFIDENCE, main
+from serve.predict import CONFIDENCE, main, recorded
 from serve.segmenter import choices, fastest, load_segmenter
 from tests.conftest import REPO
 from tests.serve.conftest import bad_inputs, convertible_inputs
@@ -80,6 +82,54 @@ def test_rerun_skips_what_is_done_and_force_redoes_it(engines, photos, tmp_path,
     assert main([*args, "--force"]) == 0
     assert first.stat().st_mtime > 0
     assert len(lines(out)) == 3  # one line per output after a forced rerun
+
+
+def test_a_rerun_with_another_model_engine_or_options_redoes_what_another_recipe_made(
+    engines, photos, tmp_path, capsys
+):
+    """Done means: on disk, and recorded as made the way this run would make it (never the file name alone)."""
+    out = tmp_path / "out"
+    args = ["--engines", str(engines), "--out", str(out), "--backend", "ort.cpu.fp32", str(photos)]
+    assert main(args) == 0
+    assert {r["made_by"]["model"] for r in lines(out)} == {"cnn"}
+    capsys.readouterr()
+    for other in (["--model", "vit"], ["--model", "vit", "--backend", "ort.cpu.fp16"], ["--model", "vit", "--slide"]):
+        assert main([*args, *other]) == 0
+        err = capsys.readouterr().err
+        assert "already done" not in err and "3 inputs made otherwise before" in err, other
+    assert {r["made_by"]["slide"] is not None for r in lines(out)} == {True}
+    assert main([*args, "--model", "vit", "--slide"]) == 0 and "3 of 3 inputs already done" in capsys.readouterr().err
+    with (out / "predictions.jsonl").open("a") as f:
+        f.write('{"output": "photo0.png", "made_by"')  # a line a kill cut short is no record
+    assert main([*args, "--model", "vit", "--slide"]) == 0 and "3 of 3 inputs already done" in capsys.readouterr().err
+
+
+def test_a_killed_run_started_again_keeps_what_it_finished_and_ends_as_an_uninterrupted_one(engines, tmp_path):
+    folder = tmp_path / "in"
+    for i in range(6):  # large images, by sliding windows: seconds each
+        _mosaic(engines, folder / f"{i}", tiles=(3, 4))
+    args = ["-m", "serve.predict", "--engines", str(engines), "--model", "vit", "--backend", "ort.cpu.fp32", "--slide"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, *args, "--out", str(straight), str(folder)], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    command = [sys.executable, *args, "--out", str(killed), str(folder)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = killed / "predictions.jsonl"
+    deadline = time.monotonic() + 300
+    while not (results.is_file() and results.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "it ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = recorded(results)
+    assert 2 <= len(finished) < 6 and not list(killed.rglob(".*.tmp"))  # a half-written file is never left as done
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"{len(finished)} of 6 inputs already done" in again.stderr
+    for mask in straight.rglob("*.png"):
+        assert np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(killed / mask.relative_to(straight))))
+    assert len(recorded(results)) == 6
 
 
 def test_glob_and_single_file_inputs(engines, photos, tmp_path):
@@ -178,7 +228,7 @@ def test_modes_and_orientations_give_upright_class_maps_at_the_input_size(engine
 
 PREDICT_WITHOUT_TORCH = """
 import json, sys
-from serve.predict import CONFIDENCE, main
+from serve.predict import CONFIDENCE, main, recorded
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
                   "train": [m for m in sys.modules if m.split(".")[0] in ("train", "export")]}))
