@@ -15,6 +15,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -164,6 +165,8 @@ def _export_student(run: RunExport, name: str) -> Manifest:
     student = load_student(run.run_dir, name, run.cfg)
     weights = weights_file(run.run_dir, name)
     final = run.out / name
+    for left in run.out.glob(f".{name}-*"):  # what a killed export was building (one export at a time: a lock)
+        shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=run.out))
     metrics = run.run_dir / METRICS_FILE
     source = {
@@ -180,12 +183,33 @@ def _export_student(run: RunExport, name: str) -> Manifest:
         tmp.chmod(0o755)  # mkdtemp made it private
         if final.exists():
             _keep_plans(final, tmp, manifest)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        swap_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %d engines in %s", name, len(manifest.engines), final)
     return manifest
+
+
+VERSIONS = ".versions"  # in an export dir: each student's engine sets, the live one linked by the student's name
+
+
+def swap_into_place(built: Path, final: Path) -> None:
+    """Make the engine set `built` live as `final` in one atomic step: `final` is a relative symlink to
+    `.versions/<name>-<stamp>` and is replaced by a rename, so a reader, or a kill at any moment, finds the
+    previous complete set or the new one, never neither and never a mix. Older sets are removed after."""
+    versions = final.parent / VERSIONS
+    versions.mkdir(exist_ok=True)
+    live = versions / f"{final.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    built.rename(live)
+    link = final.with_name(f".{final.name}.link")
+    link.unlink(missing_ok=True)
+    link.symlink_to(live.relative_to(final.parent))
+    if final.is_dir() and not final.is_symlink():  # an engine dir of an earlier version: moved aside, once
+        final.rename(versions / f"{final.name}-earlier-{os.getpid()}")
+    os.replace(link, final)
+    for old in versions.glob(f"{final.name}-*"):
+        if old != live:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
