@@ -15,7 +15,9 @@ extreme aspect ratios) and at sizes off the 32-pixel grid, at batch 1 and the la
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,6 +114,24 @@ def summary(manifests: dict) -> None:
             print(f"not shipped: {s['runtime']} {s['precision']} ({s['variant']}): {s['reason']}")
 
 
+def disk_full(args: argparse.Namespace, out: Path) -> str:
+    """What a full disk stopped: where, what the export needs (each student's graphs in both I/O modes, from the
+    size of its weights and each variant's bytes per weight) and what is free; the engines already there are
+    untouched (nothing of this export went live)."""
+    share = {"fp32": 1.0, "fp16": 0.5, "int8.qdq": 0.25, "int8.cpu": 0.25}
+    weights = sum(
+        (args.run / f"{s}.safetensors").stat().st_size
+        for s in args.students
+        if (args.run / f"{s}.safetensors").is_file()
+    )
+    need = 2 * weights * sum(share.get(v, 1.0) for v in args.variants)
+    free = shutil.disk_usage(out if out.exists() else out.parent).free
+    return (
+        f"no space left on the disk of {out}: this export needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB "
+        "are free; the engines already there are untouched (nothing of this export went live)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args = cli.parse_args(argv)
@@ -136,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, DatasetError, OSError, ValueError, RunBusy) as e:
+    except OSError as e:
+        print(f"error: {disk_full(args, out) if e.errno == errno.ENOSPC else e}", file=sys.stderr)
+        return 2
+    except (ConfigError, DatasetError, ValueError, RunBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary(manifests)

@@ -34,10 +34,12 @@ all). With --slide each image is written as soon as its windows are done.
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -186,7 +188,11 @@ class Writer:
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.confidence == "npy":
             tmp = path.with_name(f".{path.name}.tmp.npy")
-            np.save(tmp, confidence.astype(np.float32))
+            try:
+                np.save(tmp, confidence.astype(np.float32))
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, path)
         else:
             _atomic_save(Image.fromarray(np.round(confidence * 65535).astype(np.uint16)), path)
@@ -215,7 +221,11 @@ def _atomic_save(img: Image.Image, path: Path, **kwargs) -> None:
     """Written under a temporary name and renamed: a killed run leaves no half file that counts as done."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format=Image.registered_extensions()[path.suffix.lower()], **kwargs)
+    try:
+        img.save(tmp, format=Image.registered_extensions()[path.suffix.lower()], **kwargs)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
     os.replace(tmp, path)
 
 
@@ -416,7 +426,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{redone} inputs made otherwise before (model, engines or options): made again", file=sys.stderr)
     if args.confidence and any(i.video for i in todo):
         print("confidence maps are written for images; videos get their class maps", file=sys.stderr)
-    failures = write_all(args, todo, run, writer)
+    try:
+        failures = write_all(args, todo, run, writer)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        done = len(recorded(args.out / RESULTS_FILE)) - (len(items) - len(todo))
+        free = shutil.disk_usage(args.out).free
+        sizes = [p.stat().st_size for p in args.out.rglob("*.png")][:1000]
+        need = (len(todo) - done) * (sum(sizes) / len(sizes) if sizes else 0)
+        print(
+            f"error: no space left on the disk of {args.out} ({free / 2**20:.0f} MiB free; the {len(todo) - done} "
+            f"inputs left need about {need / 2**20:.0f} MiB more): the {done} finished outputs and their records are "
+            "kept; free some space and run the same command again (it skips them)",
+            file=sys.stderr,
+        )
+        return 2
     summary = f"{len(todo) - len(failures)} of {len(todo)} inputs segmented into {args.out}"
     print(summary + (f"; {len(failures) + len(missing)} failed" if failures or missing else ""))
     return 1 if failures or missing else 0

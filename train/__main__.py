@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 3
             finally:
                 distributed.shutdown()
-    except (ConfigError, DatasetError, FileNotFoundError, RunBusy) as e:
+    except (ConfigError, DatasetError, OSError, RunBusy) as e:  # OSError: a missing file, a full disk (DiskFull)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+
+class DiskFull(OSError):
+    """No room for a file: the message names it, what it needs, what is free, and what is kept."""
+
+    def __init__(self, path: Path, needed: int) -> None:
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left to write {path}: it needs {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free "
+            f"there; {kept}. Free some space and resume",
+        )
 
 
 def _pack(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -41,7 +56,13 @@ def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            raise DiskFull(path, sum(t.numel() * t.element_size() for t in tensors.values())) from None
+        raise
     os.replace(tmp, path)  # a reader (or a resume after SIGKILL) sees the old file or the new one
 
 
