@@ -8,7 +8,7 @@ CONFIG ?= configs/synthetic.yaml
 RUN ?= runs/demo
 ARGS ?=
 
-.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve serve-triton demo ablation bench bench-train load test lint format docs clean
+.PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve serve-triton demo ablation bench bench-train load soak test lint format docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -106,6 +106,11 @@ bench: setup
 load: setup
 	$(PY) -m benchmarks.load $(ARGS)
 
+# An hour under load and faults (the app, Triton, killed predict and export runs, locks):
+# benchmarks/results/soak-cpu.md. make soak RUN=runs/demo ARGS="--minutes 60"
+soak: setup $(TRITON_VENV)/.installed
+	$(PY) -m benchmarks.soak --run $(RUN) $(ARGS)
+
 # independent / dml / full over 3 paired seeds, test-split numbers: runs/ablation/table.md
 # make ablation ARGS="--jobs 2 iterations=6000" is the protocol of benchmarks/results/ablation-synthetic.md
 ablation: data
@@ -120,7 +125,7 @@ test: setup $(TRITON_VENV)/.installed
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium could not be installed: the browser test will skip"
-	$(PY) -m pytest -q
+	PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n auto --dist loadfile
 
 # The documentation site from docs/ (MkDocs, Material theme) into site/; the reference page is generated from
 # the code first (the config dataclasses, every command's parser).

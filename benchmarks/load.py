@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,59 +28,91 @@ from PIL import Image
 from serve.backends import legacy
 
 
-def drive(clients: int, seconds: float, make_sender) -> tuple[list[float], Counter, float, float]:
-    """`clients` threads, each calling its own `make_sender(i)()` back to back for `seconds`: latencies
-    (s), errors by message, elapsed time, and the time the clients took to connect. The clock starts when
-    every client is ready (a slow handshake does not eat the window)."""
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
+class Refused(Exception):
+    """A deliberate bad request that got its clear refusal: counted by kind, apart from the errors."""
+
+
+@dataclass
+class Drive:
+    """What the clients saw: each answered request as (seconds after the clock started, latency s), the
+    deliberate bad requests refused as expected and the errors, both by message, the seconds the window
+    lasted and the seconds the clients took to connect."""
+
+    answered: list[tuple[float, float]] = field(default_factory=list)
+    refused: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    elapsed: float = 0.0
+    connect: float = 0.0
+
+    @property
+    def latencies(self) -> list[float]:
+        return [latency for _, latency in self.answered]
+
+
+def _message(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def drive(clients: int, seconds: float, make_sender) -> Drive:
+    """`clients` threads, each calling its own `make_sender(i)()` back to back for `seconds`; a sender raises
+    `Refused` for a bad request refused as it should be. The clock starts when every client is ready (a
+    slow handshake does not eat the window)."""
+    result = Drive()
     lock = threading.Lock()
-    deadline = [0.0]
+    clock = [0.0, 0.0]  # start, deadline
     began = time.perf_counter()
-    # the last client to arrive sets the deadline, before any is released
-    start = threading.Barrier(clients + 1, action=lambda: deadline.__setitem__(0, time.perf_counter() + seconds))
+
+    def ready() -> None:  # the last client to arrive starts the clock, before any is released
+        clock[0] = time.perf_counter()
+        clock[1] = clock[0] + seconds
+
+    start = threading.Barrier(clients + 1, action=ready)
 
     def user(i: int) -> None:
         try:
             send = make_sender(i)
         except Exception as e:  # the server refused even the handshake
             with lock:
-                errors[f"connect: {e}"[:200]] += 1
+                result.errors[f"connect: {e}"[:200]] += 1
             start.wait()
             return
         start.wait()
-        while time.perf_counter() < deadline[0]:
-            sent = time.perf_counter()
+        while (sent := time.perf_counter()) < clock[1]:
             try:
                 send()
+            except Refused as e:
+                with lock:
+                    result.refused[_message(e)] += 1
+                continue
             except Exception as e:
                 with lock:
-                    errors[str(e).splitlines()[0][:200] if str(e) else type(e).__name__] += 1
+                    result.errors[_message(e)] += 1
                 continue
             with lock:
-                latencies.append(time.perf_counter() - sent)
+                result.answered.append((sent - clock[0], time.perf_counter() - sent))
 
     threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     start.wait()
-    ready = time.perf_counter()
+    result.connect = clock[0] - began
     for t in threads:
         t.join()
-    return latencies, errors, time.perf_counter() - ready, ready - began
+    result.elapsed = time.perf_counter() - clock[0]
+    return result
 
 
-def summary(latencies: list[float], errors: Counter, elapsed: float, connect: float) -> dict:
-    ms = 1e3 * np.array(latencies) if latencies else np.zeros(1)
+def summary(run: Drive) -> dict:
+    ms = 1e3 * np.array(run.latencies) if run.answered else np.zeros(1)
     return {
-        "connect_s": round(connect, 2),
-        "seconds": round(elapsed, 2),
-        "requests": len(latencies),
-        "requests_per_s": len(latencies) / elapsed,
+        "connect_s": round(run.connect, 2),
+        "seconds": round(run.elapsed, 2),
+        "requests": len(run.answered),
+        "requests_per_s": len(run.answered) / run.elapsed,
         **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)},
         "max_ms": float(ms.max()),
-        "errors": sum(errors.values()),
-        "error_messages": dict(errors),
+        "errors": sum(run.errors.values()),
+        "error_messages": dict(run.errors),
     }
 
 
@@ -100,7 +133,7 @@ def run_load(url, clients, seconds, images, model="cnn", backend="ort.cpu.fp32")
             return lambda: client.predict(upload, model, backend, 0.5, api_name="/segment")
 
         try:
-            result = summary(*drive(clients, seconds, make_sender))
+            result = summary(drive(clients, seconds, make_sender))
         finally:
             tempfile.tempdir = previous
     return {"url": url, "clients": clients, "model": model, "backend": backend, **result}
@@ -131,7 +164,7 @@ def run_triton_load(url: str, clients: int, seconds: float, images: list[Path], 
         return found["model_stats"][0]["inference_stats"] if found.get("model_stats") else {}
 
     before = stats()
-    result = summary(*drive(clients, seconds, make_sender))
+    result = summary(drive(clients, seconds, make_sender))
     after = stats()
 
     def mean_ms(key: str) -> float | None:

@@ -41,6 +41,7 @@ COMMANDS = [
     "benchmarks.gate",
     "benchmarks.train_speed",
     "benchmarks.load",
+    "benchmarks.soak",
     "benchmarks.slide_batching",
     "benchmarks.evaluate",
     "benchmarks.overlays",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = build_app(demo, args.examples)
     app.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop (docker stop, kill) closes it cleanly
     app.launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size, show_error=True)
     return 0
 

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,12 +25,30 @@ def _scratch_in_pytests_tmp(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _bytecode_shared_by_subprocesses(tmp_path_factory):
     """The Python processes the tests start (CLIs, servers, torchrun ranks: dozens) compile their imports once
-    between them, into a folder of pytest's own tmp dir: with PYTHONDONTWRITEBYTECODE set and a venv installed
-    --no-compile, each start otherwise compiles torch, timm and the rest from source again (~5 s of ~8)."""
+    between them: with PYTHONDONTWRITEBYTECODE set and a venv installed --no-compile, each start otherwise
+    compiles torch, timm and the rest from source again (~5 s of ~8). `make test` names a lasting folder
+    (PYTHONPYCACHEPREFIX); a bare pytest gets one in its session's tmp dir, shared by its xdist workers."""
+    if os.environ.get("PYTHONPYCACHEPREFIX"):
+        yield
+        return
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+        env.setenv("PYTHONPYCACHEPREFIX", str(built_once(tmp_path_factory, "pycache", Path.mkdir)))
         env.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
         yield
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` once per test session, by whichever pytest-xdist worker asks first (the others wait for it
+    and share the result): a dir of the session's basetemp, which every worker's own basetemp lies in."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +56,10 @@ def synthetic_root(tmp_path_factory) -> Path:
     """A tiny copy of the embedded dataset, written through the real generator."""
     from train.data.synthetic import generate
 
-    root = tmp_path_factory.mktemp("synthetic")
-    return generate(root, num_train=16, num_val=4, height=40, width=56, seed=1, num_test=3)
+    def build(root: Path) -> None:
+        generate(root, num_train=16, num_val=4, height=40, width=56, seed=1, num_test=3)
+
+    return built_once(tmp_path_factory, "synthetic", build)
 
 
 def tiny_run_args(data_root: Path, iterations: int = 6) -> list[str]:
@@ -66,12 +88,14 @@ def run_module(*args: str, cwd: Path = REPO, env_extra: dict | None = None, **kw
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_root, tmp_path_factory) -> Path:
-    """A finished (tiny) training run, shared by the export, serve and benchmark tests."""
-    run_dir = tmp_path_factory.mktemp("runs") / "shared"
-    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--run-dir", str(run_dir)]
-    result = run_module("train", *args, *tiny_run_args(synthetic_root, iterations=8), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    """A finished (tiny) training run, shared by the export, serve and benchmark tests (never written to)."""
+
+    def build(run_dir: Path) -> None:
+        args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--run-dir", str(run_dir)]
+        result = run_module("train", *args, *tiny_run_args(synthetic_root, iterations=8), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "trained", build)
 
 
 # Export settings small enough for tests; reduced precisions of an 8-iteration model get a looser agreement
@@ -86,11 +110,14 @@ TEST_EXPORT_ARGS = [
 
 
 @pytest.fixture(scope="session")
-def exported_run(trained_run) -> Path:
-    """The shared run, exported with every precision variant (engine dirs under trained_run/export), gated at the
-    serving size only: the gate's sweep over the profile's other sizes (OpenVINO compiles each shape, most of this
-    export's time) is tested on its own exports in tests/export/test_export.py."""
+def exported_run(trained_run, tmp_path_factory) -> Path:
+    """A copy of the shared run, exported with every precision variant (engine dirs under exported_run/export),
+    gated at the serving size only: the gate's sweep over the profile's other sizes (OpenVINO compiles each shape,
+    most of this export's time) is tested on its own exports in tests/export/test_export.py."""
     from export.__main__ import main
 
-    assert main(["--run", str(trained_run), *TEST_EXPORT_ARGS, "--no-size-sweep"]) == 0
-    return trained_run
+    def build(run_dir: Path) -> None:
+        shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("checkpoint"))
+        assert main(["--run", str(run_dir), *TEST_EXPORT_ARGS, "--no-size-sweep"]) == 0
+
+    return built_once(tmp_path_factory, "exported", build)

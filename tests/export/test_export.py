@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
@@ -17,7 +12,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 
 import export.pipeline
 from export.__main__ import main
@@ -26,7 +20,7 @@ from export.parity import gate_sizes, normalise
 from export.tensorrt import PLAN_VARIANTS
 from serve.manifest import read_manifest
 from serve.runtime import OnnxRuntimeEngine, open_engine
-from tests.conftest import REPO, TEST_EXPORT_ARGS
+from tests.conftest import TEST_EXPORT_ARGS
 from train.run_dir import load_student
 
 
@@ -373,27 +367,3 @@ def test_an_engine_set_goes_live_in_one_step_and_the_previous_one_is_removed(tmp
         assert final.is_symlink() and (final / "manifest.json").read_text() == f"set {n}"
         assert not built.exists() and len(list((final.parent / VERSIONS).iterdir())) == 1  # the older ones went
     assert not Path(os.readlink(final)).is_absolute()  # relative: the export dir can be moved or copied whole
-
-
-def test_an_export_killed_at_any_moment_leaves_the_previous_engine_set_whole(exported_run, tmp_path):
-    from serve.segmenter import load_segmenter
-
-    out = tmp_path / "export"
-    for part in ("cnn", "examples"):  # the previous set, as a plain folder (an earlier version's layout)
-        shutil.copytree(exported_run / "export" / part, out / part)
-    args = ["-m", "export", "--run", str(exported_run), "--out", str(out), "--students", "cnn", "--variants", "fp32"]
-    args += ["--no-openvino", "--no-size-sweep", *TEST_EXPORT_ARGS]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    image = np.asarray(Image.open(sorted((out / "examples").glob("*.png"))[0]).convert("RGB"))
-    expected = load_segmenter(out, "cnn", "ort.cpu.fp32").predict(image).labels
-    for delay in (3.0, 8.0):  # while the graphs are written, while the gate runs
-        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        manifest = read_manifest(out / "cnn")  # it reads, and every engine it lists is on disk
-        assert all((out / "cnn" / e.file).is_file() for e in manifest.engines)
-        assert np.array_equal(load_segmenter(out, "cnn", "ort.cpu.fp32").predict(image).labels, expected)
-    again = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and not list(out.glob(".cnn-*"))  # what the killed exports built is cleared
-    assert (out / "cnn").is_symlink() and read_manifest(out / "cnn").engines

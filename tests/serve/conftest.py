@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.soak import awkward_files
 from tests.conftest import REPO
 
 MAX_PIXELS = 1_000_000  # the test server's limit, small enough to cross cheaply
@@ -20,27 +21,8 @@ EXIF_ORIENTATION = 0x0112
 
 
 def bad_inputs(folder: Path) -> dict[str, Path]:
-    """One file per kind of input the server must refuse with a readable message."""
-    folder.mkdir(parents=True, exist_ok=True)
-    good = folder / "good.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(good)
-    data = good.read_bytes()
-    files = {
-        "not an image": ("notes.png", b"hello, this is text"),
-        "truncated": ("truncated.png", data[: len(data) // 2]),
-        "empty": ("empty.png", b""),
-    }
-    out = {}
-    for kind, (name, payload) in files.items():
-        (folder / name).write_bytes(payload)
-        out[kind] = folder / name
-    Image.new("RGB", (1, 1)).save(folder / "one-pixel.png")
-    out["1x1"] = folder / "one-pixel.png"
-    Image.new("L", (1200, 1000)).save(folder / "over-limit.png")  # 1.2 MP: over the tests' 1 MP limit
-    out["over the pixel limit"] = folder / "over-limit.png"
-    Image.new("L", (15000, 12000)).save(folder / "bomb.png")  # 180 MP in ~200 KB
-    out["decompression bomb"] = folder / "bomb.png"
-    return out
+    """One file per kind of input the server must refuse with a readable message (benchmarks.soak.AWKWARD)."""
+    return awkward_files(folder, MAX_PIXELS)
 
 
 def convertible_inputs(folder: Path) -> dict[str, Path]:
