@@ -299,13 +299,13 @@ def _triton_repository(engines: Path, out: Path) -> Path:
     return out
 
 
-def _triton_models(client, engines: Path, token: str) -> list[str]:
+def _triton_models(client, engines: Path, token: str, models: tuple[str, ...]) -> list[str]:
     """The models a user sends images to (image in, labels out): serve.triton_server's own, and the repository's
     (its ensembles' steps and logits models left out)."""
-    from serve.segmenter import MODELS, choices
+    from serve.segmenter import choices
     from serve.triton_server import GRPC_TOKEN_HEADER, model_name
 
-    own = [*MODELS, *(model_name(m, b.name) for m, b in choices(engines) if b.device == "cpu")]
+    own = [*models, *(model_name(m, b.name) for m, b in choices(engines) if b.device == "cpu" and m in models)]
     repository = [
         m["name"] for m in client.get_model_repository_index(as_json=True, headers={GRPC_TOKEN_HEADER: token})["models"]
     ]
@@ -318,7 +318,13 @@ def _triton_models(client, engines: Path, token: str) -> list[str]:
     return served
 
 
-def soak_triton(engines: Path, seconds: float, scratch: Path, clients: int = 16) -> Row:
+def soak_triton(
+    engines: Path,
+    seconds: float,
+    scratch: Path,
+    clients: int = 16,
+    models: tuple[str, ...] = ("cnn", "vit", "ensemble"),
+) -> Row:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -329,8 +335,8 @@ def soak_triton(engines: Path, seconds: float, scratch: Path, clients: int = 16)
     repository = _triton_repository(engines, scratch / "repository")
     ports, token, log = {k: free_port() for k in ("http", "grpc", "metrics")}, "soak", scratch / "triton.log"
     home = Path(tempfile.mkdtemp(prefix="pytriton-", dir="/tmp"))  # its IPC socket paths must stay short
-    command = [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(engines), "--models", "cnn", "vit",
-               "ensemble", "--repository", str(repository), "--access-token", token,
+    command = [str(TRITON_PYTHON), "-m", "serve.triton_server", "--engines", str(engines), "--models", *models,
+               "--repository", str(repository), "--access-token", token,
                *(f"--{k}-port={v}" for k, v in ports.items())]  # fmt: skip
     server = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
                               start_new_session=True, env={**os.environ, "PYTRITON_HOME": str(home)})  # fmt: skip
@@ -339,7 +345,7 @@ def soak_triton(engines: Path, seconds: float, scratch: Path, clients: int = 16)
         ready = f"http://{http_url}/v2/health/ready"
         _wait_until(lambda: "Triton: HTTP" in log.read_text() and urllib.request.urlopen(ready).status == 200,
                     server, log, "the Triton server")  # fmt: skip
-        models = _triton_models(grpcclient.InferenceServerClient(grpc_url), engines, token)
+        served = _triton_models(grpcclient.InferenceServerClient(grpc_url), engines, token, models)
         broken = "vit_fp32"  # a repository model, corrupted halfway
         corrupted = threading.Event()
         watch, started = Watch(server.pid, max(1.0, seconds / 120)), time.perf_counter()
@@ -351,7 +357,7 @@ def soak_triton(engines: Path, seconds: float, scratch: Path, clients: int = 16)
 
             def send():
                 turn[0] += 1
-                model = models[turn[0] % len(models)]
+                model = served[turn[0] % len(served)]
                 h, w = TRITON_SIZES[turn[0] % len(TRITON_SIZES)]
                 image = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
                 request = module.InferInput("image", list(image.shape), "UINT8")
@@ -387,7 +393,7 @@ def soak_triton(engines: Path, seconds: float, scratch: Path, clients: int = 16)
         run = drive(clients, seconds, make_sender)
         fault.join()
         row = _loaded(run, Row("triton"), watch, started, seconds)
-        row.notes.append(f"{clients} clients (half HTTP, half gRPC) over {len(models)} models: {', '.join(models)}")
+        row.notes.append(f"{clients} clients (half HTTP, half gRPC) over {len(served)} models: {', '.join(served)}")
         row.notes.append(f"halfway {broken}'s model.onnx truncated and the model reloaded: {reload[0]}")
         row.notes.append(
             f"{broken} answered {answered_after[0]} requests after that, refused {sum(run.refused.values())}"
