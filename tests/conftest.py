@@ -62,12 +62,13 @@ def synthetic_root(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "synthetic", build)
 
 
-def tiny_run_args(data_root: Path, iterations: int = 6) -> list[str]:
-    """Overrides that shrink configs/synthetic.yaml to seconds of CPU time."""
+def tiny_run_args(data_root: Path, iterations: int = 6, checkpoint_interval: int | None = None) -> list[str]:
+    """Overrides that shrink configs/synthetic.yaml to seconds of CPU time; one checkpoint (~1 s), at the end,
+    unless a test resumes from an earlier one."""
     return [
         f"iterations={iterations}",
         "eval_interval=3",
-        "checkpoint_interval=2",
+        f"checkpoint_interval={checkpoint_interval or iterations}",
         "log_interval=1",
         f"data.root={data_root}",
         "data.crop_size=[32,32]",

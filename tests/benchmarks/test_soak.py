@@ -49,10 +49,10 @@ def test_predict_killed_three_times_ends_as_an_uninterrupted_run_computing_nothi
 
 
 def test_an_export_killed_at_random_moments_always_leaves_a_whole_serving_engine_set(exported_run, tmp_path):
-    row = soak_export(exported_run, kills=2, scratch=tmp_path, export_args=EXPORT_ARGS)
+    row = soak_export(exported_run, kills=1, scratch=tmp_path, export_args=EXPORT_ARGS)
     assert row.lost == 0 and not row.errors, row
-    starts = row.notes[-1].split(", ")
-    assert len(starts) == 3 and "exit -9" in starts[0] + starts[1] and starts[-1].endswith("exit 0"), row.notes
+    starts = row.notes[-1].split(", ")  # the kill lands within the export's time: 2-90 % of an uninterrupted one
+    assert len(starts) == 2 and "exit -9" in starts[0] and starts[-1].endswith("exit 0"), row.notes
 
 
 def test_a_second_export_and_a_second_training_are_refused_while_the_first_runs(trained_run, tmp_path):

@@ -398,7 +398,7 @@ def _iteration(path: Path) -> int:
 def test_a_few_labels_run_resumed_after_sigkill_reaches_the_same_weights_and_teachers(synthetic_root, tmp_path):
     few = ["data.labeled=6", "method.terms=[cross,self_training,pixel_bsd]", "method.views=weak_strong"]
     few += ["method.cross_teacher=ema", "method.start=0", "method.pseudo_threshold=0.3"]
-    few += [*tiny_run_args(synthetic_root, 6), "log_interval=5"]
+    few += [*tiny_run_args(synthetic_root, 6, checkpoint_interval=2), "log_interval=5"]
 
     def args(run: Path) -> list[str]:
         return ["--config", "configs/synthetic.yaml", "--run-dir", str(run), *few]
