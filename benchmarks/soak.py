@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -240,48 +241,57 @@ def soak_app(
     command += ["--max-pixels", str(APP_MAX_PIXELS), "--max-queue", str(4 * clients)]
     server = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
+    tickets = itertools.count(1)  # every client's requests in one sequence: pairs in turn, one in N awkward
+
+    def segment(client, path: Path, model: str, backend: str) -> None:
+        h, w = (int(v) for v in path.stem.split("x"))
+        args = (handle_file(str(path)), model, backend, 0.5, max(h, w) > APP_SLIDE_ABOVE)
+        details = client.predict(*args, api_name="/segment")[4]
+        if details["image_size"] != [h, w]:
+            raise RuntimeError(f"answered {details['image_size']} for a {h}x{w} image")
+
+    def refused(client, kind: str) -> None:
+        try:
+            client.predict(handle_file(str(awkward[kind])), "cnn", "ort.cpu.fp32", 0.5, False, api_name="/segment")
+        except AppError as e:
+            if AWKWARD[kind] in str(e):
+                raise Refused(kind) from e
+            raise RuntimeError(f"{kind}: refused without saying why: {e}") from e
+        raise RuntimeError(f"{kind}: answered instead of refused")
+
+    def make_sender(i: int):
+        client = Client(url, verbose=False, download_files=str(scratch / "downloads" / str(i)))
+        images, rng = sized_images(scratch / f"client{i}", engines / "examples", sizes, tint=3 * i), random.Random(i)
+
+        def send():
+            n = next(tickets)
+            if n % awkward_every == 0:  # each kind in turn
+                return refused(client, list(awkward)[(n // awkward_every) % len(awkward)])
+            segment(client, rng.choice(images), *pairs[n % len(pairs)])
+
+        return send
+
     try:
         _wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, server, log, "the app")
-        watch, started = Watch(server.pid, max(1.0, seconds / 120)), time.perf_counter()
-        downloads = scratch / "downloads"
-
-        def make_sender(i: int):
-            client = Client(url, verbose=False, download_files=str(downloads / str(i)))
-            images = sized_images(scratch / f"client{i}", engines / "examples", sizes, tint=3 * i)
-            rng, turn = random.Random(i), [i]
-
-            def send():
-                turn[0] += 1
-                if turn[0] % awkward_every == 0:  # an awkward file, each kind in turn
-                    kind = list(awkward)[(turn[0] // awkward_every) % len(awkward)]
-                    try:
-                        client.predict(handle_file(str(awkward[kind])), "cnn", "ort.cpu.fp32", 0.5, False,
-                                       api_name="/segment")  # fmt: skip
-                    except AppError as e:
-                        if AWKWARD[kind] in str(e):
-                            raise Refused(kind) from e
-                        raise RuntimeError(f"{kind}: refused without saying why: {e}") from e
-                    raise RuntimeError(f"{kind}: answered instead of refused")
-                path = rng.choice(images)
-                h, w = (int(v) for v in path.stem.split("x"))
-                model, backend = pairs[turn[0] % len(pairs)]
-                args = (handle_file(str(path)), model, backend, 0.5, max(h, w) > APP_SLIDE_ABOVE)
-                details = client.predict(*args, api_name="/segment")[4]
-                if details["image_size"] != [h, w]:
-                    raise RuntimeError(f"answered {details['image_size']} for a {h}x{w} image")
-
-            return send
-
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:  # gradio_client's per-download temp dirs
             tempfile.tempdir, previous = tmp, tempfile.tempdir
             try:
+                # Warm-up, outside the clock: each pair opens its engines at the smallest and the largest size
+                # once, so the RSS after the first twelfth is a served app's, not one still loading engines
+                warm = Client(url, verbose=False, download_files=str(scratch / "downloads" / "warm"))
+                images = sized_images(scratch / "warm", engines / "examples", [sizes[0], sizes[-1]], tint=-5)
+                for pair in pairs:
+                    for path in images:
+                        segment(warm, path, *pair)
+                watch, started = Watch(server.pid, max(1.0, seconds / 120)), time.perf_counter()
                 run = drive(clients, seconds, make_sender)
             finally:
                 tempfile.tempdir = previous
         row = _loaded(run, Row("app"), watch, started, seconds)
         shown = f"sizes {sizes[0]}-{sizes[-1]} px, sliding windows above {APP_SLIDE_ABOVE}"
         row.notes.append(f"{clients} clients, {len(pairs)} (model, backend) pairs in turn, {shown}")
-        row.notes.append(f"one request in {awkward_every} an awkward file")
+        row.notes.append(f"one request in {awkward_every} an awkward file; a warm-up of {len(pairs) * len(images)} "
+                         "requests before the clock (each pair at the smallest and the largest size)")  # fmt: skip
         row.notes.append(f"the clients connected in {run.connect:.1f} s")
     finally:
         code = _stop(server)
@@ -405,6 +415,13 @@ def soak_triton(
     return row
 
 
+def _finished(command: list[str]) -> None:
+    """Run `command` to its end; a failure raises with what it said."""
+    done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=24 * 3600)
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(command)} exited {done.returncode}: {done.stderr.strip()[-1000:]}")
+
+
 def _killed_until_done(command: list[str], kills: int, progress, rng: random.Random, timeout: float) -> list[str]:
     """Run `command`, SIGKILL it `kills` times at random moments (`progress()` in [0, 1] paces the moments), then
     let it finish; returns what happened, a line per start."""
@@ -442,8 +459,7 @@ def soak_predict(engines: Path, images: int, kills: int, scratch: Path, seed: in
     args = ["-m", "serve.predict", "--engines", str(engines), "--model", "ensemble", "--overlay", str(folder)]
     straight, killed = scratch / "straight", scratch / "killed"
     started = time.perf_counter()
-    subprocess.run([sys.executable, *args, "--out", str(straight)], cwd=REPO, env=_env(), check=True,
-                   capture_output=True, timeout=24 * 3600)  # fmt: skip
+    _finished([sys.executable, *args, "--out", str(straight)])
     straight_s = time.perf_counter() - started
     results = killed / "predictions.jsonl"
 
@@ -475,7 +491,7 @@ def soak_export(run_dir: Path, kills: int, scratch: Path, export_args: list[str]
     out = scratch / "export"
     command = [sys.executable, "-m", "export", "--run", str(run_dir), "--out", str(out), *export_args]
     started = time.perf_counter()
-    subprocess.run(command, cwd=REPO, env=_env(), check=True, capture_output=True, timeout=24 * 3600)
+    _finished(command)
     export_s = time.perf_counter() - started
     image = np.asarray(Image.open(sorted((out / "examples").glob("*.png"))[0]).convert("RGB"))
     students = list(engine_dirs(out))
@@ -597,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
             where = Path(scratch) / name
             where.mkdir()
             print(f"{name}...", file=sys.stderr, flush=True)
-            rows.append(SCENARIOS[name](args, where))
+            try:
+                rows.append(SCENARIOS[name](args, where))
+            except Exception as e:  # the scenario could not run: its row says why, the others go on
+                rows.append(Row(name, errors={f"the scenario failed: {e}"[:300]: 1}))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(markdown(rows, command))  # each row as soon as it is measured
             print(json.dumps(rows[-1].__dict__, default=str), file=sys.stderr, flush=True)
