@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.soak import awkward_files
+from benchmarks.soak import awkward_files, free_port
 from tests.conftest import REPO
 
 MAX_PIXELS = 1_000_000  # the test server's limit, small enough to cross cheaply
@@ -52,16 +51,10 @@ def engines(exported_run) -> Path:
     return exported_run / "export"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(engines, tmp_path_factory):
     """`python -m serve` on the shared export, with small limits so the tests can cross them."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "serve", "--engines", str(engines), "--port", str(port),

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.soak import free_port
 from export.triton import RepositoryOptions, write_repository
 from serve.backends import usable
 from serve.runtime import open_engine
 from serve.segmenter import choices, load_segmenter
 from serve.triton_server import model_name
 from tests.conftest import REPO
-from tests.serve.conftest import _free_port
 
 TRITON_PYTHON = REPO / ".venv" / "triton" / "bin" / "python"  # `make serve-triton` / `make test` make it
 MAX_SIDE = 256
@@ -58,7 +58,7 @@ def served(engines, tmp_path_factory) -> dict[str, Path]:
 def triton(served, tmp_path_factory):
     if not TRITON_PYTHON.exists():
         pytest.skip(f"{TRITON_PYTHON} is missing: make serve-triton (or make test) creates it")
-    ports = {name: _free_port() for name in ("http", "grpc", "metrics")}
+    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
     log_path = tmp_path_factory.mktemp("triton") / "server.log"
     # PyTriton's workspaces (a copy of the server per start) hold its IPC sockets, whose paths must stay under
     # 108 characters: a short dir, not pytest's
