@@ -74,7 +74,7 @@ class GraphRunner:
 
 def labels_graphs(student: torch.nn.Module, size: tuple[int, int]) -> dict[str, bytes]:
     """The student's labels graph per GRAPHS entry, serialized (onnxslim'd as the export does)."""
-    logits = graphs.simplify(graphs.export_logits(student, size, max_batch=8))
+    logits = graphs.simplify(graphs.export_logits(student, size))
     out = {}
     for variant, (_, keep) in GRAPHS.items():
         graph = logits if keep is None else precision.to_fp16(logits, keep)

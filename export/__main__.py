@@ -9,7 +9,9 @@ out), model.<variant>.logits.onnx, manifest.json, parity.json and README.md (the
 engines' shape range (TensorRT's profile) is sized so that the logits at its max stay within
 --profile-budget-mib. The gate also runs every engine at the profile's corners (smallest, largest, both
 extreme aspect ratios) and at sizes off the 32-pixel grid, at batch 1 and the largest batch
-(--no-size-sweep: at the serving size only). Exit 1 when a gate fails, 2 on bad input.
+(--no-size-sweep: at the serving size only). The traced graph is kept for the next export of the same
+weights in ~/.cache/segdeploy/traces ($SEGDEPLOY_CACHE: another dir, or off). Exit 1 when a gate fails,
+2 on bad input.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ second time, so every precision variant of the logits graph gets its labels twin
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 
 OPSET = 18  # the dynamo exporter's floor; LayerNormalization is one op since 17
 MAX_INLINE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin: larger weights go to .onnx.data
+CACHE_ENV = "SEGDEPLOY_CACHE"  # where traced graphs are kept between exports; "off": nowhere
+CACHE_ENTRIES = 8  # the newest traces kept
+TRACED_CODE = ("train/models", "export/graphs.py")  # the source a trace depends on, besides torch and timm
 
 
 class LogitsModel(nn.Module):
@@ -38,10 +43,9 @@ class LogitsModel(nn.Module):
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def export_logits(
-    student: nn.Module, sample_hw: tuple[int, int], max_batch: int, opset: int = OPSET
-) -> onnx.ModelProto:
-    """Trace with batch 2 (torch.export specialises size-1 dims) and mark batch, height, width dynamic.
+def export_logits(student: nn.Module, sample_hw: tuple[int, int], opset: int = OPSET) -> onnx.ModelProto:
+    """Trace with batch 2 (torch.export specialises size-1 dims) and mark batch, height, width dynamic
+    (symbolic in the graph: the engines' own limits live in the manifest's profile).
 
     The trace size keeps every stage at least 2x2 (a 1-sized stage would be specialised too) and
     height != width (equal sizes would be assumed equal forever)."""
@@ -51,8 +55,7 @@ def export_logits(
         w += 32
     sample = torch.randn(2, 3, h, w)
     dims = {
-        # torch.export takes a dynamic size to be >= 2: a max of 2 would leave the constant 2 (no batch 1)
-        0: torch.export.Dim("batch", min=1, max=max(3, max_batch)),
+        0: torch.export.Dim("batch", min=1, max=4096),
         2: torch.export.Dim("height", min=32, max=8192),
         3: torch.export.Dim("width", min=32, max=8192),
     }
@@ -69,6 +72,55 @@ def export_logits(
             verbose=False,
         )
     return program.model_proto
+
+
+def trace_cache() -> Path | None:
+    """$SEGDEPLOY_CACHE/traces, else ~/.cache/segdeploy/traces (XDG_CACHE_HOME honoured); None when "off"."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segdeploy"
+    return None if str(root) == "off" else Path(root) / "traces"
+
+
+def trace_key(identity: str, sample_hw: tuple[int, int], opset: int) -> str:
+    """What a trace depends on: the student (`identity`: its weights' sha256 and config), the trace's
+    settings, torch's and timm's versions and this project's model code."""
+    import timm
+
+    repo = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(repr((identity, tuple(sample_hw), opset, torch.__version__)).encode())
+    digest.update(timm.__version__.encode())
+    for part in TRACED_CODE:
+        for source in sorted((repo / part).rglob("*.py")) if (repo / part).is_dir() else [repo / part]:
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_logits(
+    student: nn.Module, identity: str, sample_hw: tuple[int, int], opset: int = OPSET
+) -> tuple[onnx.ModelProto, bool]:
+    """`export_logits`, or the graph an earlier export of the same student traced (a trace is most of an
+    export's time, and a re-export after a kill, a new variant or a new gate setting traces the same graph);
+    True when it came from the cache. The parity gate checks a cached graph like a fresh one."""
+    cache = trace_cache()
+    path = cache / f"{trace_key(identity, sample_hw, opset)}.onnx" if cache else None
+    if path is not None and path.is_file():
+        try:
+            model = onnx.load(str(path))
+            path.touch()  # newest first when the cache is pruned
+            return model, True
+        except Exception as e:  # a damaged entry is traced again
+            log.warning("%s: unreadable cached trace (%s), tracing again", path, e)
+    model = export_logits(student, sample_hw, opset)
+    if path is not None and model.ByteSize() <= MAX_INLINE_BYTES:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(f".{os.getpid()}.part")
+            onnx.save_model(model, str(part))
+            os.replace(part, path)  # whole or absent, whichever process writes it
+            for old in sorted(path.parent.glob("*.onnx"), key=lambda f: f.stat().st_mtime)[:-CACHE_ENTRIES]:
+                old.unlink(missing_ok=True)
+        except OSError as e:  # a full or read-only cache costs the next export a trace, nothing more
+            log.warning("%s: trace not cached (%s)", path, e)
+    return model, False
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -40,6 +40,7 @@ from serve.manifest import (
     write_manifest,
 )
 from serve.runtime import OPENERS, OnnxRuntimeEngine
+from train.config import slot_config
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.run_dir import METRICS_FILE, STUDENTS, load_run_config, load_student, weights_file
@@ -276,8 +277,10 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
 def _write_graphs(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
     """Every variant's ONNX graph, in both I/O modes, written with its own manifest as metadata."""
     started = time.perf_counter()
-    logits = graphs.export_logits(
-        job.student, tuple(manifest.shapes["opt"][1:]), manifest.shapes["max"][0], job.opts.opset
+    student_cfg = dataclasses.asdict(slot_config(job.cfg, job.name))
+    identity = repr((manifest.source["sha256"], student_cfg, len(manifest.classes)))
+    logits, manifest.exporter["cached_trace"] = graphs.cached_logits(
+        job.student, identity, tuple(manifest.shapes["opt"][1:]), job.opts.opset
     )
     export_s = time.perf_counter() - started
     if job.opts.simplify:

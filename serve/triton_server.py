@@ -117,6 +117,7 @@ def serve(engines: Path | None, models: list[str], args: argparse.Namespace) -> 
     config = TritonConfig(
         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         model_repository=args.repository.resolve() if args.repository else None,
+        exit_timeout_secs=args.exit_timeout,
     )  # fmt: skip
     if args.repository:  # its models load at start: one that fails must neither stop the server nor unready it
         config.exit_on_error = config.strict_readiness = False
@@ -165,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching's wait for more requests")
     parser.add_argument("--max-side", type=int, default=4096, help="longer image sides are refused")
     parser.add_argument("--slide", action="store_true", help="every model slides windows of its serving size")
+    parser.add_argument(
+        "--exit-timeout",
+        type=int,
+        default=30,
+        help="seconds a stop waits for requests in flight and models unloading (Triton's --exit-timeout-secs; a "
+        "repository model whose reload failed holds every stop for all of it)",
+    )
     parser.add_argument(
         "--access-token",
         default=os.environ.get("TRITON_ACCESS_TOKEN"),

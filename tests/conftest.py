@@ -37,6 +37,15 @@ def _bytecode_shared_by_subprocesses(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _traces_shared_by_exports(tmp_path_factory):
+    """The exports of one student's weights (most tests export the shared run) trace it once between them
+    (export.graphs.cached_logits), in the session's dir rather than the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SEGDEPLOY_CACHE", str(built_once(tmp_path_factory, "cache", Path.mkdir)))
+        yield
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """`build(path)` once per test session, by whichever pytest-xdist worker asks first (the others wait for it
     and share the result): a dir of the session's basetemp, which every worker's own basetemp lies in."""

@@ -23,7 +23,7 @@ EXPORT_ARGS = ["--students", "cnn", "--variants", "fp32", "--no-openvino", "--no
 
 
 def test_the_app_under_load_answers_every_good_request_and_refuses_each_awkward_file(exported_run, tmp_path):
-    row = soak_app(exported_run / "export", 20, tmp_path, clients=3, sizes=[32, 64], awkward_every=3)
+    row = soak_app(exported_run / "export", 8, tmp_path, clients=3, sizes=[32, 64], awkward_every=3)
     assert not row.errors and not row.lost, row
     assert row.requests >= 3 and set(row.refused) <= set(AWKWARD) and len(row.refused) >= 1  # each got its refusal
     assert len(row.windows) == 6 and sum(n for *_, n in row.windows) == row.requests
@@ -34,11 +34,11 @@ def test_the_app_under_load_answers_every_good_request_and_refuses_each_awkward_
 def test_triton_keeps_serving_every_model_while_one_is_corrupted_and_reloaded(exported_run, tmp_path):
     if not TRITON_PYTHON.exists():
         pytest.skip(f"{TRITON_PYTHON} is missing: make serve-triton (or make test) creates it")
-    row = soak_triton(exported_run / "export", 20, tmp_path, clients=4, models=("cnn",))
+    row = soak_triton(exported_run / "export", 8, tmp_path, clients=4, models=("cnn",), exit_timeout=3)
     assert not row.errors, row  # every other model kept serving through the corruption
     reload = next(n for n in row.notes if "reloaded" in n)
     assert "the reload failed" in reload and "vit_fp32" in reload and "INVALID_PROTOBUF" in reload, reload
-    assert row.windows[-1][2] > 0 and row.notes[-1] == "the server stopped with exit code 0"
+    assert row.windows[-1][2] > 0 and row.notes[-1].startswith("the server stopped with exit code 0 in ")
 
 
 def test_predict_killed_three_times_ends_as_an_uninterrupted_run_computing_nothing_twice(exported_run, tmp_path):
@@ -51,8 +51,8 @@ def test_predict_killed_three_times_ends_as_an_uninterrupted_run_computing_nothi
 def test_an_export_killed_at_random_moments_always_leaves_a_whole_serving_engine_set(exported_run, tmp_path):
     row = soak_export(exported_run, kills=1, scratch=tmp_path, export_args=EXPORT_ARGS)
     assert row.lost == 0 and not row.errors, row
-    starts = row.notes[-1].split(", ")  # the kill lands within the export's time: 2-90 % of an uninterrupted one
-    assert len(starts) == 2 and "exit -9" in starts[0] and starts[-1].endswith("exit 0"), row.notes
+    starts = row.notes[-1].removeprefix("starts: ").split(", ")  # a kill lands within 2-90 % of an export's time
+    assert [s.startswith("exit -9") for s in starts].count(True) == 1 and starts[-1] == "exit 0", row.notes
 
 
 def test_a_second_export_and_a_second_training_are_refused_while_the_first_runs(trained_run, tmp_path):

@@ -341,16 +341,56 @@ def test_fp16_keep_fp32_reaches_the_graph_and_the_manifest_through_the_cli(train
     assert "--fp16-keep-fp32: 'LayerNorm' is not an ONNX op type" in capsys.readouterr().err
 
 
-def test_a_graph_exported_for_batch_1_runs_batch_1(trained_run):
-    """--max-batch 1 (or 2) once traced a graph whose batch was the constant 2 (torch.export's sizes are >= 2)."""
-    from export.graphs import export_logits
-    from serve.runtime import OnnxRuntimeEngine
-    from train.run_dir import load_student
-
-    graph = export_logits(load_student(trained_run, "cnn"), (48, 80), max_batch=1)  # either student: torch.export's
+@pytest.mark.parametrize("student", ["cnn", "vit"])
+def test_the_logits_graphs_batch_is_symbolic_and_runs_batch_1(exported_run, student):
+    """torch.export specialises a size-1 dim, and once left the constant 2 for a batch traced with max 2."""
+    graph = onnx.load(str(exported_run / "export" / student / "model.fp32.logits.onnx"))
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a constant
     out = OnnxRuntimeEngine(graph.SerializeToString(), device="cpu").run(np.zeros((1, 3, 48, 80), np.float32))
-    assert out.shape[0] == 1
+    assert out.shape == (1, 5, 48, 80)
+
+
+class _TinyStudent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, stride=4, padding=1)
+
+    def forward(self, x: torch.Tensor):
+        from train.models.common import StudentOutput
+
+        logits = self.conv(x)
+        return StudentOutput([logits], logits, logits)
+
+
+def test_a_trace_is_reused_for_the_same_student_only_and_a_damaged_one_is_traced_again(tmp_path, monkeypatch):
+    from export.graphs import cached_logits, trace_cache
+
+    monkeypatch.setenv("SEGDEPLOY_CACHE", str(tmp_path))
+    student = _TinyStudent().eval()
+    first, cached = cached_logits(student, "weights a", (40, 56))
+    again, cached_again = cached_logits(student, "weights a", (40, 56))
+    assert (cached, cached_again) == (False, True) and again.SerializeToString() == first.SerializeToString()
+    assert cached_logits(student, "weights b", (40, 56))[1] is False  # other weights: traced
+    assert cached_logits(student, "weights a", (48, 56))[1] is False  # other trace settings
+    entries = sorted(trace_cache().glob("*.onnx"))
+    assert len(entries) == 3 and not list(trace_cache().glob("*.part"))
+    for entry in entries:
+        entry.write_bytes(b"half a file")
+    assert cached_logits(student, "weights a", (40, 56))[1] is False  # unreadable: traced again
+    assert cached_logits(student, "weights a", (40, 56))[1] is True  # and rewritten whole
+    monkeypatch.setenv("SEGDEPLOY_CACHE", "off")
+    assert trace_cache() is None and cached_logits(student, "weights c", (40, 56))[1] is False
+
+
+def test_the_second_export_of_a_run_reuses_its_trace_and_ships_the_same_graph(exported_run, tmp_path):
+    out = tmp_path / "again"
+    assert main(["--run", str(exported_run), "--out", str(out), "--students", "vit", "--variants", "fp32",
+                 "--no-openvino", "--no-size-sweep", *TEST_EXPORT_ARGS]) == 0  # fmt: skip
+    manifest = read_manifest(out / "vit")
+    assert manifest.exporter["cached_trace"] is True
+    first, second = (onnx.load(str(d / "vit" / "model.fp32.logits.onnx")) for d in (exported_run / "export", out))
+    assert [n.op_type for n in first.graph.node] == [n.op_type for n in second.graph.node]
+    assert {i.name: i.raw_data for i in first.graph.initializer} == {i.name: i.raw_data for i in second.graph.initializer}
 
 
 def test_an_engine_set_goes_live_in_one_step_and_the_previous_one_is_removed(tmp_path):
