@@ -23,19 +23,19 @@ def rows_of(text: str, section: str) -> dict[str, list[str]]:
 
 def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(synthetic_root, tmp_path, capsys):
     out = tmp_path / "ablation"
-    args = ["--out", str(out), "--seeds", "0", "1", "--jobs", "2", "--arms", "independent", "pixel_bsd"]
-    args += ["--arm", "gentle", "method.preset=dml method.dml_weight=0.5"]
+    args = ["--out", str(out), "--seeds", "0", "1", "--jobs", "2", "--arms", "independent"]
+    args += ["--arm", "gentle", "method.terms=[pixel_bsd] method.pixel_weight=0.5"]
     args += [*tiny_run_args(synthetic_root, iterations=4), "method.warmup=0"]
     assert main(args) == 0
 
     metrics = {
         (arm, seed): json.loads((out / arm / f"seed{seed}" / "metrics.json").read_text())
-        for arm in ("independent", "pixel_bsd", "gentle")
+        for arm in ("independent", "gentle")
         for seed in (0, 1)
     }
     # Each arm reached its run; within a seed every arm started from the same students.
-    assert "terms:\n  - pixel_bsd" in (out / "pixel_bsd" / "seed1" / "config.yaml").read_text()
-    assert "dml_weight: 0.5" in (out / "gentle" / "seed0" / "config.yaml").read_text()
+    assert "terms:\n  - pixel_bsd" in (out / "gentle" / "seed1" / "config.yaml").read_text()
+    assert "pixel_weight: 0.5" in (out / "gentle" / "seed0" / "config.yaml").read_text()
     assert "seed: 1" in (out / "independent" / "seed1" / "config.yaml").read_text()
 
     text = (out / "table.md").read_text()
@@ -44,19 +44,19 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
     want = (test_best("gentle", 0, "vit") + test_best("gentle", 1, "vit")) / 2
     assert means["gentle"][1].startswith(f"{want:.2f} ±")
     deltas = rows_of(text, "Paired Δ to `independent`")
-    assert set(deltas) == {"pixel_bsd", "gentle"}
-    diffs = [test_best("pixel_bsd", s, "cnn") - test_best("independent", s, "cnn") for s in (0, 1)]
-    assert deltas["pixel_bsd"][0].startswith(f"{sum(diffs) / 2:+.2f} ±")
-    assert f"(min {min(diffs):+.2f})" in deltas["pixel_bsd"][0]
+    assert set(deltas) == {"gentle"}
+    diffs = [test_best("gentle", s, "cnn") - test_best("independent", s, "cnn") for s in (0, 1)]
+    assert deltas["gentle"][0].startswith(f"{sum(diffs) / 2:+.2f} ±")
+    assert f"(min {min(diffs):+.2f})" in deltas["gentle"][0]
     half = 12.706 * statistics.stdev(diffs) / math.sqrt(2)  # t(0.975, 1 degree of freedom)
-    assert f"[{sum(diffs) / 2 - half:+.2f}, {sum(diffs) / 2 + half:+.2f}]" in deltas["pixel_bsd"][0]
+    assert f"[{sum(diffs) / 2 - half:+.2f}, {sum(diffs) / 2 + half:+.2f}]" in deltas["gentle"][0]
     per_class = rows_of(text, "## Per-class IoU Δ to `independent`")
     assert len(per_class["gentle cnn"]) == 5  # the synthetic set's classes
     assert "## test, last weights" in text and "| gentle | 1 |" in text
 
     terms = rows_of(text, "## Distillation terms")
-    assert terms["pixel_bsd"][0] == "pixel_bsd" and terms["gentle"][0] == "dml"
-    assert all(c != "-" for c in terms["pixel_bsd"][2:6])  # ratios for both students and both directions
+    assert set(terms) == {"gentle"} and terms["gentle"][0] == "pixel_bsd"
+    assert all(c != "-" for c in terms["gentle"][2:6])  # ratios for both students and both directions
     assert (out / "curves.png").stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["independent"]["0"]["curve"]["ensemble"]) >= 2  # evaluated at 3 and 4
@@ -73,12 +73,12 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
     assert main([*args, "--report-only", "--baselines", "independent", "gentle", *groups]) == 0
     assert {arm: stamp(arm) for arm in before} == before
     text = (out / "table.md").read_text()
-    assert set(rows_of(text, "Paired Δ to `gentle`")) == {"independent", "pixel_bsd"}
+    assert set(rows_of(text, "Paired Δ to `gentle`")) == {"independent"}
     assert "- plain: solid, stripes" in text and "| gentle ensemble |" in text
-    changed = [a.replace("dml_weight=0.5", "dml_weight=0.7") for a in args]
+    changed = [a.replace("pixel_weight=0.5", "pixel_weight=0.7") for a in args]
     assert main([*changed, "--report-only"]) == 0
     text = (out / "table.md").read_text()
-    assert "gentle/seed0 (trained for another config: method.dml_weight: 0.5 -> 0.7)" in text  # the "Left out" line
+    assert "gentle/seed0 (trained for another config: method.pixel_weight: 0.5 -> 0.7)" in text  # the "Left out" line
     assert "gentle" not in rows_of(text, "## test, best weights")
     assert not list(out.glob("gentle/*.stale-*")) and stamp("gentle") == before["gentle"]
     # A seed not finished is left out and said; the report stays on the seeds every arm has.
@@ -92,10 +92,10 @@ def test_protocol_pairs_seeds_reports_test_numbers_and_term_diagnostics(syntheti
     # An arm asked for with another config is trained again, and says so; the old run is kept aside.
     assert main(changed) == 0
     said = capsys.readouterr().out
-    assert "[gentle/seed1] asked for another config than it was trained with (method.dml_weight: 0.5 -> 0.7)" in said
+    assert "[gentle/seed1] asked for another config than it was trained with (method.pixel_weight: 0.5 -> 0.7)" in said
     assert stamp("gentle") != before["gentle"] and stamp("independent") == before["independent"]
-    assert "dml_weight: 0.7" in (out / "gentle" / "seed1" / "config.yaml").read_text()
-    assert "dml_weight: 0.5" in (out / "gentle" / "seed1.stale-1" / "config.yaml").read_text()
+    assert "pixel_weight: 0.7" in (out / "gentle" / "seed1" / "config.yaml").read_text()
+    assert "pixel_weight: 0.5" in (out / "gentle" / "seed1.stale-1" / "config.yaml").read_text()
 
 
 def test_group_table_gives_each_groups_mean_iou_and_paired_delta():
