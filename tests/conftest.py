@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import subprocess
@@ -96,13 +99,38 @@ def run_module(*args: str, cwd: Path = REPO, env_extra: dict | None = None, **kw
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 
+def train_here(*args: str) -> subprocess.CompletedProcess:
+    """`python -m train ARGS` in this process, as `run_module` reports it (its exit code; its log and errors as
+    stderr), without a new interpreter's ~9 s of imports. A test of the process itself (a SIGKILL, a lock held by
+    a live process, torchrun, an environment read at import) starts a real one."""
+    from train.__main__ import main
+
+    err, root = io.StringIO(), logging.getLogger()
+    handler, level, cwd = logging.StreamHandler(err), root.level, os.getcwd()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    os.chdir(REPO)  # relative paths as the CLI tests give them
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse
+                code = e.code
+    finally:
+        os.chdir(cwd)
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["python", "-m", "train", *args], code, "", err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def trained_run(synthetic_root, tmp_path_factory) -> Path:
     """A finished (tiny) training run, shared by the export, serve and benchmark tests (never written to)."""
 
     def build(run_dir: Path) -> None:
         args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--run-dir", str(run_dir)]
-        result = run_module("train", *args, *tiny_run_args(synthetic_root, iterations=8), timeout=600)
+        result = train_here(*args, *tiny_run_args(synthetic_root, iterations=8))
         assert result.returncode == 0, result.stderr[-3000:]
 
     return built_once(tmp_path_factory, "trained", build)

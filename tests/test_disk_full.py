@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TEST_EXPORT_ARGS, run_module
+from tests.conftest import TEST_EXPORT_ARGS, run_module, train_here
 
 
 def size_of(path: Path) -> int:
@@ -43,7 +43,7 @@ def test_a_checkpoint_that_does_not_fit_names_its_path_and_size_and_the_last_one
     disk = small_disk(needed + checkpoint.stat().st_size // 2)  # room for the run, not for a second checkpoint
     run = disk / "run"
     shutil.copytree(trained_run, run, ignore=ignore)
-    result = run_module("train", "--resume", str(run), "iterations=12", "eval_interval=100")
+    result = train_here("--resume", str(run), "iterations=12", "eval_interval=100")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"no space left to write {run}" in result.stderr and "MiB are free there" in result.stderr
     assert "is intact" in result.stderr and not list(run.rglob(".*.tmp"))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.conftest import REPO, run_module, tiny_run_args
+from tests.conftest import REPO, run_module, tiny_run_args, train_here
 from train.checkpoint import load_state
 from train.config import ConfigError, DataConfig, MethodConfig, load_config, slot_config
 from train.data import DatasetError, build_dataset
@@ -403,7 +403,7 @@ def test_a_few_labels_run_resumed_after_sigkill_reaches_the_same_weights_and_tea
     def args(run: Path) -> list[str]:
         return ["--config", "configs/synthetic.yaml", "--run-dir", str(run), *few]
 
-    straight = run_module("train", *args(tmp_path / "straight"), timeout=600)
+    straight = train_here(*args(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "6 of the train split labelled, 10 unlabelled (4 a batch)" in straight.stderr
 
@@ -419,7 +419,7 @@ def test_a_few_labels_run_resumed_after_sigkill_reaches_the_same_weights_and_tea
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (killed / LABELED_FILE).write_text("".join(reversed((killed / LABELED_FILE).read_text().splitlines(True))))
-    resumed = run_module("train", "--resume", str(killed), timeout=600)
+    resumed = train_here("--resume", str(killed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a, b = (load_state(run / "checkpoint" / "last.safetensors") for run in (tmp_path / "straight", killed))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_module, tiny_run_args
+from tests.conftest import REPO, tiny_run_args, train_here
 from train.run_dir import RunBusy, held
 
 
@@ -42,13 +42,13 @@ def test_a_second_training_into_a_run_dir_is_refused_while_the_first_runs(synthe
         while not (run / "checkpoint" / "last.safetensors").exists():
             assert first.poll() is None and time.monotonic() < deadline, "the first training did not start"
             time.sleep(0.1)
-        second = run_module("train", "--resume", str(run), timeout=120)
+        second = train_here("--resume", str(run))
         assert second.returncode == 2 and f"is busy: training by pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first goes on
     finally:
         first.kill()
         first.wait()
-    resumed = run_module("train", "--resume", str(run), "iterations=2", timeout=300)  # its lock is taken over
+    resumed = train_here("--resume", str(run), "iterations=2")  # its lock is taken over
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (run / "train.lock").exists()
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from benchmarks.ablation import scalars
-from tests.conftest import REPO, run_module, tiny_run_args
+from tests.conftest import REPO, tiny_run_args, train_here
 from train.checkpoint import load_state, load_weights
 from train.config import ConfigError, OptimizerConfig, load_config
 from train.data.synthetic import CLASS_NAMES
@@ -98,16 +98,8 @@ def test_region_bsd_needs_decoder_features_of_one_width_or_adapters(synthetic_ro
 
 
 def train_cli(run_dir: Path, data_root: Path, *extra: str, iterations: int = 6) -> subprocess.CompletedProcess:
-    return run_module(
-        "train",
-        "--config",
-        "configs/synthetic.yaml",
-        "--run-dir",
-        str(run_dir),
-        *tiny_run_args(data_root, iterations),
-        *extra,
-        timeout=600,
-    )
+    args = ["--config", "configs/synthetic.yaml", "--run-dir", str(run_dir), *tiny_run_args(data_root, iterations)]
+    return train_here(*args, *extra)
 
 
 def train_main(capsys, run_dir: Path, data_root: Path, *extra: str) -> tuple[int, str]:
@@ -125,7 +117,7 @@ def train_main(capsys, run_dir: Path, data_root: Path, *extra: str) -> tuple[int
 
 @pytest.fixture(scope="module")
 def finished_run(trained_run) -> Path:
-    """The session's tiny run, trained through the CLI (tests/conftest.py): 8 iterations, evaluated at 3, 6 and 8."""
+    """The session's tiny run, trained by the CLI's main (tests/conftest.py): 8 iterations, evaluated at 3, 6, 8."""
     return trained_run
 
 
@@ -166,17 +158,19 @@ def test_the_default_method_trains_end_to_end_and_logs_each_term(finished_run):
     assert {"train/region_vit_to_cnn", "train/pixel_cnn_to_vit", "train/ratio_pixel_bsd_cnn"} <= set(tb)
 
 
-def test_evaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path):
+def test_evaluate_cli_reproduces_the_run_metrics(finished_run, tmp_path, capsys):
+    from train.evaluate import main
+
     out = tmp_path / "eval.json"
-    result = run_module("train.evaluate", "--run", str(finished_run), "--json", str(out), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "| cnn |" in result.stdout and "| ensemble |" in result.stdout
+    assert main(["--run", str(finished_run), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| cnn |" in table and "| ensemble |" in table
     again, saved = json.loads(out.read_text()), json.loads((finished_run / "metrics.json").read_text())
     for model in ("cnn", "vit", "ensemble"):
         assert again[model]["miou"] == pytest.approx(saved[model]["miou"], abs=1e-9)
     # The reported held-out numbers are the best weights' on the test split.
     args = ("--run", str(finished_run), "--split", "test", "--json", str(out))
-    assert run_module("train.evaluate", *args, timeout=300).returncode == 0
+    assert main(list(args)) == 0
     test = json.loads(out.read_text())
     for model in ("cnn", "vit", "ensemble"):
         assert test[model]["miou"] == pytest.approx(saved["test"]["best"][model]["miou"], abs=1e-9)
@@ -223,7 +217,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(synthetic_root, tmp_path)
     stopped_at = _checkpoint_iteration(killed / "checkpoint" / "last.safetensors")
     assert 2 <= stopped_at < iterations
 
-    result = run_module("train", "--resume", str(killed), timeout=600)
+    result = train_here("--resume", str(killed))
     assert result.returncode == 0, result.stderr
     assert f"resumed {killed} at iteration {stopped_at}" in result.stderr
 
@@ -264,7 +258,7 @@ def test_a_diverged_run_stops_with_its_last_checkpoint_intact_and_resumes_with_a
     assert train_cli(run, synthetic_root, "method.preset=independent", iterations=2).returncode == 0
     saved = load_state(run / "checkpoint" / "last.safetensors")
 
-    blown = run_module("train", "--resume", str(run), "iterations=6", "cnn.optimizer.lr=1e30")
+    blown = train_here("--resume", str(run), "iterations=6", "cnn.optimizer.lr=1e30")
     assert blown.returncode == 3 and "Traceback" not in blown.stderr
     # NaN at iteration 4, when a checkpoint is due: the check comes first
     assert "training diverged at iteration 4: ce_cnn is nan. The checkpoint of iteration 2 is intact" in blown.stderr
@@ -275,7 +269,7 @@ def test_a_diverged_run_stops_with_its_last_checkpoint_intact_and_resumes_with_a
     for name, weight in saved["students"]["cnn"].items():
         assert torch.equal(kept["students"]["cnn"][name], weight), name
 
-    assert run_module("train", "--resume", str(run), "cnn.optimizer.lr=0.01").returncode == 0  # the fix
+    assert train_here("--resume", str(run), "cnn.optimizer.lr=0.01").returncode == 0  # the fix
     assert json.loads((run / "metrics.json").read_text())["iteration"] == 6
 
 
