@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from serve.manifest import VARIANTS
-from train.run_dir import STUDENTS
+from train.run_dir import STUDENTS, weights_file
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,8 +32,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--run", required=True, type=Path, help="run dir written by `python -m train`")
-    p.add_argument("--students", nargs="+", default=list(STUDENTS), metavar="STUDENT")
+    p.add_argument("--run", type=Path, help="run dir written by `python -m train` (or to write, with --from-*)")
+    p.add_argument(
+        "--from-transformers",
+        type=Path,
+        metavar="DIR",
+        help="a transformers SegFormer checkpoint (save_pretrained's folder): written as the vit student of --run "
+        "(default runs/<DIR's name>), then exported",
+    )
+    p.add_argument(
+        "--images", type=Path, metavar="DIR", help="with --from-*: the images the gate runs on (default: synthetic)"
+    )
+    p.add_argument("--students", nargs="+", metavar="STUDENT", help="default: every student the run has weights for")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--out", type=Path, help="engine dirs go to OUT/<student> (default: RUN/export)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="serving size (default: eval images')")
@@ -75,8 +85,9 @@ def options(args: argparse.Namespace):
     from export.parity import Threshold  # imports torch: keep --help fast
     from export.pipeline import ExportOptions
 
+    present = [s for s in STUDENTS if weights_file(args.run, s).is_file()]
     return ExportOptions(
-        students=args.students,
+        students=args.students or present or list(STUDENTS),
         variants=args.variants,
         out=args.out,
         size=tuple(args.size) if args.size else None,
@@ -151,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     from train.data import DatasetError
     from train.run_dir import RunBusy, held
 
+    if not (args.run or args.from_transformers):
+        cli.error("give --run RUN (a run dir), or --from-transformers DIR")
+    args.run = args.run or Path("runs") / args.from_transformers.name
     out = args.out or args.run / "export"
     try:
+        if args.from_transformers:
+            from export.imported import from_transformers
+
+            count = max(args.parity_images, args.calib_images)
+            from_transformers(args.from_transformers, args.run, args.images, count)
         with held(out.parent / f"{out.name}.lock", "an export"):  # one export at a time into an engine dir
             manifests = export_run(args.run, options(args))
     except ParityError as e:

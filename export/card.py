@@ -18,6 +18,15 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _imported(source: dict) -> str:
+    return (
+        f"Imported from the {source['format']} checkpoint `{source['path']}` ({source['architecture']}, "
+        f"`{source['file']}` sha256 `{source['sha256'][:16]}…`, transformers {source.get('transformers')}); "
+        "the gate's masks are the source model's own class maps, so an engine's gate mIoU is its class-balanced "
+        "agreement with the source."
+    )
+
+
 def engine_card(engine_dir: Path, manifest: Manifest, config: dict | None) -> str:
     m, data = manifest, (config or {}).get("data", {})
     dataset = f"{data.get('root', '?')} ({data.get('format', '?')})"
@@ -28,7 +37,11 @@ def engine_card(engine_dir: Path, manifest: Manifest, config: dict | None) -> st
         f"A semantic segmentation model for the {m.num_classes} classes of {dataset}, exported by segdeploy "
         f"{m.exporter.get('segdeploy', '?')} from run `{Path(str(source.get('run', '?'))).name}` "
         f"(weights `{source.get('weights')}`, sha256 `{str(source.get('sha256'))[:16]}…`). "
-        f"Best validation mIoU of the PyTorch student: **{_pct(source.get('val_miou'))} %**.",
+        + (
+            _imported(source["imported"])
+            if "imported" in source
+            else f"Best validation mIoU of the PyTorch student: **{_pct(source.get('val_miou'))} %**."
+        ),
         "",
         *_engines(m),
         "",

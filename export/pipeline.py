@@ -43,7 +43,7 @@ from serve.runtime import OPENERS, OnnxRuntimeEngine
 from train.config import slot_config
 from train.data import build_dataset
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from train.run_dir import METRICS_FILE, STUDENTS, load_run_config, load_student, weights_file
+from train.run_dir import IMPORTED_FILE, METRICS_FILE, STUDENTS, load_run_config, load_student, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,8 @@ def _export_student(run: RunExport, name: str) -> Manifest:
         "sha256": sha256(weights),
         "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
     }
+    if (imported := run.run_dir / IMPORTED_FILE).is_file():
+        source["imported"] = json.loads(imported.read_text())
     try:
         job = StudentExport(student, run.cfg, name, run.opts, run.eval_set, run.train_set, tmp)
         manifest = _build(job, _describe(run.cfg, name, run.opts, run.shapes, source))

@@ -80,6 +80,9 @@ class StudentConfig:
     backbone: str = "resnet18"  # the timm encoder
     output_stride: int | None = 8  # CNN encoders only; pvt_v2 has a fixed stride of 32
     decoder_channels: int = 256  # width of the decoder feature `feat` (ASPP / All-MLP), docs/method.md
+    # A ViT encoder's block and stage LayerNorm eps (null: timm's 1e-6, as NVlabs' MiT): transformers' SegFormer
+    # runs with 1e-5, which a model trained there keeps when imported (python -m export --from-transformers)
+    norm_eps: float | None = None
     # Initial encoder weights (train/models/pretrained.py): ImageNet weights from the Hugging Face hub
     # (timm's for CNNs, nvidia/mit-bN for the SegFormer), or a local file/folder (timm, torchvision,
     # transformers or NVlabs MiT form), which wins over `pretrained`. Only a new run reads them.

@@ -21,6 +21,7 @@ from train.config import Config, ConfigError, load_config, slot_config
 STUDENTS = tuple(STUDENT_CONFIGS)  # cnn, vit
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+IMPORTED_FILE = "imported.json"  # a run dir made from a model trained elsewhere (export.imported): its source
 CHECKPOINT_FILE = Path("checkpoint") / "last.safetensors"
 
 

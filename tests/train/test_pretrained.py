@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -68,6 +70,42 @@ def test_transformers_checkpoint_gives_transformers_features(tmp_path, form):
         torch.save(state, init)
     torch.manual_seed(1)
     assert_same_features(build_student(VIT, 3, init=init), hf)
+
+
+def segformer(num_labels: int, decoder: int = 256, seed: int = 0):
+    """transformers' SegFormer for segmentation (B0, `nvidia/segformer-b0-finetuned-*`'s architecture), random
+    weights and batch-norm statistics."""
+    torch.manual_seed(seed)
+    config = transformers.SegformerConfig(num_labels=num_labels, decoder_hidden_size=decoder)
+    model = transformers.SegformerForSemanticSegmentation(config).eval()
+    bn = model.decode_head.batch_norm
+    for scale, shift in ((bn.weight, bn.bias), (bn.running_var, bn.running_mean)):
+        scale.data.uniform_(0.5, 2)
+        shift.data.uniform_(-1, 1)
+    return model
+
+
+def test_a_transformers_segformer_is_the_vit_decode_head_included(tmp_path, caplog):
+    """Exactly transformers' logits (its LayerNorm eps, its stage order in the fuse layer), from the folder
+    `save_pretrained` writes; another class count keeps the head but not the classifier; another width is named."""
+    hf = segformer(19)
+    hf.save_pretrained(tmp_path / "hf")
+    vit = replace(VIT, norm_eps=1e-5)
+    x = torch.randn(2, 3, 67, 93)
+    with torch.no_grad():
+        ours = build_student(vit, 19, init=tmp_path / "hf").eval()(x).logits
+        theirs = hf(pixel_values=x).logits
+    assert ours.shape == theirs.shape == (2, 19, 17, 24)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+    with caplog.at_level(logging.INFO, logger="train.models.pretrained"):
+        five = build_student(vit, 5, init=tmp_path / "hf").state_dict()
+    assert "its classifier has 19 classes, this run 5: left out" in caplog.text
+    saved = load_file(tmp_path / "hf" / "model.safetensors")  # the hub's naming
+    assert torch.equal(five["decoder.proj.2.weight"][:, :, 0, 0], saved["decode_head.linear_c.2.proj.weight"])
+    assert torch.equal(five["decoder.fuse.1.running_var"], saved["decode_head.batch_norm.running_var"])
+    with pytest.raises(WeightsError, match=r"decode head is 256 wide .*set vit.decoder_channels=256"):
+        build_student(replace(vit, decoder_channels=128), 19, init=tmp_path / "hf")
 
 
 def test_nvlabs_mit_checkpoint_gives_the_same_features(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 from train.config import StudentConfig
 from train.models.common import StudentOutput
 from train.models.deeplabv3plus import DeepLabV3Plus
-from train.models.pretrained import WeightsError, locate, read_encoder_state
+from train.models.pretrained import WeightsError, load_decode_head, locate, read_encoder_state
 from train.models.segformer import SegFormer
 
 # arch (train.config.STUDENTS) -> how its model is built from a student config, a class count, encoder weights
@@ -17,17 +17,21 @@ ARCHITECTURES = {
     "deeplabv3plus": lambda cfg, k, state: DeepLabV3Plus(
         k, cfg.backbone, cfg.output_stride or 8, cfg.decoder_channels, state
     ),
-    "segformer": lambda cfg, k, state: SegFormer(k, cfg.backbone, cfg.decoder_channels, state),
+    "segformer": lambda cfg, k, state: SegFormer(k, cfg.backbone, cfg.decoder_channels, state, cfg.norm_eps),
 }
 
 
 def build_student(cfg: StudentConfig, num_classes: int, init: str | Path | None = None) -> nn.Module:
-    """`init`: a file or folder of encoder weights (`train.models.pretrained.locate(cfg)` finds the config's);
+    """`init`: a file or folder of encoder weights (`train.models.pretrained.locate(cfg)` finds the config's),
+    and of a SegFormer's decode head where it holds one (transformers' SegformerForSemanticSegmentation);
     None builds the architecture only (random initialisation, or before loading a run's own weights)."""
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown student arch '{cfg.arch}' ({', '.join(ARCHITECTURES)})")
     state = read_encoder_state(Path(init), cfg) if init is not None else None
-    return ARCHITECTURES[cfg.arch](cfg, num_classes, state)
+    model = ARCHITECTURES[cfg.arch](cfg, num_classes, state)
+    if init is not None and cfg.arch == "segformer":
+        load_decode_head(model, Path(init), cfg.decoder_channels)
+    return model
 
 
 __all__ = ["DeepLabV3Plus", "SegFormer", "StudentOutput", "WeightsError", "build_student", "locate"]

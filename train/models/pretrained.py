@@ -8,6 +8,8 @@ names for the encoder:
   `pytorch_model.bin`, with or without `config.json`, the `segformer.` prefix and a classifier;
 - NVlabs / mmseg MiT files (`mit_b0.pth`: `patch_embed1.proj.weight`, `block1.0.attn.q.weight`, ...),
   with or without a `state_dict` wrapper (timm's PVTv2 filter reads this naming).
+`load_decode_head` loads the decode head of a transformers SegformerForSemanticSegmentation checkpoint into the
+SegFormer student (its classifier where the class count matches).
 """
 
 from __future__ import annotations
@@ -200,3 +202,52 @@ def read_encoder_state(path: Path, cfg: StudentConfig) -> dict[str, torch.Tensor
     if extra:
         log.info("%s: %d tensors outside the encoder left out (e.g. %s)", file, len(extra), extra[0])
     return {k: state[k] for k in reference}
+
+
+def decode_head_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' SegformerDecodeHead (`decode_head.*`) in this project's AllMLPHead naming (`decoder.*`):
+    its per-stage Linear layers as 1x1 convs, and its fuse conv's input blocks reversed (transformers
+    concatenates the stages deepest first, the student shallowest first)."""
+    head = {k.removeprefix("decode_head."): v for k, v in state.items() if k.startswith("decode_head.")}
+    if not head:
+        return {}
+    out = {}
+    for key, value in head.items():
+        if m := re.fullmatch(r"(?:linear_c|linear_projections)\.(\d+)\.proj\.(weight|bias)", key):  # file, module
+            out[f"decoder.proj.{m[1]}.{m[2]}"] = value[:, :, None, None] if m[2] == "weight" else value
+        elif m := re.fullmatch(r"batch_norm\.(.+)", key):
+            out[f"decoder.fuse.1.{m[1]}"] = value
+        elif m := re.fullmatch(r"classifier\.(weight|bias)", key):
+            out[f"decoder.classifier.1.{m[1]}"] = value
+        elif key == "linear_fuse.weight":
+            out["decoder.fuse.0.weight"] = torch.cat(value.split(value.shape[0], dim=1)[::-1], dim=1)
+    return out
+
+
+def load_decode_head(model: torch.nn.Module, path: Path, width: int) -> None:
+    """The decode head a SegFormer checkpoint holds, loaded into `model` (nothing when it holds none); the
+    classifier only where the class count matches the model's. A head of another width names the file."""
+    file = _weights_file(Path(path))
+    head = decode_head_state(_read_file(file))
+    if not head:
+        return
+    theirs = head["decoder.fuse.0.weight"].shape[0] if "decoder.fuse.0.weight" in head else None
+    if theirs != width:
+        raise WeightsError(
+            f"{file}: its decode head is {theirs} wide (decoder_hidden_size), the student's {width}: "
+            f"set vit.decoder_channels={theirs}"
+        )
+    ours = model.state_dict()
+    classes = head.get("decoder.classifier.1.weight", torch.empty(0)).shape[0]
+    if classes != ours["decoder.classifier.1.weight"].shape[0]:
+        head = {k: v for k, v in head.items() if not k.startswith("decoder.classifier.")}
+        log.info("%s: its classifier has %d classes, this run %d: left out", file, classes,
+                 ours["decoder.classifier.1.weight"].shape[0])  # fmt: skip
+    wanted = {k for k in ours if k.startswith("decoder.") and not k.startswith("decoder.classifier.")}
+    missing = sorted(wanted - set(head))
+    wrong = [k for k in head if k in ours and head[k].shape != ours[k].shape]
+    if missing or wrong:
+        problem = f"missing {', '.join(missing[:3])}" if missing else f"{wrong[0]} is {list(head[wrong[0]].shape)}"
+        raise WeightsError(f"{file}: its decode head does not fit the student's ({problem})")
+    model.load_state_dict(head, strict=False)
+    log.info("%s: decode head loaded%s", file, " with its classifier" if "decoder.classifier.1.weight" in head else "")

@@ -7,15 +7,22 @@ transformers naming, train.models.pretrained); likewise pvt_v2_b1..b5 for MiT-B1
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from train.models.common import ConvBNReLU, StudentOutput, create_encoder, upsample_like
 
 
-def encoder_args(backbone: str) -> dict:
-    """timm arguments that make `backbone` the MiT of that size (pvt_v2_bN -> MiT-BN)."""
-    return {"mlp_ratios": (4, 4, 4, 4)} if backbone.startswith("pvt_v2") else {}
+def encoder_args(backbone: str, norm_eps: float | None = None) -> dict:
+    """timm arguments that make `backbone` the MiT of that size (pvt_v2_bN -> MiT-BN), its blocks' and
+    stages' LayerNorms with `norm_eps` where given."""
+    if not backbone.startswith("pvt_v2"):
+        return {}
+    from timm.layers import LayerNorm
+
+    return {"mlp_ratios": (4, 4, 4, 4)} | ({"norm_layer": partial(LayerNorm, eps=norm_eps)} if norm_eps else {})
 
 
 class AllMLPHead(nn.Module):
@@ -43,9 +50,10 @@ class SegFormer(nn.Module):
         backbone: str = "pvt_v2_b0",
         decoder_channels: int = 256,
         encoder_state: dict[str, torch.Tensor] | None = None,
+        norm_eps: float | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = create_encoder(backbone, encoder_state, **encoder_args(backbone))
+        self.encoder = create_encoder(backbone, encoder_state, **encoder_args(backbone, norm_eps))
         self.decoder = AllMLPHead(self.encoder.feature_info.channels(), num_classes, decoder_channels)
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
