@@ -194,7 +194,7 @@ def _checkpoint_iteration(path: Path) -> int:
 def test_resume_after_sigkill_reaches_the_same_weights(synthetic_root, tmp_path):
     """One-way `full` (the ViT learns, the CNN only teaches): the same weights after a SIGKILL and a resume, and
     the CNN's learner-side projectors as they were built, through both."""
-    iterations, one_way = 12, ["method.learners=vit", "method.start=0", "checkpoint_interval=2"]
+    iterations, one_way = 6, ["method.learners=vit", "method.start=0", "checkpoint_interval=2"]
     straight = tmp_path / "straight"
     assert train_cli(straight, synthetic_root, *one_way, iterations=iterations).returncode == 0
 
