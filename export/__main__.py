@@ -3,6 +3,7 @@
 python -m export --run runs/<name> [--students cnn vit] [--variants fp32 fp16 int8.qdq int8.cpu]
     [--size H W] [--max-batch 16] [--max-size H W] [--profile-budget-mib 2048]
     [--parity-images 50] [--batch-sizes 1 4 16] [--calib-images 64] [--out DIR]
+python -m export --from-transformers DIR [--run runs/<name>] [--images DIR] [...]   (docs/import.md)
 
 Writes runs/<name>/export/<student>/ with model.<variant>.onnx (labels: uint8 image in, class map
 out), model.<variant>.logits.onnx, manifest.json, parity.json and README.md (the model card). The
