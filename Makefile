@@ -125,7 +125,7 @@ test: setup $(TRITON_VENV)/.installed
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium could not be installed: the browser test will skip"
-	PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n auto --dist loadfile
+	PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 # The documentation site from docs/ (MkDocs, Material theme) into site/; the reference page is generated from
 # the code first (the config dataclasses, every command's parser).

@@ -17,7 +17,8 @@ from benchmarks.soak import (
     soak_predict,
     soak_triton,
 )
-from tests.conftest import TEST_EXPORT_ARGS
+from tests.conftest import TEST_EXPORT_ARGS, train_here
+from train.checkpoint import load_state
 
 EXPORT_ARGS = ["--students", "cnn", "--variants", "fp32", "--no-openvino", "--no-size-sweep", *TEST_EXPORT_ARGS]
 
@@ -58,6 +59,10 @@ def test_an_export_killed_at_random_moments_always_leaves_a_whole_serving_engine
 def test_a_second_export_and_a_second_training_are_refused_while_the_first_runs(trained_run, tmp_path):
     row = soak_locks(trained_run, tmp_path, EXPORT_ARGS)
     assert row.refused == {"a second export": 1, "a second training": 1} and not row.errors, row
+    run = tmp_path / "locked-run"  # the first training was SIGKILLed holding its lock: the next one takes it over
+    reached = load_state(run / "checkpoint" / "last.safetensors")["iteration"]
+    resumed = train_here("--resume", str(run), f"iterations={reached + 1}")
+    assert resumed.returncode == 0 and not (run / "train.lock").exists(), resumed.stderr[-2000:]
 
 
 def test_the_report_names_each_missed_target():
