@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from export.graphs import LogitsModel
+from export.parity import normalise
 from serve.manifest import sha256
 from train.checkpoint import save_weights
 from train.config import ConfigError, load_config, save_config
@@ -111,6 +113,8 @@ def from_transformers(src: Path, run_dir: Path, images: Path | None = None, coun
     renamed into place, so a failure leaves no half-written run dir."""
     src, run_dir = Path(src), Path(run_dir)
     found = read_transformers(src)
+    if run_dir.exists() and not (run_dir / IMPORTED_FILE).is_file():
+        raise CheckpointError(f"{run_dir} exists and is no import: choose another --run")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}-", dir=run_dir.parent))
     try:
@@ -129,10 +133,7 @@ def from_transformers(src: Path, run_dir: Path, images: Path | None = None, coun
                       "architecture": found["mit"], "classes": len(names)}  # fmt: skip
         (tmp / IMPORTED_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         tmp.chmod(0o755)
-        if (run_dir / IMPORTED_FILE).is_file():
-            shutil.rmtree(run_dir)  # an earlier import (its engines are rebuilt from this one)
-        elif run_dir.exists():
-            raise CheckpointError(f"{run_dir} exists and is no import: choose another --run")
+        shutil.rmtree(run_dir, ignore_errors=True)  # an earlier import (its engines are rebuilt from this one)
         tmp.rename(run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,12 +158,10 @@ def _gate_images(student, root: Path, images: Path | None, count: int, size: tup
         shutil.rmtree(scratch)
     for sub in ("images", "masks", "splits"):
         (root / sub).mkdir(parents=True)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    ids = []
+    ids, model = [], LogitsModel(student).eval()  # the logits graph's computation: at the input's size
     for i, picture in enumerate(pictures):
-        x = (torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255 - mean) / std
         with torch.no_grad():
-            logits = torch.nn.functional.interpolate(student(x[None]).logits, (h, w), mode="bilinear")
+            logits = model(torch.from_numpy(normalise(np.asarray(picture)[None])))
         ids.append(f"{i:04d}")
         picture.save(root / "images" / f"{ids[-1]}.png")
         Image.fromarray(logits[0].argmax(0).numpy().astype(np.uint8)).save(root / "masks" / f"{ids[-1]}.png")

@@ -9,7 +9,7 @@ from torch import nn
 from train.config import StudentConfig
 from train.models.common import StudentOutput
 from train.models.deeplabv3plus import DeepLabV3Plus
-from train.models.pretrained import WeightsError, load_decode_head, locate, read_encoder_state
+from train.models.pretrained import WeightsError, load_decode_head, locate, read_encoder_state, read_weights
 from train.models.segformer import SegFormer
 
 # arch (train.config.STUDENTS) -> how its model is built from a student config, a class count, encoder weights
@@ -27,10 +27,12 @@ def build_student(cfg: StudentConfig, num_classes: int, init: str | Path | None 
     None builds the architecture only (random initialisation, or before loading a run's own weights)."""
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown student arch '{cfg.arch}' ({', '.join(ARCHITECTURES)})")
-    state = read_encoder_state(Path(init), cfg) if init is not None else None
-    model = ARCHITECTURES[cfg.arch](cfg, num_classes, state)
-    if init is not None and cfg.arch == "segformer":
-        load_decode_head(model, Path(init), cfg.decoder_channels)
+    if init is None:
+        return ARCHITECTURES[cfg.arch](cfg, num_classes, None)
+    file, state = read_weights(Path(init))
+    model = ARCHITECTURES[cfg.arch](cfg, num_classes, read_encoder_state(file, state, cfg))
+    if cfg.arch == "segformer":
+        load_decode_head(model, file, state, cfg.decoder_channels)
     return model
 
 

@@ -1,7 +1,7 @@
 """Where a student's initial encoder weights come from, and how the files users have map onto timm.
 
 `locate` turns a student's config into a local file or folder (downloading ImageNet weights from the
-Hugging Face hub for `pretrained: true`); `read_encoder_state` reads any supported form into timm's key
+Hugging Face hub for `pretrained: true`); `read_encoder_state` turns any supported form into timm's key
 names for the encoder:
 - timm / torchvision state dicts (`.safetensors`, `.pth`, `.bin`), as timm's hub stores them;
 - transformers SegFormer / MiT checkpoints (`nvidia/mit-b0`): a folder or its `model.safetensors` /
@@ -164,11 +164,15 @@ def _mit_size(state: dict[str, torch.Tensor]) -> str | None:
     return f"{name} (widths {widths}, depths {depths})"
 
 
-def read_encoder_state(path: Path, cfg: StudentConfig) -> dict[str, torch.Tensor]:
-    """Any supported file or folder -> the encoder's state dict in timm's naming for `cfg.backbone`, checked
-    against the encoder: every tensor present with its shape, or a WeightsError saying what does not fit."""
+def read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file of a file or folder, and its state dict (read once for the encoder and the head)."""
     file = _weights_file(Path(path))
-    state = _read_file(file)
+    return file, _read_file(file)
+
+
+def read_encoder_state(file: Path, state: dict[str, torch.Tensor], cfg: StudentConfig) -> dict[str, torch.Tensor]:
+    """Any supported form of `file`'s `state` -> the encoder's state dict in timm's naming for `cfg.backbone`,
+    checked against the encoder: every tensor present with its shape, or a WeightsError saying what does not fit."""
     state = {re.sub(r"^(module|backbone)\.", "", k): v for k, v in state.items()}  # DDP / mmseg segmentor
     kind = "timm"
     if any(re.match(r"^(segformer\.)?encoder\.patch_embeddings\.", k) for k in state):
@@ -224,11 +228,10 @@ def decode_head_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def load_decode_head(model: torch.nn.Module, path: Path, width: int) -> None:
-    """The decode head a SegFormer checkpoint holds, loaded into `model` (nothing when it holds none); the
-    classifier only where the class count matches the model's. A head of another width names the file."""
-    file = _weights_file(Path(path))
-    head = decode_head_state(_read_file(file))
+def load_decode_head(model: torch.nn.Module, file: Path, state: dict[str, torch.Tensor], width: int) -> None:
+    """The decode head a SegFormer checkpoint's `state` holds, loaded into `model` (nothing when it holds none);
+    the classifier only where the class count matches the model's. A head of another width names the file."""
+    head = decode_head_state(state)
     if not head:
         return
     theirs = head["decoder.fuse.0.weight"].shape[0] if "decoder.fuse.0.weight" in head else None
