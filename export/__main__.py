@@ -4,6 +4,7 @@ python -m export --run runs/<name> [--students cnn vit] [--variants fp32 fp16 in
     [--size H W] [--max-batch 16] [--max-size H W] [--profile-budget-mib 2048]
     [--parity-images 50] [--batch-sizes 1 4 16] [--calib-images 64] [--out DIR]
 python -m export --from-transformers DIR [--run runs/<name>] [--images DIR] [...]   (docs/import.md)
+python -m export --from-onnx model.onnx --classes FILE [--run runs/<name>] [--images DIR] [...]
 
 Writes runs/<name>/export/<student>/ with model.<variant>.onnx (labels: uint8 image in, class map
 out), model.<variant>.logits.onnx, manifest.json, parity.json and README.md (the model card). The
@@ -42,7 +43,27 @@ def parser() -> argparse.ArgumentParser:
         "(default runs/<DIR's name>), then exported",
     )
     p.add_argument(
-        "--images", type=Path, metavar="DIR", help="with --from-*: the images the gate runs on (default: synthetic)"
+        "--from-onnx",
+        type=Path,
+        metavar="FILE",
+        help="an ONNX segmentation graph (float image in, N x C x h x w logits out; torchvision, "
+        "segmentation_models_pytorch, mmsegmentation): written as --student of --run, then exported",
+    )
+    p.add_argument(
+        "--classes",
+        type=Path,
+        metavar="FILE",
+        help="with --from-onnx: class names (and palette), YAML or JSON: a list, {names, palette} or {id: name}",
+    )
+    p.add_argument("--student", choices=STUDENTS, default="cnn", help="with --from-onnx: the slot it serves as")
+    p.add_argument("--output", metavar="NAME", help="with --from-onnx: the logits output (default: the first 4-D)")
+    p.add_argument("--mean", type=float, nargs=3, help="with --from-onnx: its input's mean, 0-1 scale (ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, help="with --from-onnx: its input's std, 0-1 scale (ImageNet's)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR",
+        help="with --from-*: the images the gate runs on (default: synthetic); DIR/images + DIR/masks: with masks",
     )
     p.add_argument("--students", nargs="+", metavar="STUDENT", help="default: every student the run has weights for")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT")
@@ -86,7 +107,7 @@ def options(args: argparse.Namespace):
     from export.parity import Threshold  # imports torch: keep --help fast
     from export.pipeline import ExportOptions
 
-    present = [s for s in STUDENTS if weights_file(args.run, s).is_file()]
+    present = [s for s in STUDENTS if weights_file(args.run, s).is_file() or (args.run / f"{s}.onnx").is_file()]
     return ExportOptions(
         students=args.students or present or list(STUDENTS),
         variants=args.variants,
@@ -115,7 +136,7 @@ def summary(manifests: dict) -> None:
     """Each student's engines with their gate numbers, and what was not shipped and why."""
     for name, m in manifests.items():
         print(f"\n{name} ({m.arch}, {m.backbone}): {len(m.engines)} engines")
-        print("| file | runtime | precision | io | MiB | agreement | mIoU engine / torch |")
+        print("| file | runtime | precision | io | MiB | agreement | mIoU engine / reference |")
         print("|---|---|---|---|---:|---:|---:|")
         for e in m.engines:
             p = e.parity
@@ -163,16 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     from train.data import DatasetError
     from train.run_dir import RunBusy, held
 
-    if not (args.run or args.from_transformers):
-        cli.error("give --run RUN (a run dir), or --from-transformers DIR")
-    args.run = args.run or Path("runs") / args.from_transformers.name
+    source = args.from_transformers or args.from_onnx
+    if (args.from_transformers and args.from_onnx) or not (args.run or source):
+        cli.error("give --run RUN (a run dir), or one of --from-transformers DIR, --from-onnx FILE")
+    if args.from_onnx and not args.classes:
+        cli.error("--from-onnx needs --classes FILE (the names of its output's channels)")
+    args.run = args.run or Path("runs") / source.stem
     out = args.out or args.run / "export"
     try:
+        count = max(args.parity_images, args.calib_images)
         if args.from_transformers:
             from export.imported import from_transformers
 
-            count = max(args.parity_images, args.calib_images)
             from_transformers(args.from_transformers, args.run, args.images, count)
+        elif args.from_onnx:
+            from export.imported import from_onnx
+            from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+            size = tuple(args.size) if args.size else None
+            from_onnx(args.from_onnx, args.classes, args.run, args.images, count, args.student, size, args.output,
+                      args.mean or IMAGENET_MEAN, args.std or IMAGENET_STD)  # fmt: skip
         with held(out.parent / f"{out.name}.lock", "an export"):  # one export at a time into an engine dir
             manifests = export_run(args.run, options(args))
     except ParityError as e:

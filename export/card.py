@@ -19,12 +19,23 @@ def _pct(value) -> str:
 
 
 def _imported(source: dict) -> str:
-    return (
-        f"Imported from the {source['format']} checkpoint `{source['path']}` ({source['architecture']}, "
-        f"`{source['file']}` sha256 `{source['sha256'][:16]}…`, transformers {source.get('transformers')}); "
-        "the gate's masks are the source model's own class maps, so an engine's gate mIoU is its class-balanced "
-        "agreement with the source."
+    if source["format"] == "onnx":
+        origin = (
+            f"Imported from the onnx graph `{source['path']}` (sha256 `{source['sha256'][:16]}…`, {source['producer']})"
+        )
+        reference = "the source graph on ONNX Runtime fp32"
+    else:
+        origin = (
+            f"Imported from the {source['format']} checkpoint `{source['path']}` ({source['architecture']}, "
+            f"`{source['file']}` sha256 `{source['sha256'][:16]}…`, transformers {source.get('transformers')})"
+        )
+        reference = "the source model"
+    masks = (
+        "masks given with its images"
+        if source.get("gate_masks") == "given"
+        else "the source's own class maps, so an engine's gate mIoU is its class-balanced agreement with the source"
     )
+    return f"{origin}; the gate compares every engine with {reference}, and its masks are {masks}."
 
 
 def engine_card(engine_dir: Path, manifest: Manifest, config: dict | None) -> str:

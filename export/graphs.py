@@ -123,14 +123,14 @@ def cached_logits(
     return model, False
 
 
-def _opset(model: onnx.ModelProto) -> int:
+def opset_of(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def labels_model(logits: onnx.ModelProto, mean: list[float], std: list[float]) -> onnx.ModelProto:
     """uint8 NHWC in, uint8 class map out: the normalisation of training (x - 255 mean) / (255 std),
     then the logits graph, then argmax over classes."""
-    opset = [helper.make_opsetid("", _opset(logits))]
+    opset = [helper.make_opsetid("", opset_of(logits))]
     n, h, w = "batch", "height", "width"
     pre = helper.make_graph(
         [
@@ -171,6 +171,59 @@ def labels_model(logits: onnx.ModelProto, mean: list[float], std: list[float]) -
     return merged
 
 
+STEPS = {"zero": 0, "two": 2, "four": 4}  # source_logits' Slice bounds (opset 11 has no Shape start/end)
+
+
+def source_logits(
+    source: onnx.ModelProto, image: str, output: str, layout: str, scale: np.ndarray, shift: np.ndarray, resize: bool
+) -> onnx.ModelProto:
+    """Another project's segmentation graph in this project's `logits` contract: the normalised NCHW `image`
+    (ImageNet's normalisation) is mapped to the source's own (x * scale + shift per channel) and layout, the
+    source runs, and its `output` (N x C x h x w) is resized bilinearly to the input size where its stride is
+    not 1 (`resize`), as LogitsModel does for the students."""
+    inner = onnx.compose.add_prefix(source, "source/")
+    graph, feed, scores = inner.graph, f"source/{image}", f"source/{output}"
+    given = next(i for i in graph.input if i.name == feed)
+    dims = [d.dim_value or d.dim_param or "?" for d in given.type.tensor_type.shape.dim]
+    nchw = dims if layout == "nchw" else [dims[0], dims[3], dims[1], dims[2]]
+    k = next(o for o in graph.output if o.name == scores).type.tensor_type.shape.dim[1]
+    pre = [
+        helper.make_node("Mul", ["image", "source_scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "source_shift"], ["renormalised"]),
+        helper.make_node("Transpose", ["renormalised"], [feed], perm=[0, 2, 3, 1])
+        if layout == "nhwc"
+        else helper.make_node("Identity", ["renormalised"], [feed]),
+    ]
+    post = [helper.make_node("Identity", [scores], ["logits"])]
+    if resize:
+        post = [
+            helper.make_node("Shape", ["image"], ["image_shape"]),
+            helper.make_node("Slice", ["image_shape", "two", "four"], ["image_hw"]),
+            helper.make_node("Shape", [scores], ["scores_shape"]),
+            helper.make_node("Slice", ["scores_shape", "zero", "two"], ["scores_nc"]),
+            helper.make_node("Concat", ["scores_nc", "image_hw"], ["logits_size"], axis=0),
+            helper.make_node(
+                "Resize",
+                [scores, "", "", "logits_size"],
+                ["logits"],
+                coordinate_transformation_mode="half_pixel",
+                mode="linear",
+            ),
+        ]
+    nodes = [*pre, *graph.node, *post]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend([_const("source_scale", scale), _const("source_shift", shift)])
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.array([v], np.int64), n) for n, v in STEPS.items())
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("image", TensorProto.FLOAT, nchw))
+    del graph.output[:]
+    k = k.dim_value or "classes"
+    graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [nchw[0], k, nchw[2], nchw[3]]))
+    graph.name = f"{source.graph.name or 'source'}_logits"
+    return inner
+
+
 def _const(name: str, values: np.ndarray) -> TensorProto:
     return onnx.numpy_helper.from_array(values.reshape(1, 3, 1, 1).astype(np.float32), name)
 
@@ -200,9 +253,11 @@ def with_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> onnx.Mode
     return stamped
 
 
-def save(model: onnx.ModelProto, path: Path) -> None:
-    """Check with full shape inference, then save; weights inline unless they exceed protobuf's limit."""
-    onnx.checker.check_model(model, full_check=True)
+def save(model: onnx.ModelProto, path: Path, check: bool = True) -> None:
+    """Check with full shape inference (unless told not to: a graph made elsewhere is kept as it is), then save;
+    weights inline unless they exceed protobuf's limit."""
+    if check:
+        onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     external = model.ByteSize() > MAX_INLINE_BYTES
     onnx.save_model(

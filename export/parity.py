@@ -1,4 +1,5 @@
-"""The parity gate: every engine against the PyTorch student it came from, on real eval images.
+"""The parity gate: every engine against the PyTorch student it came from (or, for an imported graph, the source
+graph on ONNX Runtime fp32), on real eval images.
 
 For each batch size the engine will be benchmarked at, the images are cut into batches of that
 size (a different image in every slot: TensorRT has returned wrong SegFormer results at batch > 1
@@ -43,6 +44,18 @@ def threshold_for(precision: str, thresholds: dict[str, Threshold] = DEFAULT_THR
 def normalise(pixels: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float NCHW, the `logits` engines' input, normalised exactly as in training."""
     return np.ascontiguousarray(transforms.normalise(pixels).transpose(0, 3, 1, 2))
+
+
+def torch_reference(student: nn.Module) -> Runner:
+    """A PyTorch student as the gate's reference: normalised NCHW in, its logits at the input size out (what the
+    `logits` graph computes)."""
+    model = LogitsModel(student).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
 
 
 def batches(dataset: SegmentationDataset, count: int, size: int):
@@ -110,8 +123,8 @@ def gate_sizes(shapes: dict[str, list[int]]) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))
 
 
-def size_sweep(model, candidates, dataset, sizes, max_batch: int) -> dict[str, dict[str, float]]:
-    """Each engine's pixel agreement with the student on eval images resized to every size, at batch 1 and at
+def size_sweep(reference: Runner, candidates, dataset, sizes, max_batch: int) -> dict[str, dict[str, float]]:
+    """Each engine's pixel agreement with the reference on eval images resized to every size, at batch 1 and at
     the profile's largest batch: {engine: {"HxW@b": agreement}}."""
     sweep: dict[str, dict[str, float]] = {c.name: {} for c in candidates}
     pool = [dataset.read(i)[0] for i in range(min(max_batch, len(dataset)))]
@@ -120,8 +133,7 @@ def size_sweep(model, candidates, dataset, sizes, max_batch: int) -> dict[str, d
         for b in dict.fromkeys([1, max_batch]):
             pixels = np.resize(resized, (b, h, w, 3))  # repeats the pool where the batch is larger
             x = normalise(pixels)
-            with torch.no_grad():
-                ref = model(torch.from_numpy(x)).numpy().argmax(1)
+            ref = reference(x).argmax(1)
             for c in candidates:
                 out = c.run(pixels if c.io == "labels" else x)
                 out = out.argmax(1) if c.io == "logits" else out
@@ -130,7 +142,7 @@ def size_sweep(model, candidates, dataset, sizes, max_batch: int) -> dict[str, d
 
 
 def check(
-    student: nn.Module,
+    reference: Runner,
     candidates: Sequence[Candidate],
     dataset: SegmentationDataset,
     images: int,
@@ -138,16 +150,15 @@ def check(
     thresholds: dict[str, Threshold] = DEFAULT_THRESHOLDS,
     shapes: dict[str, list[int]] | None = None,
 ) -> dict[str, dict]:
-    """Run the gate; returns {engine name: report}. The student runs once per batch, shared by all. With the
-    profile's `shapes`, every engine must also agree at each of `gate_sizes`, at batch 1 and the largest batch."""
-    model = LogitsModel(student).eval()
+    """Run the gate against `reference` (the student, `torch_reference`, or an imported graph on ONNX Runtime
+    fp32); returns {engine name: report}. The reference runs once per batch, shared by all. With the profile's
+    `shapes`, every engine must also agree at each of `gate_sizes`, at batch 1 and the largest batch."""
     k = dataset.classes.num_classes
     tallies = {c.name: {b: _Tally(k) for b in batch_sizes} for c in candidates}
     for b in batch_sizes:
         for pixels, labels, real in batches(dataset, images, b):
             x = normalise(pixels)
-            with torch.no_grad():
-                ref_logits = model(torch.from_numpy(x)).numpy()
+            ref_logits = reference(x)
             ref = ref_logits.argmax(1)
             for c in candidates:
                 out = c.run(pixels if c.io == "labels" else x)
@@ -157,7 +168,7 @@ def check(
                     out = out.argmax(1)
                 tally.add(out, ref, labels, real)
 
-    sweep = size_sweep(model, candidates, dataset, gate_sizes(shapes), shapes["max"][0]) if shapes else {}
+    sweep = size_sweep(reference, candidates, dataset, gate_sizes(shapes), shapes["max"][0]) if shapes else {}
     reports = {}
     for c in candidates:
         limit = threshold_for(c.precision, thresholds)

@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,9 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     shapes, note = profile_shapes(size, cfg.data.num_classes, opts.max_batch, opts.max_size, opts.profile_budget_mib)
     if note:
         log.info("engine profile %s: %s", shapes["max"], note)
+    if (fixed := _imported(run_dir).get("graph", {}).get("fixed")) and any(fixed):
+        shapes = {key: [f or d for f, d in zip(fixed, dims, strict=True)] for key, dims in shapes.items()}
+        log.info("engine profile %s: the imported graph's fixed dims %s", shapes["max"], fixed)
     if dropped := [b for b in opts.batch_sizes if b > shapes["max"][0]]:
         log.warning("parity batch sizes %s are over the profile's max batch %d: not checked", dropped, shapes["max"][0])
         opts = dataclasses.replace(opts, batch_sizes=[b for b in opts.batch_sizes if b <= shapes["max"][0]] or [1])
@@ -162,9 +166,46 @@ class RunExport:
     train_set: object  # calibration images, unaugmented
 
 
+def _imported(run_dir: Path) -> dict:
+    """Where an imported run's model came from (export.imported), {} for a run trained here."""
+    path = Path(run_dir) / IMPORTED_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclass
+class Source:
+    """What one student's engines come from: its file, its `logits` graph (from its identity, the serving size
+    and the opset; True when a cached trace gave it), the gate's reference (normalised NCHW -> logits at the
+    input size) and what the manifest says of it."""
+
+    file: Path
+    graph: Callable[[str, tuple[int, int], int], tuple[onnx.ModelProto, bool]]
+    reference: parity.Runner
+    arch: str
+    backbone: str
+    exporter: dict = field(default_factory=dict)
+
+
+def student_source(run_dir: Path, name: str, cfg) -> Source:
+    """A student trained here (or imported as weights) is traced from PyTorch and gated against itself; an
+    imported ONNX graph is wrapped (graphs.source_logits) and gated against the source on ONNX Runtime fp32."""
+    imported = _imported(run_dir)
+    if imported.get("format") == "onnx" and imported.get("student") == name:
+        from export.imported import source_graph
+
+        graph, reference = source_graph(run_dir, name, imported)
+        exporter = {"opset": graphs.opset_of(graph), "dynamo": False}
+        return Source(run_dir / f"{name}.onnx", lambda *_: (graph, False), reference, "onnx",
+                      imported["architecture"], exporter)  # fmt: skip
+    student = load_student(run_dir, name, cfg)
+    slot = slot_config(cfg, name)
+    trace = lambda identity, hw, opset: graphs.cached_logits(student, identity, hw, opset)  # noqa: E731
+    return Source(weights_file(run_dir, name), trace, parity.torch_reference(student), slot.arch, slot.backbone)
+
+
 def _export_student(run: RunExport, name: str) -> Manifest:
-    student = load_student(run.run_dir, name, run.cfg)
-    weights = weights_file(run.run_dir, name)
+    student = student_source(run.run_dir, name, run.cfg)
+    weights = student.file
     final = run.out / name
     for left in run.out.glob(f".{name}-*"):  # what a killed export was building (one export at a time: a lock)
         shutil.rmtree(left, ignore_errors=True)
@@ -176,11 +217,11 @@ def _export_student(run: RunExport, name: str) -> Manifest:
         "sha256": sha256(weights),
         "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
     }
-    if (imported := run.run_dir / IMPORTED_FILE).is_file():
-        source["imported"] = json.loads(imported.read_text())
+    if imported := _imported(run.run_dir):
+        source["imported"] = imported
     try:
         job = StudentExport(student, run.cfg, name, run.opts, run.eval_set, run.train_set, tmp)
-        manifest = _build(job, _describe(run.cfg, name, run.opts, run.shapes, source))
+        manifest = _build(job, _describe(run.cfg, name, student, run.opts, run.shapes, source))
         write_manifest(manifest, tmp)
         (tmp / "parity.json").write_text(json.dumps({e.name: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
@@ -240,7 +281,7 @@ def _keep_plans(old_dir: Path, new_dir: Path, manifest: Manifest) -> None:
 class StudentExport:
     """What one student's export works on: the student, where it builds, and the data it is gated on."""
 
-    student: torch.nn.Module
+    student: Source
     cfg: object  # train.config.Config
     name: str
     opts: ExportOptions
@@ -257,10 +298,11 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     candidates = [parity.Candidate(e.name, e.io, e.precision, runners[e.name]) for e in entries]
     o = job.opts
     sweep = manifest.shapes if o.size_sweep else None
-    reports = parity.check(job.student, candidates, job.eval_set, o.parity_images, o.batch_sizes, o.thresholds, sweep)
+    reference = job.student.reference
+    reports = parity.check(reference, candidates, job.eval_set, o.parity_images, o.batch_sizes, o.thresholds, sweep)
     for e in entries:
         e.parity = reports[e.name]
-    skipped = _drop_failed(job.name, entries)
+    skipped = manifest.skipped + _drop_failed(job.name, entries)
     times = time_cpu_engines(entries, runners, size)
     verdicts = int8_verdicts(entries, times, o.int8_min_speedup, o.int8_max_miou_delta)
     for verdict in (v for v in verdicts if not v["ship"]):
@@ -281,28 +323,36 @@ def _write_graphs(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
     started = time.perf_counter()
     student_cfg = dataclasses.asdict(slot_config(job.cfg, job.name))
     identity = repr((manifest.source["sha256"], student_cfg, len(manifest.classes)))
-    logits, manifest.exporter["cached_trace"] = graphs.cached_logits(
-        job.student, identity, tuple(manifest.shapes["opt"][1:]), job.opts.opset
-    )
+    serving = tuple(manifest.shapes["opt"][1:])
+    logits, manifest.exporter["cached_trace"] = job.student.graph(identity, serving, job.opts.opset)
     export_s = time.perf_counter() - started
     if job.opts.simplify:
         slim = graphs.simplify(logits)
-        if _same_outputs(logits, slim, job.eval_set):
+        if _same_outputs(logits, slim, job.eval_set, min(2, manifest.shapes["max"][0])):
             logits, manifest.exporter["simplifier"] = slim, "onnxslim"
         else:
             log.warning("%s: onnxslim changed the outputs; keeping the unsimplified graph", job.name)
     calibration, entries = None, []
     for variant in job.opts.variants:
         started = time.perf_counter()
-        if variant == "fp32":
-            graph = logits
-        elif variant == "fp16":
-            keep = manifest.exporter["fp16_keep_fp32"] = precision.FP16_KEEP_FP32 + job.opts.fp16_keep_fp32
-            graph = precision.to_fp16(logits, keep)
-        else:
-            if calibration is None:
-                calibration = _calibration_batches(job.train_set, job.opts.calib_images, job.cfg.seed)
-            graph = precision.to_int8(logits, calibration, variant)
+        try:
+            if variant == "fp32":
+                graph = logits
+            elif variant == "fp16":
+                keep = manifest.exporter["fp16_keep_fp32"] = precision.FP16_KEEP_FP32 + job.opts.fp16_keep_fp32
+                graph = precision.to_fp16(logits, keep)
+            else:
+                if calibration is None:
+                    calibration = _calibration_batches(job.train_set, job.opts.calib_images, job.cfg.seed)
+                graph = precision.to_int8(logits, calibration, variant)
+        except Exception as e:  # a converter that cannot take this graph (an imported one, say): that variant only
+            if variant == "fp32":
+                raise
+            reason = f"the {variant} conversion failed: {type(e).__name__}: {e}"
+            manifest.skipped.append({"runtime": "onnxruntime", "precision": PRECISION[variant], "variant": variant,
+                                     "reason": reason})  # fmt: skip
+            log.warning("%s: %s not made: %s", job.name, variant, reason)
+            continue
         for io, model in (("logits", graph), ("labels", graphs.labels_model(graph, IMAGENET_MEAN, IMAGENET_STD))):
             path = job.tmp / engine_file(variant, io)
             entry = EngineEntry(path.name, "onnx", io, variant, PRECISION[variant], "onnxruntime", DEVICE[variant])
@@ -378,13 +428,13 @@ def _runner(entry: EngineEntry, folder: Path):
     return OPENERS[entry.runtime](folder / entry.file, None, entry, "cpu", 0).run
 
 
-def _describe(cfg, name: str, opts: ExportOptions, shapes: dict[str, list[int]], source: dict) -> Manifest:
+def _describe(cfg, name: str, student: Source, opts: ExportOptions, shapes: dict[str, list[int]],
+              source: dict) -> Manifest:  # fmt: skip
     """The engine dir's manifest before its engines: the student, its data contract and its source."""
-    student_cfg = getattr(cfg, name)
     return Manifest(
         student=name,
-        arch=student_cfg.arch,
-        backbone=student_cfg.backbone,
+        arch=student.arch,
+        backbone=student.backbone,
         classes=list(cfg.data.class_names),
         palette=[list(c) for c in cfg.data.palette],
         preprocess={
@@ -412,7 +462,8 @@ def _describe(cfg, name: str, opts: ExportOptions, shapes: dict[str, list[int]],
             },
             "profile_budget_mib": opts.profile_budget_mib,
             "thresholds": {k: asdict(v) for k, v in opts.thresholds.items()},
-        },
+        }
+        | student.exporter,
     )
 
 
@@ -429,9 +480,9 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, eval_set) -> bool:
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, eval_set, batch: int) -> bool:
     """Whether the simplified graph gives the unsimplified graph's logits on a few real images."""
-    x = next(parity.batches(eval_set, 2, 2))[0]
+    x = next(parity.batches(eval_set, batch, batch))[0]
     outs = [OnnxRuntimeEngine(m.SerializeToString(), device="cpu").run(parity.normalise(x)) for m in (a, b)]
     return bool(np.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4) and (outs[0].argmax(1) == outs[1].argmax(1)).all())
 

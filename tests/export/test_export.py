@@ -267,7 +267,7 @@ def test_engine_from_bytes_matches_file(exported_run):
 def test_the_gate_checks_many_sizes_and_fails_an_engine_wrong_at_one_aspect_ratio(exported_run):
     """The profile's corners and off-grid sizes, at batch 1 and the largest batch: an engine that is right at
     the serving size but wrong where the image is much wider than high fails, and the gate says where."""
-    from export.parity import Candidate, check, failures, gate_sizes
+    from export.parity import Candidate, check, failures, gate_sizes, torch_reference
     from serve.runtime import open_engine
     from train.data import build_dataset
     from train.run_dir import load_run_config, load_student
@@ -284,8 +284,9 @@ def test_the_gate_checks_many_sizes_and_fails_an_engine_wrong_at_one_aspect_rati
 
     cfg = load_run_config(exported_run)
     candidates = [Candidate("right", "labels", "fp32", engine.run), Candidate("wide", "labels", "fp32", wide_wrong)]
-    reports = check(load_student(exported_run, "cnn", cfg), candidates, build_dataset(cfg.data, "val", train=False),
-                    4, [1], shapes=manifest.shapes)  # fmt: skip
+    reference = torch_reference(load_student(exported_run, "cnn", cfg))
+    val = build_dataset(cfg.data, "val", train=False)
+    reports = check(reference, candidates, val, 4, [1], shapes=manifest.shapes)
     assert reports["right"]["passed"] and min(reports["right"]["sizes"].values()) >= 0.999
     assert set(reports["right"]["sizes"]) == {f"{h}x{w}@{b}" for h, w in sizes for b in (1, 4)}
     assert not reports["wide"]["passed"] and reports["wide"]["batch_sizes"]["1"]["agreement"] >= 0.999
