@@ -341,12 +341,36 @@ class Bench:
         return self.device.type == "cuda"
 
 
+def present_students(run_dir: Path) -> list[str]:
+    """The students the run has PyTorch weights for (an import from transformers holds the vit alone)."""
+    return [s for s in STUDENTS if weights_file(run_dir, s).is_file()]
+
+
+def run_models(run_dir: Path, asked: list[str] | None) -> list[str]:
+    """The models to bench: `asked`, else every student with weights and their ensemble when both are there.
+    Raises ValueError naming what the run lacks (an imported ONNX graph has no PyTorch student to compare with)."""
+    have = present_students(run_dir)
+    exported = [s for s in STUDENTS if (run_dir / "export" / s).exists()] or list(STUDENTS)
+    models = asked or [*have, *(["ensemble"] if len(have) == len(STUDENTS) else [])] or exported
+    for model in models:
+        if missing := [s for s in (STUDENTS if model == "ensemble" else (model,)) if s not in have]:
+            graph = run_dir / f"{missing[0]}.onnx"
+            why = (
+                f"{graph} is an imported ONNX graph: no PyTorch student for the bench's baseline and accuracy "
+                f"(its engines were gated against it at export: {run_dir / 'export' / missing[0] / 'parity.json'})"
+                if graph.is_file()
+                else f"{run_dir} has no {weights_file(run_dir, missing[0]).name}"
+            )
+            raise ValueError(f"cannot bench {model}: {why}")
+    return models
+
+
 def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -> dict:
     cfg = load_run_config(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    students = {s: load_student(run_dir, s, cfg) for s in STUDENTS}
+    students = {s: load_student(run_dir, s, cfg) for s in present_students(run_dir)}
     threads = {"torch": torch.get_num_threads(), "onnxruntime": settings.threads or "default (one per physical core)"}
     meta = {"machine": machine(device.type == "cuda"), "versions": versions(), "threads": threads}
     meta["gemm_peak_gflops"] = None if device.type == "cuda" else gemm_peaks()
@@ -358,7 +382,7 @@ def run_bench(run_dir: Path, settings: Settings, out: Path, command: str = "") -
     (out / ROWS_FILE).write_text("")
     window, window_batch = None, 1
     if "slide" in settings.modes:  # windows of the engines' serving size, for the PyTorch rows too
-        shapes = read_manifest(run_dir / "export" / STUDENTS[0]).shapes
+        shapes = read_manifest(run_dir / "export" / next(iter(students))).shapes
         opt, window_batch = shapes["opt"][1:], shapes["max"][0]
         window = Sliding(tuple(opt), default_stride(opt))
     sizes = settings.sizes + ([window.window] if window else [])  # a slide row's work: its windows
@@ -511,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="default: the run's students and their ensemble")
     rows = [*TORCH, *BACKENDS]  # read when the command runs: a row added to the table is a row here
     parser.add_argument("--backends", nargs="+", choices=rows, help="default: all this machine runs")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16])
@@ -539,8 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes:
         opt = tuple(read_manifest(manifests[0].parent).shapes["opt"][1:]) if manifests else None
         sizes = list(dict.fromkeys([s for s in (opt, (512, 1024)) if s]))
+    try:
+        models = run_models(args.run, args.models)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     settings = Settings(
-        models=args.models,
+        models=models,
         backends=backends,
         batch_sizes=args.batch_sizes,
         sizes=sizes,

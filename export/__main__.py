@@ -28,6 +28,13 @@ from pathlib import Path
 from serve.manifest import VARIANTS
 from train.run_dir import STUDENTS, weights_file
 
+# Gate settings that differ between a run trained here and an import (--from-*), whose user expects engines in about
+# a minute: fewer images, batches up to 4 (every size of the sweep still checked, at batch 1 and the largest).
+GATE_DEFAULTS = {
+    "trained": {"max_batch": 16, "parity_images": 50, "batch_sizes": [1, 4, 16], "calib_images": 64},
+    "imported": {"max_batch": 4, "parity_images": 16, "batch_sizes": [1, 4], "calib_images": 16},
+}
+
 
 def parser() -> argparse.ArgumentParser:
     defaults = {"agreement": (0.999, 0.99), "miou": (0.001, 0.01)}
@@ -69,16 +76,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--out", type=Path, help="engine dirs go to OUT/<student> (default: RUN/export)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="serving size (default: eval images')")
-    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-batch", type=int, help="default 16; 4 with --from-*")
     p.add_argument(
         "--max-size", type=int, nargs=2, metavar=("H", "W"), help="largest input (default: 2x serving size if it fits)"
     )
     p.add_argument(
         "--profile-budget-mib", type=float, default=2048, help="cap on the logits at the profile's max (batch x size)"
     )
-    p.add_argument("--parity-images", type=int, default=50)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--parity-images", type=int, help="default 50; 16 with --from-*")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 4 16; 1 4 with --from-*")
+    p.add_argument("--calib-images", type=int, help="default 64; 16 with --from-*")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument(
         "--fp16-keep-fp32",
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("give --run RUN (a run dir), or one of --from-transformers DIR, --from-onnx FILE")
     if args.from_onnx and not args.classes:
         cli.error("--from-onnx needs --classes FILE (the names of its output's channels)")
+    for key, value in GATE_DEFAULTS["imported" if source else "trained"].items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.run = args.run or Path("runs") / source.stem
     out = args.out or args.run / "export"
     try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.bench import main as bench
 from export.__main__ import main
 from serve.manifest import read_manifest, sha256
 from serve.segmenter import load_segmenter
@@ -67,6 +68,17 @@ def test_a_transformers_segformer_becomes_gated_engines_that_segment_as_it_does(
         image = np.asarray(base.resize((w, h), Image.BILINEAR))
         agreement = (segmenter.predict(image).labels == transformers_labels(hf, image)).mean()
         assert agreement >= 0.999, (h, w, agreement)
+
+    # The bench takes the vit alone (the run has no cnn), its PyTorch row the imported student.
+    small = ["--batch-sizes", "1", "--sizes", "64x96", "--seconds", "0.05", "--min-runs", "2", "--warmup", "0",
+             "--eval-images", "1", "--backends", "torch", "ort.cpu.fp32", "--out", str(tmp_path / "bench")]  # fmt: skip
+    assert bench([*small, "--run", str(run)]) == 0
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
+    assert [(r["model"], r["backend"], r["status"]) for r in rows] == [
+        ("vit", "torch", "ok"),
+        ("vit", "ort.cpu.fp32", "ok"),
+    ]
+    assert all(r["agreement"] >= 0.999 for r in rows)
 
 
 @pytest.mark.parametrize("shape", [{"num_labels": 150}, {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 6, 3]}])

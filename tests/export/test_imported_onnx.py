@@ -14,22 +14,14 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
+from benchmarks.bench import main as bench
 from export.__main__ import main
 from serve.manifest import read_manifest, sha256
 from serve.segmenter import load_segmenter
 
-LIGHT = [
-    "--variants",
-    "fp32",
-    "--no-openvino",
-    "--parity-images",
-    "4",
-    "--calib-images",
-    "4",
-    "--batch-sizes",
-    "1",
-    "2",
-]
+# fp32 on ONNX Runtime only, few images, batches of 1 and 2 (the sweep's largest batch: 2)
+LIGHT = ["--variants", "fp32", "--no-openvino", "--parity-images", "4", "--calib-images", "4"]
+LIGHT += ["--batch-sizes", "1", "2", "--max-batch", "2"]
 SIZES = ((64, 96), (80, 80), (45, 131))
 
 
@@ -110,7 +102,7 @@ SOURCES = {  # model, exported with dynamic sizes, by the dynamo exporter (its w
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_an_onnx_graph_becomes_gated_engines_that_segment_as_its_source_does(tmp_path, source):
+def test_an_onnx_graph_becomes_gated_engines_that_segment_as_its_source_does(tmp_path, capsys, source):
     make, dynamic, dynamo = SOURCES[source]
     model = make()
     graph = tmp_path / "model.onnx"
@@ -135,8 +127,11 @@ def test_an_onnx_graph_becomes_gated_engines_that_segment_as_its_source_does(tmp
     assert manifest.classes == names and manifest.arch == "onnx" and manifest.shapes["opt"][1:] == [64, 96]
     imported = manifest.source["imported"]
     assert imported["format"] == "onnx" and imported["sha256"] == sha256(graph) and imported["gate_masks"] == "source"
-    assert manifest.shapes["max"] == ([16, 128, 192] if dynamic else [1, 64, 96])
+    assert manifest.shapes["max"] == ([2, 128, 192] if dynamic else [1, 64, 96])
     assert "Imported from the onnx graph" in (run / "export" / "cnn" / "README.md").read_text()
+
+    assert bench(["--run", str(run)]) == 2  # no PyTorch student to bench against, and it says so
+    assert f"{run / 'cnn.onnx'} is an imported ONNX graph" in capsys.readouterr().err
 
     segmenter = load_segmenter(run / "export", "cnn", "ort.cpu.fp32")
     assert segmenter.classes == names
@@ -184,9 +179,10 @@ def test_another_layout_normalisation_and_stride_with_the_users_masks(tmp_path):
     run = tmp_path / "run"
     args = ["--from-onnx", str(graph), "--classes", str(tmp_path / "classes.json"), "--run", str(run),
             "--images", str(tmp_path / "data"), "--mean", *["0.5"] * 3, "--std", *["0.5"] * 3]  # fmt: skip
-    assert main([*args, *LIGHT]) == 0
+    assert main([*args, "--variants", "fp32", "--no-openvino"]) == 0  # an import's gate defaults
     manifest = read_manifest(run / "export" / "cnn")
     assert manifest.source["imported"]["gate_masks"] == "given" and manifest.shapes["opt"][1:] == [48, 64]
+    assert manifest.exporter["parity"]["batch_sizes"] == [1, 4] and manifest.shapes["max"][0] == 4
     engine = manifest.engines[0].parity["batch_sizes"]["1"]
     assert engine["miou"] < 0.6  # scored against the random masks given, not against the source itself
 
