@@ -26,7 +26,7 @@ from serve.manifest import EngineEntry, Manifest
 # float ops between them (the final resize, the argmax, pooling) at bf16 where the CPU computes it natively:
 # CNN at 512x1024, batch 1, 57.9 -> 52.7 ms at the same agreement. The int8 engine is gated per CPU.
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
-SHAPES_KEPT = 8  # compiled models per engine, one per input shape, least recently used dropped
+SHAPES_KEPT = 8  # compiled models per engine, one per input shape, least recently used dropped (the gate: 1)
 
 
 class OpenVinoUnavailable(RuntimeError):
@@ -98,6 +98,7 @@ class OpenVinoEngine:
         self.core, self.graph = core, core.read_model(self.model)
         self.compile(None)  # the precision is checked at load, on the graph as exported
         self._by_shape: OrderedDict[tuple, object] = OrderedDict()
+        self.shapes_kept = SHAPES_KEPT  # compiled shapes kept (the export's gate sets 1)
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -119,7 +120,7 @@ class OpenVinoEngine:
             compiled = self._by_shape.get(shape)
             if compiled is None:
                 compiled = self._by_shape[shape] = self.compile(shape)
-                while len(self._by_shape) > SHAPES_KEPT:
+                while len(self._by_shape) > self.shapes_kept:
                     self._by_shape.popitem(last=False)
             self._by_shape.move_to_end(shape)
             return compiled

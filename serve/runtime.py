@@ -123,10 +123,12 @@ class OnnxRuntimeEngine:
         manifest: Manifest | None = None,
         entry: EngineEntry | None = None,
         cuda_options: dict[str, str] | None = None,
+        arena: bool = True,
     ) -> None:
         ort = import_onnxruntime()
         self.manifest, self.entry = manifest, entry
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = arena  # off: memory goes back after each run (the gate's many sessions)
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per physical core)
         # Idle worker threads sleep instead of spinning: an ensemble's second session, the web server
         # and the pre/post-processing share these cores (ensemble on 2 cores: 20 -> 14 ms at 64x64).
