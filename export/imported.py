@@ -210,13 +210,13 @@ def read_onnx(src: Path, output: str | None = None) -> dict:
         model = onnx.load(str(src))
     except Exception as e:
         raise CheckpointError(f"{src}: not an ONNX model ({e})") from None
-    graph, floats = model.graph, (TensorProto.FLOAT, TensorProto.FLOAT16)
+    graph, floats = model.graph, (TensorProto.FLOAT,)  # fp32 in and out: the engines' fp16 is made from it
     fed = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in fed]
     is_image = lambda v: v.type.tensor_type.elem_type in floats and len(v.type.tensor_type.shape.dim) == 4  # noqa: E731
     shown = ", ".join(f"{v.name} {_dims(v)}" for v in inputs) or "none"
     if len(inputs) != 1 or not is_image(inputs[0]):
-        raise CheckpointError(f"{src}: expected one 4-D float image input, found {shown}")
+        raise CheckpointError(f"{src}: expected one 4-D float (fp32) image input, found {shown}")
     dims = _dims(inputs[0])
     layout = "nchw" if dims[1] == 3 else "nhwc" if dims[3] == 3 else None
     if layout is None:

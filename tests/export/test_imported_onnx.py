@@ -208,8 +208,8 @@ IMAGE = [1, 3, 8, 8]
 BAD = {
     "no file": (lambda p: None, "no such ONNX file"),
     "not onnx": (lambda p: p.write_bytes(b"\x00not a graph"), "not an ONNX model"),
-    "two inputs": (lambda p: _graph(p, [IMAGE, IMAGE], op="Add"), "expected one 4-D float image input, found a [1, 3"),
-    "int input": (lambda p: _graph(p, [IMAGE], kind=TensorProto.INT64), "expected one 4-D float image input"),
+    "two inputs": (lambda p: _graph(p, [IMAGE, IMAGE], op="Add"), "(fp32) image input, found a [1, 3, 8, 8], b"),
+    "int input": (lambda p: _graph(p, [IMAGE], kind=TensorProto.INT64), "expected one 4-D float (fp32) image input"),
     "no channels": (lambda p: _graph(p, [[1, 5, 8, 8]]), "has 3 channels at neither dim 1 nor dim 3"),
     "3-D output": (lambda p: _graph(p, [IMAGE], [3, 8, 8], op="Squeeze"), "no output is N x C x h x w float"),
     "wrong class count": (lambda p: _graph(p, [IMAGE]), "output c has 3 channels, "),
