@@ -29,6 +29,14 @@ FIRST = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist workers share the cores: torch in each (and in the processes its tests start) takes its share
+    of them, since OpenMP threads that outnumber the cores spin against each other (set before torch's import)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(FIRST)))  # stable: the rest as collected
