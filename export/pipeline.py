@@ -40,6 +40,7 @@ from serve.manifest import (
     sha256,
     write_manifest,
 )
+from serve.openvino import OpenVinoEngine
 from serve.runtime import OPENERS, OnnxRuntimeEngine
 from train.config import slot_config
 from train.data import build_dataset
@@ -429,12 +430,12 @@ def _runner(entry: EngineEntry, folder: Path, gate: bool = False):
     every engine open at once, so there each holds only the memory of the shape at hand: ONNX Runtime without its
     arena, OpenVINO with one compiled shape (with the arena and eight shapes, a B0 with 150 classes filled 22 GB at
     4x512x512)."""
+    path = folder / entry.file
     if gate and entry.runtime == "onnxruntime":
-        return OnnxRuntimeEngine(folder / entry.file, "cpu", 0, None, entry, arena=False).run
-    engine = OPENERS[entry.runtime](folder / entry.file, None, entry, "cpu", 0)
-    if gate and entry.runtime == "openvino":
-        engine.shapes_kept = 1
-    return engine.run
+        return OnnxRuntimeEngine(path, "cpu", 0, None, entry, arena=False).run
+    if gate and entry.runtime == "openvino":  # its first shape compiles at once: no compile of the dynamic graph
+        return OpenVinoEngine(path, entry.precision, entry=entry, shapes_kept=1, check_at_load=False).run
+    return OPENERS[entry.runtime](path, None, entry, "cpu", 0).run
 
 
 def _describe(cfg, name: str, student: Source, opts: ExportOptions, shapes: dict[str, list[int]],

@@ -80,6 +80,8 @@ class OpenVinoEngine:
         threads: int = 0,
         manifest: Manifest | None = None,
         entry: EngineEntry | None = None,
+        shapes_kept: int | None = None,
+        check_at_load: bool = True,
     ) -> None:
         ov = import_openvino()
         if precision not in INFERENCE_PRECISION:
@@ -96,9 +98,10 @@ class OpenVinoEngine:
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.core, self.graph = core, core.read_model(self.model)
-        self.compile(None)  # the precision is checked at load, on the graph as exported
+        if check_at_load:  # it compiles, at the precision asked for: a server finds out at start, not at a request
+            self.compile(None)
         self._by_shape: OrderedDict[tuple, object] = OrderedDict()
-        self.shapes_kept = SHAPES_KEPT  # compiled shapes kept (the export's gate sets 1)
+        self.shapes_kept = shapes_kept or SHAPES_KEPT  # compiled shapes kept
         self._lock = threading.Lock()
         self._local = threading.local()
 

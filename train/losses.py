@@ -696,10 +696,10 @@ class Objective(nn.Module):
                 ratios[f"ratio_{name}_{student}"] = (_norm(grad) / _norm(ce).clamp(min=1e-12)).detach()
         return ratios
 
-    def compile_terms(self) -> None:
+    def compile_terms(self, backend: str = "inductor") -> None:
         """Fuse the terms' element-wise work at label and stride-4 resolution (GPU: some 20 ms a step at
         512x1024, batch 8, unfused). Parameter names, and so checkpoints, stay as they are."""
         # grad_ratios backpropagates the compiled graph more than once (retain_graph), which torch
         # refuses for a backward that donates its buffers (torch >= 2.5 donates by default)
         torch._functorch.config.donated_buffer = False
-        self.unweighted = torch.compile(self.unweighted)
+        self.unweighted = torch.compile(self.unweighted, backend=backend)

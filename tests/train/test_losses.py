@@ -227,6 +227,12 @@ def test_objective_explicit_terms_and_stage_list():
         objective_of(MethodConfig(terms=["hfd"], hfd_stages=[5]))
 
 
+# CUDA training compiles the terms with inductor's Triton kernels. A CPU cannot run those; its inductor writes C++
+# instead (~80 s of compiling with a cold cache), so these tests compile with aot_eager: the same dynamo capture,
+# guards and AOT autograd (forward and backward graphs, buffer donation) that inductor starts from.
+BACKEND = "aot_eager"
+
+
 def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
     """CUDA training compiles the terms (`compile_losses`); the ramp stays outside the compiled code."""
     import torch._dynamo
@@ -234,7 +240,7 @@ def test_compiled_terms_match_eager_and_compile_once_while_the_ramp_moves():
     cnn, vit, labels = student_pair()
     eager = objective_of(MethodConfig(preset="full", start=0, warmup=0.1))
     compiled = copy.deepcopy(eager)
-    compiled.compile_terms()
+    compiled.compile_terms(BACKEND)
     for i, progress in enumerate((0.0, 0.03, 0.07, 0.5)):
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             got, got_stats = compiled(cnn, vit, labels, progress=progress)
@@ -251,7 +257,7 @@ def test_compiled_terms_backpropagate_after_the_gradient_ratios():
     cnn, vit, labels = student_pair()
     cnn, vit = (StudentOutput(o.low, o.feat.requires_grad_(), o.logits.requires_grad_()) for o in (cnn, vit))
     objective = objective_of(MethodConfig(preset="full", start=0, warmup=0))
-    objective.compile_terms()
+    objective.compile_terms(BACKEND)
     # torch 2.11's CUDA graphs donated buffers here and raised in grad_ratios (H100, 2026-11-26); this
     # CPU's torch does not donate in this graph, so the setting itself is checked too
     assert torch._functorch.config.donated_buffer is False
