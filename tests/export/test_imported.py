@@ -52,7 +52,7 @@ def test_a_transformers_segformer_becomes_gated_engines_that_segment_as_it_does(
     hf = checkpoint(src, names)
     run = tmp_path / "run"
     args = ["--from-transformers", str(src), "--run", str(run), "--variants", "fp32", "--no-openvino"]
-    assert main([*args, *TEST_EXPORT_ARGS]) == 0
+    assert main([*args, *TEST_EXPORT_ARGS, "--no-size-sweep"]) == 0  # the sizes: against transformers, below
     manifest = read_manifest(run / "export" / "vit")
     assert manifest.classes == names and len(manifest.palette) == 19 and manifest.shapes["opt"][1:] == [64, 96]
     imported = manifest.source["imported"]
