@@ -10,7 +10,7 @@ ARGS ?=
 
 .PHONY: setup setup-gpu data check-data train eval export export-trt triton-repo predict serve serve-triton demo ablation bench bench-train load soak test lint format docs clean
 
-# uv installs (parallel downloads and unpacking: ~45 s where pip takes ~3 min for torch's 7 GB); pip stays in
+# uv installs (parallel downloads and unpacking: ~45 s where pip takes ~3 min for the venv's 7 GB); pip stays in
 # the venv for setup-gpu and for users' own installs.
 UV := $(VENV)/bin/uv pip install --quiet -c constraints.txt
 
