@@ -90,10 +90,12 @@ class _Tally:
         self.torch.update(torch.from_numpy(ref.astype(np.int64)), target)
 
     def add_logits(self, logits: np.ndarray, ref: np.ndarray, real: np.ndarray) -> None:
-        err = np.abs(logits.astype(np.float32) - ref).transpose(0, 2, 3, 1)[real]
-        self.max_err = max(self.max_err, float(err.max()))
-        self.err_sum += float(err.sum())
-        self.err_count += err.size
+        # reduced over the classes first, then masked per pixel: masking the NCHW error itself gathers every
+        # element through a strided view (at 4x150x512x512, 10x slower than the engine run it checks)
+        err = np.abs(logits.astype(np.float32, copy=False) - ref)
+        self.max_err = max(self.max_err, float(err.max(axis=1)[real].max()))
+        self.err_sum += float(err.sum(axis=1)[real].sum(dtype=np.float64))
+        self.err_count += int(real.sum()) * err.shape[1]
 
     def result(self) -> dict:
         engine, reference = self.engine.compute()["miou"], self.torch.compute()["miou"]
