@@ -113,7 +113,15 @@ def engine_file(variant: str, io: str, fmt: str = "onnx") -> str:
 
 
 def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dict[str, Manifest]:
-    opts = options or ExportOptions()
+    run = prepare(run_dir, options or ExportOptions())
+    manifests = {name: _export_student(run, name) for name in run.opts.students}
+    _write_examples(run.eval_set, run.out / "examples", run.opts.examples)  # only once every gate has passed
+    card.write_cards(run.out)
+    return manifests
+
+
+def prepare(run_dir: str | Path, opts: ExportOptions) -> RunExport:
+    """What every student's export of the run shares, its options checked: the config, the data, the profile."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     for name in opts.students:
@@ -140,11 +148,7 @@ def export_run(run_dir: str | Path, options: ExportOptions | None = None) -> dic
     if dropped := [b for b in opts.batch_sizes if b > shapes["max"][0]]:
         log.warning("parity batch sizes %s are over the profile's max batch %d: not checked", dropped, shapes["max"][0])
         opts = dataclasses.replace(opts, batch_sizes=[b for b in opts.batch_sizes if b <= shapes["max"][0]] or [1])
-    run = RunExport(run_dir, cfg, opts, out, shapes, eval_set, train_set)
-    manifests = {name: _export_student(run, name) for name in opts.students}
-    _write_examples(eval_set, out / "examples", opts.examples)  # only once every gate has passed
-    card.write_cards(out)
-    return manifests
+    return RunExport(run_dir, cfg, opts, out, shapes, eval_set, train_set)
 
 
 def _write_examples(eval_set, folder: Path, count: int) -> None:
@@ -205,24 +209,12 @@ def student_source(run_dir: Path, name: str, cfg) -> Source:
 
 
 def _export_student(run: RunExport, name: str) -> Manifest:
-    student = student_source(run.run_dir, name, run.cfg)
-    weights = student.file
     final = run.out / name
     for left in run.out.glob(f".{name}-*"):  # what a killed export was building (one export at a time: a lock)
         shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=run.out))
-    metrics = run.run_dir / METRICS_FILE
-    source = {
-        "run": str(run.run_dir),
-        "weights": weights.name,
-        "sha256": sha256(weights),
-        "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
-    }
-    if imported := _imported(run.run_dir):
-        source["imported"] = imported
     try:
-        job = StudentExport(student, run.cfg, name, run.opts, run.eval_set, run.train_set, tmp)
-        manifest = _build(job, _describe(run.cfg, name, student, run.opts, run.shapes, source))
+        manifest = _build(*student_job(run, name, tmp))
         write_manifest(manifest, tmp)
         (tmp / "parity.json").write_text(json.dumps({e.name: e.parity for e in manifest.engines}, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
@@ -233,6 +225,22 @@ def _export_student(run: RunExport, name: str) -> Manifest:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %d engines in %s", name, len(manifest.engines), final)
     return manifest
+
+
+def student_job(run: RunExport, name: str, folder: Path) -> tuple[StudentExport, Manifest]:
+    """One student's export, built in `folder`, and its manifest before its engines."""
+    student = student_source(run.run_dir, name, run.cfg)
+    metrics = run.run_dir / METRICS_FILE
+    source = {
+        "run": str(run.run_dir),
+        "weights": student.file.name,
+        "sha256": sha256(student.file),
+        "val_miou": json.loads(metrics.read_text())[name]["miou"] if metrics.is_file() else None,
+    }
+    if imported := _imported(run.run_dir):
+        source["imported"] = imported
+    job = StudentExport(student, run.cfg, name, run.opts, run.eval_set, run.train_set, folder)
+    return job, _describe(run.cfg, name, student, run.opts, run.shapes, source)
 
 
 VERSIONS = ".versions"  # in an export dir: each student's engine sets, the live one linked by the student's name
@@ -293,9 +301,8 @@ class StudentExport:
 
 def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     size = tuple(manifest.shapes["opt"][1:])  # the serving size
-    entries = _write_graphs(job, manifest)
-    entries += _openvino_entries(entries) if job.opts.openvino else []
-    candidates = [parity.Candidate(e.name, e.io, e.precision, _runner(e, job.tmp, gate=True)) for e in entries]
+    entries = write_engines(job, manifest)
+    candidates = [parity.Candidate(e.name, e.io, e.precision, runner(e, job.tmp, gate=True)) for e in entries]
     o = job.opts
     sweep = manifest.shapes if o.size_sweep else None
     reference = job.student.reference
@@ -304,7 +311,7 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
         e.parity = reports[e.name]
     del candidates  # their sessions' memory, before the shipped engines open again as serve opens them
     skipped = manifest.skipped + _drop_failed(job.name, entries)
-    runners = {e.name: _runner(e, job.tmp) for e in entries if cpu_backend(e) is not None}
+    runners = {e.name: runner(e, job.tmp) for e in entries if cpu_backend(e) is not None}
     times = time_cpu_engines(entries, runners, size)
     verdicts = int8_verdicts(entries, times, o.int8_min_speedup, o.int8_max_miou_delta)
     for verdict in (v for v in verdicts if not v["ship"]):
@@ -318,6 +325,13 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     manifest.timings = {"cpu": cpu_model(), "size": list(size), "batch": 1,
                         "ms": {b: statistics.median(ms) for b, ms in times.items() if b in shipped}}  # fmt: skip
     return manifest
+
+
+def write_engines(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
+    """Every engine an export of the student gates, written into `job.tmp`: each variant's graph in both I/O modes,
+    and the OpenVINO engines this host runs."""
+    entries = _write_graphs(job, manifest)
+    return entries + (_openvino_entries(entries) if job.opts.openvino else [])
 
 
 def _write_graphs(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
@@ -345,7 +359,7 @@ def _write_graphs(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
                 graph = precision.to_fp16(logits, keep)
             else:
                 if calibration is None:
-                    calibration = _calibration_batches(job.train_set, job.opts.calib_images, job.cfg.seed)
+                    calibration = calibration_batches(job.train_set, job.opts.calib_images, job.cfg.seed)
                 graph = precision.to_int8(logits, calibration, variant)
         except Exception as e:  # a converter that cannot take this graph (an imported one, say): that variant only
             if variant == "fp32":
@@ -425,7 +439,7 @@ def _openvino_entries(onnx_entries: list[EngineEntry]) -> list[EngineEntry]:
     return out
 
 
-def _runner(entry: EngineEntry, folder: Path, gate: bool = False):
+def runner(entry: EngineEntry, folder: Path, gate: bool = False):
     """`entry`'s engine on the CPU, opened by its runtime's opener. The gate (`gate`) runs shape by shape with
     every engine open at once, so there each holds only the memory of the shape at hand: ONNX Runtime without its
     arena, OpenVINO with one compiled shape (with the arena and eight shapes, a B0 with 150 classes filled 22 GB at
@@ -497,7 +511,7 @@ def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, eval_set, batch: int) 
     return bool(np.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4) and (outs[0].argmax(1) == outs[1].argmax(1)).all())
 
 
-def _calibration_batches(train_set, count: int, seed: int) -> list[np.ndarray]:
+def calibration_batches(train_set, count: int, seed: int) -> list[np.ndarray]:
     """`count` training images (a seeded random choice), one per batch, normalised as in training."""
     order = np.random.default_rng(seed).permutation(len(train_set))[:count]
     return [parity.normalise(train_set.read(int(i))[0][None]) for i in order]

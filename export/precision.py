@@ -97,20 +97,23 @@ class _Calibration:
         return None if batch is None else {self.input_name: batch}
 
 
-def to_int8(model: onnx.ModelProto, batches: list[np.ndarray], variant: str) -> onnx.ModelProto:
-    """`int8.qdq` (TensorRT: symmetric, zero point 0) or `int8.cpu` (CPU runtimes: u8 asymmetric, s8)."""
+def to_int8(model: onnx.ModelProto, batches: list[np.ndarray], variant: str, keep_fp32: Iterable[str] = ()
+            ) -> onnx.ModelProto:  # fmt: skip
+    """`int8.qdq` (TensorRT: symmetric, zero point 0) or `int8.cpu` (CPU runtimes: u8 asymmetric, s8); the nodes
+    named in `keep_fp32` stay fp32."""
     if variant not in ("int8.qdq", "int8.cpu"):
         raise ValueError(f"unknown int8 variant '{variant}'")
     quiet = logging.getLogger()  # the quantizer logs a warning per non-float tensor on the root logger
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return _quantize(model, batches, symmetric=variant == "int8.qdq")
+        return _quantize(model, batches, variant == "int8.qdq", list(keep_fp32))
     finally:
         quiet.setLevel(level)
 
 
-def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], symmetric: bool) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], symmetric: bool, keep_fp32: list[str]
+              ) -> onnx.ModelProto:  # fmt: skip
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -129,6 +132,7 @@ def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], symmetric: bool
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=INT8_OPS,
+            nodes_to_exclude=keep_fp32,
             # QuantizeBias=False keeps biases in float: TensorRT's parser takes only 8-bit Q/DQ inputs,
             # and ONNX Runtime would quantize them to INT32 behind a DequantizeLinear.
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False},

@@ -430,20 +430,20 @@ def test_an_engine_set_goes_live_in_one_step_and_the_previous_one_is_removed(tmp
 def test_the_gate_holds_one_shape_of_each_engine_at_a_time(exported_run):
     """The gate runs every engine at once over many shapes: ONNX Runtime without its memory arena, OpenVINO with
     one compiled shape (kept eight, a B0 with 150 classes filled 22 GB); what ships opens as serve opens it."""
-    from export.pipeline import _runner
+    from export.pipeline import runner
 
     engine_dir = exported_run / "export" / "cnn"
     entries = read_manifest(engine_dir).engines
     pixels = [np.zeros((1, h, w, 3), np.uint8) for h, w in ((32, 32), (40, 56))]
     ort_entry = next(e for e in entries if e.runtime == "onnxruntime" and e.io == "labels")
     for gate in (True, False):
-        session = _runner(ort_entry, engine_dir, gate=gate).__self__.session
+        session = runner(ort_entry, engine_dir, gate=gate).__self__.session
         assert session.get_session_options().enable_cpu_mem_arena is not gate
     ov_entry = next((e for e in entries if e.runtime == "openvino" and e.io == "labels"), None)
     if ov_entry is None:
         pytest.skip("no OpenVINO engine here")
     for gate, kept in ((True, 1), (False, 2)):
-        run = _runner(ov_entry, engine_dir, gate=gate)
+        run = runner(ov_entry, engine_dir, gate=gate)
         for p in pixels:
             run(p)
         assert len(run.__self__._by_shape) == kept
