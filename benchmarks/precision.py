@@ -13,11 +13,12 @@ and batch:
   engine's largest logit error there (pixels no engine as exact as the fp32 one could flip), and their share;
 - the median student margin where the engine disagrees (near ties, or changed answers);
 - the largest and the mean absolute logit error;
-- mIoU against the labels of the student and of the engine.
-With `--layers N`, for each int8 graph: the N quantized tensors with the worst quantization error (ONNX
-Runtime's qdq_loss_debug: the signal-to-quantization-noise ratio of each tensor's own Q/DQ pair) on the images
-at the graph's worst size, and the agreement there with the ops that read the worst 1, 2, 4 ... N of them kept
-in fp32. Prints a Markdown report; `--out` also writes it, and the numbers as JSON beside it.
+- mIoU against the labels of the student and of the engine;
+and, as a scale for all of these, the student's agreement with itself when each pixel of the image is off by
+one grey level (an imperceptible change). With `--layers N`, for each int8 graph: the N quantized tensors with
+the worst quantization error (ONNX Runtime's qdq_loss_debug: the signal-to-quantization-noise ratio of each
+tensor's own Q/DQ pair) on the images at the graph's worst size, and the agreement there with fp32 islands: each
+quantized op type kept fp32 in turn, then the ops that read the worst 1, 2, 4 ... N tensors. Prints a Markdown report; `--out` also writes it, and the numbers as JSON beside it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Sample:
     inputs: list[np.ndarray]  # normalised NCHW batches
     labels: np.ndarray  # N x H x W
     logits: np.ndarray  # the student's, N x C x H x W
+    self_agreement: float  # the student's agreement with itself on the images off by one grey level
 
     @property
     def key(self) -> str:
@@ -65,14 +67,17 @@ class Sample:
 
 def samples(reference: parity.Runner, dataset, images: int, sizes, batch_sizes) -> list[Sample]:
     pool = [dataset.read(i) for i in range(min(images, len(dataset)))]
-    out = []
+    rng, out = np.random.default_rng(0), []
     for h, w in sizes:
         pixels = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im, _ in pool])
         labels = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for _, m in pool])
         x = parity.normalise(pixels)
+        shifted = parity.normalise(np.clip(pixels + rng.integers(-1, 2, pixels.shape), 0, 255).astype(np.uint8))
         for b in batch_sizes:
             inputs = [x[i : i + b] for i in range(0, len(x), b)]
-            out.append(Sample((h, w), b, inputs, labels, np.concatenate([reference(i) for i in inputs])))
+            logits = np.concatenate([reference(i) for i in inputs])
+            noisy = np.concatenate([reference(shifted[i : i + b]).argmax(1) for i in range(0, len(x), b)])
+            out.append(Sample((h, w), b, inputs, labels, logits, float((noisy == logits.argmax(1)).mean())))
     return out
 
 
@@ -190,6 +195,7 @@ def analyse(run_dir: Path, name: str, opts: ExportOptions, images: int, layers: 
                           list(dict.fromkeys([1, shapes["max"][0]])))  # fmt: skip
     rows = sweep(entries, folder, sample_list, k)
     report = {"student": name, "arch": f"{manifest.arch} on {manifest.backbone}", "shapes": shapes, "images": images,
+              "self_agreement": {s.key: s.self_agreement for s in sample_list},
               "engines": rows, "thresholds": {e: vars(parity.threshold_for(e.split()[1])) for e in rows}}  # fmt: skip
     if layers:
         by_key = {s.key: s for s in sample_list}
@@ -211,9 +217,9 @@ def markdown(report: dict) -> list[str]:
     keys = list(next(iter(rows.values())))
     lines += [f"## {report['student']} ({report['arch']}): {report['images']} eval images per size, profile "
               f"{report['shapes']['min']} - {report['shapes']['max']}", "",
-              "| engine | worst agreement | worst confident agreement (share confident) | median margin where it "
-              "disagrees | max logit error | ΔmIoU vs labels, worst | gate (agreement, min) |",
-              "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+              "| engine | worst agreement | the student with itself there, ±1 grey level | worst confident agreement "
+              "(share confident) | median margin where it disagrees | max logit error | ΔmIoU vs labels, worst | gate "
+              "(agreement, min) |", "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, points in rows.items():
         worst = min(keys, key=lambda k: points[k]["agreement"])
         conf = min(keys, key=lambda k: points[k]["confident_agreement"] or 1.0)
@@ -222,13 +228,15 @@ def markdown(report: dict) -> list[str]:
         need = report["thresholds"][name]["agreement"]
         margin = points[worst]["disagreeing_margin"]
         lines.append(
-            f"| {name} | {pct(points[worst]['agreement'])} at {worst} | {pct(points[conf]['confident_agreement'])} "
+            f"| {name} | {pct(points[worst]['agreement'])} at {worst} | {pct(report['self_agreement'][worst])} | "
+            f"{pct(points[conf]['confident_agreement'])} "
             f"({pct(points[conf]['confident_share'])}) at {conf} | {'-' if margin is None else f'{margin:.3f}'} | "
             f"{max(p['max_abs_logit_error'] for p in points.values()):.3g} | {100 * d:+.2f} at {delta} | "
             f"{'passes' if points[worst]['agreement'] >= need else 'refuses'} ({100 * need:g} %) |"
         )
     lines += ["", "Agreement / confident agreement (%) at each size@batch:", "",
               "| engine | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]  # fmt: skip
+    lines.append("| the student, ±1 grey level | " + " | ".join(pct(report["self_agreement"][k]) for k in keys) + " |")
     for name, points in rows.items():
         cells = [f"{pct(p['agreement'])} / {pct(p['confident_agreement'])}" for p in points.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

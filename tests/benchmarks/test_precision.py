@@ -28,4 +28,5 @@ def test_the_report_measures_each_engine_at_every_size_and_finds_int8_islands(tr
     assert set(islands["agreement_with_fp32_islands"]) == {"Conv kept fp32", "worst 1 kept fp32", "worst 2 kept fp32"}
     assert islands["agreement_with_fp32_islands"]["Conv kept fp32"]["onnxruntime int8 (int8.cpu)"] >= 0.999  # all fp32
     text = out.read_text()
-    assert "| onnxruntime int8 (int8.cpu) |" in text and "32x32@1" in text
+    assert all(0.5 < v <= 1 for v in report["self_agreement"].values())
+    assert "| onnxruntime int8 (int8.cpu) |" in text and "32x32@1" in text and "| the student, ±1 grey level |" in text

@@ -340,6 +340,38 @@ def test_the_fp16_graph_keeps_only_the_listed_op_types_in_fp32():
     assert fp32_ops(kept) == {"Resize", "LayerNormalization"}
 
 
+def test_the_cpu_int8_graph_keeps_patchify_convs_fp32_and_calibrates_on_images_of_any_size():
+    """int8.cpu leaves the convolutions whose kernel equals their stride (SegFormer's sequence reduction, which
+    OpenVINO's int8 kernels got wrong on small inputs) in fp32; int8.qdq (TensorRT) quantizes them. The percentile
+    calibration takes one image at a time, so calibration images of different sizes (a real dataset's) work."""
+    from onnx import TensorProto, helper
+
+    from export.precision import patchify_convs, to_int8
+
+    rng = np.random.default_rng(0)
+    weights = {"w_patch": (4, 3, 2, 2), "w_dense": (4, 4, 3, 3), "w_down": (4, 4, 1, 1)}
+    init = [onnx.numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in weights.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_patch"], ["a"], name="patch", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["a", "w_dense"], ["b"], name="dense", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "w_down"], ["y"], name="down", kernel_shape=[1, 1], strides=[2, 2]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, "h4", "w4"])
+    graph = helper.make_graph(nodes, "g", [x], [y], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert patchify_convs(model) == ["patch"]
+
+    def quantized(graph: onnx.ModelProto) -> set[str]:  # the convs whose weights are int8
+        dequantized = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return {n.name for n in graph.graph.node if n.op_type == "Conv" and n.input[1] in dequantized}
+
+    images = [rng.normal(size=(1, 3, h, w)).astype(np.float32) for h, w in ((16, 16), (24, 40), (32, 8))]
+    assert quantized(to_int8(model, images, "int8.cpu")) == {"dense", "down"}
+    assert quantized(to_int8(model, images, "int8.qdq")) == {"patch", "dense", "down"}
+    assert quantized(to_int8(model, images, "int8.cpu", keep_fp32=["down"])) == {"dense"}
+
+
 def test_fp16_keep_fp32_reaches_the_graph_and_the_manifest_through_the_cli(trained_run, tmp_path, capsys):
     from onnx import TensorProto
 
