@@ -18,7 +18,8 @@ and, as a scale for all of these, the student's agreement with itself when each 
 one grey level (an imperceptible change). With `--layers N`, for each int8 graph: the N quantized tensors with
 the worst quantization error (ONNX Runtime's qdq_loss_debug: the signal-to-quantization-noise ratio of each
 tensor's own Q/DQ pair) on the images at the graph's worst size, and the agreement there with fp32 islands: each
-quantized op type kept fp32 in turn, then the ops that read the worst 1, 2, 4 ... N tensors. Prints a Markdown report; `--out` also writes it, and the numbers as JSON beside it.
+quantized op type kept fp32 in turn, then the ops that read the worst 1, 2, 4 ... N tensors. Prints a Markdown
+report; `--out` also writes it, and the numbers as JSON beside it.
 """
 
 from __future__ import annotations
@@ -123,50 +124,13 @@ def sweep(entries: list[EngineEntry], folder: Path, sample_list: list[Sample], k
     return rows
 
 
-def worst_tensors(int8_path: Path, fp32_path: Path, x: np.ndarray, count: int) -> list[dict]:
-    """The `count` quantized activations of the int8 graph with the lowest signal-to-quantization-noise ratio of
-    their own Q/DQ pair on `x` (dB; and against the fp32 graph's same tensor, the error accumulated up to it), with
-    the quantized ops that read each."""
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        compute_signal_to_quantization_noice_ratio,
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
-
-    def activations(path: Path) -> dict:
-        with tempfile.TemporaryDirectory() as tmp:
-            augmented = Path(tmp) / "augmented.onnx"
-            modify_model_output_intermediate_tensors(str(path), str(augmented))
-            name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-            return collect_activations(str(augmented), [{name: x}])
-
-    matching = create_activation_matching(activations(int8_path), activations(fp32_path))
-    graph = onnx.load(str(int8_path), load_external_data=False).graph
-    readers: dict[str, list[str]] = {}
-    for node in (n for n in graph.node if n.op_type in precision.INT8_OPS):
-        for tensor in node.input:
-            readers.setdefault(tensor, []).append(node.name)
-    rows = []
-    for name, match in matching.items():
-        nodes = [n for suffix in ("", "_1") for n in readers.get(f"{name}_DequantizeLinear_Output{suffix}", [])]
-        if not nodes or match.get("pre_qdq") is None or match.get("post_qdq") is None:
-            continue
-        row = {"tensor": name, "read_by": nodes, "qdq_sqnr_db": compute_signal_to_quantization_noice_ratio(
-            match["pre_qdq"], match["post_qdq"])}  # fmt: skip
-        if match.get("float"):
-            row["sqnr_vs_fp32_db"] = compute_signal_to_quantization_noice_ratio(match["float"], match["post_qdq"])
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["qdq_sqnr_db"])[:count]
-
-
 def islands(job, entries: list[EngineEntry], folder: Path, variant: str, sample: Sample, count: int) -> dict:
     """The int8 `variant`'s worst tensors at `sample`, and each of its engines' agreement there with fp32 islands
     (the graph quantized again, as the export does): each op type kept fp32 in turn, then the ops that read the
     worst 1, 2, 4 ... `count` tensors."""
     fp32 = folder / engine_file("fp32", "logits")
     x = np.concatenate(sample.inputs)[:4]  # every intermediate tensor is held, twice: a few images
-    worst = worst_tensors(folder / engine_file(variant, "logits"), fp32, x, count)
+    worst = precision.worst_tensors(folder / engine_file(variant, "logits"), fp32, x, count)
     graph = onnx.load(str(fp32))
     trials = {f"{op} kept fp32": [n.name for n in graph.graph.node if n.op_type == op] for op in precision.INT8_OPS}
     trials = {name: nodes for name, nodes in trials.items() if nodes}

@@ -126,17 +126,23 @@ def gate_sizes(shapes: dict[str, list[int]]) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))
 
 
+def resized_images(dataset: SegmentationDataset, count: int, size: tuple[int, int]) -> np.ndarray:
+    """The split's first `count` images resized to `size` (height, width): uint8 NHWC."""
+    h, w = size
+    images = [dataset.read(i)[0] for i in range(min(count, len(dataset)))]
+    return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in images])
+
+
 def size_sweep(reference: Runner, candidates, dataset, sizes, max_batch: int) -> dict[str, dict[str, float]]:
     """Each engine's pixel agreement with the reference on eval images resized to every size, at batch 1 and at
     the profile's largest batch: {engine: {"HxW@b": agreement}}. Both batch sizes run the same images (the first
     `max_batch` of the split), at batch 1 one at a time: one image alone (1024 pixels at 32x32) measured an
     engine's agreement 0.3-1.5 points off its value over 16."""
     sweep: dict[str, dict[str, float]] = {c.name: {} for c in candidates}
-    pool = [dataset.read(i)[0] for i in range(min(max_batch, len(dataset)))]
     for h, w in sizes:
-        resized = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in pool])
+        resized = resized_images(dataset, max_batch, (h, w))
         for b in dict.fromkeys([1, max_batch]):
-            images = np.resize(resized, (max(b, len(pool)), h, w, 3))  # repeats the pool where the batch is larger
+            images = np.resize(resized, (max(b, len(resized)), h, w, 3))  # repeats the pool where the batch is larger
             same = dict.fromkeys(sweep, 0)
             for start in range(0, len(images), b):
                 pixels = images[start : start + b]

@@ -177,3 +177,40 @@ def _quantize(model: onnx.ModelProto, batches: list[np.ndarray], symmetric: bool
             },
         )
         return onnx.load_model(str(out))
+
+
+def worst_tensors(int8_path: Path, fp32_path: Path, x: np.ndarray, count: int) -> list[dict]:
+    """The `count` quantized activations of the int8 graph with the lowest signal-to-quantization-noise ratio of
+    their own Q/DQ pair on `x` (dB; and against the fp32 graph's same tensor, the error accumulated up to it), with
+    the quantized ops that read each."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_signal_to_quantization_noice_ratio,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    def activations(path: Path) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            augmented = Path(tmp) / "augmented.onnx"
+            modify_model_output_intermediate_tensors(str(path), str(augmented))
+            name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+            return collect_activations(str(augmented), [{name: x}])
+
+    matching = create_activation_matching(activations(int8_path), activations(fp32_path))
+    graph = onnx.load(str(int8_path), load_external_data=False).graph
+    readers: dict[str, list[str]] = {}
+    for node in (n for n in graph.node if n.op_type in INT8_OPS):
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node.name)
+    rows = []
+    for name, match in matching.items():
+        nodes = [n for suffix in ("", "_1") for n in readers.get(f"{name}_DequantizeLinear_Output{suffix}", [])]
+        if not nodes or match.get("pre_qdq") is None or match.get("post_qdq") is None:
+            continue
+        row = {"tensor": name, "read_by": nodes, "qdq_sqnr_db": compute_signal_to_quantization_noice_ratio(
+            match["pre_qdq"], match["post_qdq"])}  # fmt: skip
+        if match.get("float"):
+            row["sqnr_vs_fp32_db"] = compute_signal_to_quantization_noice_ratio(match["float"], match["post_qdq"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["qdq_sqnr_db"])[:count]

@@ -200,6 +200,24 @@ def test_cpu_int8_ships_only_where_it_pays(exported_run, trained_run, tmp_path):
     assert (out / "cnn" / "model.int8.cpu.onnx").is_file()
 
 
+def test_a_refused_cpu_int8_graph_is_tried_again_with_growing_fp32_islands(trained_run, tmp_path):
+    """int8.cpu below its gate is quantized again with the ops reading its 2, 4, then 8 worst-quantized tensors
+    kept fp32, each try gated and recorded; none meets an impossible bar (|ΔmIoU| <= -1), so none ships and its
+    files go."""
+    out = tmp_path / "engines"
+    args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu",
+            "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1", "--reduced-miou-delta", "-1"]  # fmt: skip
+    assert main(args) == 0
+    manifest = read_manifest(out / "cnn")
+    tries = manifest.exporter["int8_fp32_islands"]
+    kept = [set(t["fp32"]) for t in tries]
+    assert len(tries) == 4 and kept[0] == set() and kept[0] < kept[1] < kept[2] < kept[3]  # none, 2, 4, 8 tensors
+    assert all(not t["passed"] and 0 < t["agreement"] <= 1 for t in tries)
+    assert {e.variant for e in manifest.engines} == {"fp32"}
+    (skipped,) = (s for s in manifest.skipped if s["variant"] == "int8.cpu")
+    assert "parity gate" in skipped["reason"] and not (out / "cnn" / "model.int8.cpu.onnx").exists()
+
+
 def test_a_tight_memory_budget_cuts_the_profile_and_the_checked_batch_sizes(trained_run, tmp_path):
     out = tmp_path / "engines"  # 40x56, 5 classes: 0.04 MiB of logits per image
     args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "--no-openvino"]
