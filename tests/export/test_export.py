@@ -206,7 +206,8 @@ def test_a_refused_cpu_int8_graph_is_tried_again_with_growing_fp32_islands(train
     files go."""
     out = tmp_path / "engines"
     args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu",
-            "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1", "--reduced-miou-delta", "-1"]  # fmt: skip
+            "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1",
+            "--reduced-miou-delta", "-1"]  # fmt: skip
     assert main(args) == 0
     manifest = read_manifest(out / "cnn")
     tries = manifest.exporter["int8_fp32_islands"]
