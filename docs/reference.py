@@ -44,6 +44,7 @@ COMMANDS = [
     "benchmarks.soak",
     "benchmarks.slide_batching",
     "benchmarks.evaluate",
+    "benchmarks.precision",
     "benchmarks.overlays",
     "benchmarks.ort_cuda",
     "benchmarks.bf16_bisect",
