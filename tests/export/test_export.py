@@ -219,6 +219,22 @@ def test_a_refused_cpu_int8_graph_is_tried_again_with_growing_fp32_islands(train
     assert "parity gate" in skipped["reason"] and not (out / "cnn" / "model.int8.cpu.onnx").exists()
 
 
+def test_a_failed_islands_search_leaves_int8_refused_and_ships_the_rest(trained_run, tmp_path, monkeypatch):
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("no Q/DQ pairs to compare")  # as qdq_loss_debug on a graph it cannot take
+
+    monkeypatch.setattr(export.pipeline.precision, "worst_tensors", unreadable)
+    out = tmp_path / "engines"
+    args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu",
+            "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1",
+            "--reduced-miou-delta", "-1"]  # fmt: skip
+    assert main(args) == 0
+    manifest = read_manifest(out / "cnn")
+    assert manifest.exporter["int8_fp32_islands"] == "not tried: RuntimeError: no Q/DQ pairs to compare"
+    assert {e.variant for e in manifest.engines} == {"fp32"}
+    assert any(s["variant"] == "int8.cpu" and "parity gate" in s["reason"] for s in manifest.skipped)
+
+
 def test_a_tight_memory_budget_cuts_the_profile_and_the_checked_batch_sizes(trained_run, tmp_path):
     out = tmp_path / "engines"  # 40x56, 5 classes: 0.04 MiB of logits per image
     args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "--no-openvino"]
