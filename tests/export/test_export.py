@@ -200,15 +200,19 @@ def test_cpu_int8_ships_only_where_it_pays(exported_run, trained_run, tmp_path):
     assert (out / "cnn" / "model.int8.cpu.onnx").is_file()
 
 
+def refused_int8_args(run: Path, out: Path) -> list[str]:
+    """An export of the CNN's fp32 and int8.cpu graphs whose int8 no try can pass (|ΔmIoU| <= -1)."""
+    return ["--run", str(run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu",
+            "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1",
+            "--reduced-miou-delta", "-1"]  # fmt: skip
+
+
 def test_a_refused_cpu_int8_graph_is_tried_again_with_growing_fp32_islands(trained_run, tmp_path):
     """int8.cpu below its gate is quantized again with the ops reading its 2, 4, then 8 worst-quantized tensors
     kept fp32, each try gated and recorded; none meets an impossible bar (|ΔmIoU| <= -1), so none ships and its
     files go."""
     out = tmp_path / "engines"
-    args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu",
-            "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1",
-            "--reduced-miou-delta", "-1"]  # fmt: skip
-    assert main(args) == 0
+    assert main(refused_int8_args(trained_run, out)) == 0
     manifest = read_manifest(out / "cnn")
     tries = manifest.exporter["int8_fp32_islands"]
     kept = [set(t["fp32"]) for t in tries]
@@ -225,10 +229,7 @@ def test_a_failed_islands_search_leaves_int8_refused_and_ships_the_rest(trained_
 
     monkeypatch.setattr(export.pipeline.precision, "worst_tensors", unreadable)
     out = tmp_path / "engines"
-    args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu",
-            "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1",
-            "--reduced-miou-delta", "-1"]  # fmt: skip
-    assert main(args) == 0
+    assert main(refused_int8_args(trained_run, out)) == 0
     manifest = read_manifest(out / "cnn")
     assert manifest.exporter["int8_fp32_islands"] == "not tried: RuntimeError: no Q/DQ pairs to compare"
     assert {e.variant for e in manifest.engines} == {"fp32"}
