@@ -136,8 +136,8 @@ def resized_images(dataset: SegmentationDataset, count: int, size: tuple[int, in
 def size_sweep(reference: Runner, candidates, dataset, sizes, max_batch: int) -> dict[str, dict[str, float]]:
     """Each engine's pixel agreement with the reference on eval images resized to every size, at batch 1 and at
     the profile's largest batch: {engine: {"HxW@b": agreement}}. Both batch sizes run the same images (the first
-    `max_batch` of the split), at batch 1 one at a time: one image alone (1024 pixels at 32x32) measured an
-    engine's agreement 0.3-1.5 points off its value over 16."""
+    `max_batch` of the split), at batch 1 one at a time: one image alone measured the demo's int8 engines 0.8-3.1
+    points off their value over 16 (benchmarks/results/precision-cpu.md)."""
     sweep: dict[str, dict[str, float]] = {c.name: {} for c in candidates}
     for h, w in sizes:
         resized = resized_images(dataset, max_batch, (h, w))

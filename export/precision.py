@@ -190,15 +190,15 @@ def worst_tensors(int8_path: Path, fp32_path: Path, x: np.ndarray, count: int) -
         modify_model_output_intermediate_tensors,
     )
 
+    graph = onnx.load(str(int8_path), load_external_data=False).graph  # its input is the fp32 graph's too
+
     def activations(path: Path) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             augmented = Path(tmp) / "augmented.onnx"
             modify_model_output_intermediate_tensors(str(path), str(augmented))
-            name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-            return collect_activations(str(augmented), [{name: x}])
+            return collect_activations(str(augmented), [{graph.input[0].name: x}])
 
     matching = create_activation_matching(activations(int8_path), activations(fp32_path))
-    graph = onnx.load(str(int8_path), load_external_data=False).graph
     readers: dict[str, list[str]] = {}
     for node in (n for n in graph.node if n.op_type in INT8_OPS):
         for tensor in node.input:
