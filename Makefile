@@ -86,18 +86,19 @@ serve-triton: $(TRITON_VENV)/.installed
 	$(TRITON_VENV)/bin/python -m serve.triton_server --engines $(RUN)/export $(ARGS)
 
 # The whole pipeline on the embedded dataset: data, training (a second `make demo` resumes or just
-# re-reports runs/demo), the engines the demo serves and benches (fp32 on ONNX Runtime) through the parity
-# gate, a short bench, a picture of what the engines see (runs/demo/overlays.png); then where the time went,
-# per phase. Every precision and runtime (int8, OpenVINO's, each gated at every size): make export RUN=runs/demo
+# re-reports runs/demo), the engines a CPU user serves (ONNX Runtime and OpenVINO: fp32, bf16 where the CPU
+# has it, int8 where it passes the gate and pays) through the parity gate at every size, a short bench, a
+# picture of what the engines see (runs/demo/overlays.png); then where the time went, per phase. The GPU's
+# precisions too (fp16, TensorRT's int8): make export RUN=runs/demo
 DEMO_TRAIN = if [ -f runs/demo/checkpoint/last.safetensors ]; then $(PY) -m train --resume runs/demo $(ARGS); \
 	else $(PY) -m train --config configs/synthetic.yaml --run-dir runs/demo name=demo $(ARGS); fi
 demo:
 	@$(PYTHON) -m benchmarks.phases "install=$(MAKE) --no-print-directory setup" \
 		"data=$(PY) -m train.data.synthetic --out data/synthetic" \
 		"train=$(DEMO_TRAIN)" \
-		"export=$(PY) -m export --run runs/demo --variants fp32 --no-openvino" \
+		"export=$(PY) -m export --run runs/demo --variants fp32 int8.cpu" \
 		"bench=$(PY) -m benchmarks.bench --run runs/demo --models cnn vit ensemble --backends torch ort.cpu.fp32 \
-		--batch-sizes 1 --sizes 64x64 --seconds 1 --eval-images 100" \
+		ort.cpu.int8 ov.fp32 ov.bf16 ov.int8 --batch-sizes 1 --sizes 64x64 --seconds 1 --eval-images 100" \
 		"overlays=$(PY) -m benchmarks.overlays --run runs/demo"
 	@echo; echo "Start the demo app: make serve RUN=runs/demo   (then open http://127.0.0.1:7860)"
 

@@ -70,12 +70,30 @@ def write_report(result: dict, path: Path) -> None:
     ]
     for row in result["results"]:
         lines.append("| " + " | ".join(cell(row, k, f) for _, k, f in COLUMNS) + " |")
+    lines += fastest_engines(result["results"])
     for status, title in (("not shipped", "Not shipped by the export"), ("failed", "Failed")):
         rows = [r for r in result["results"] if r["status"] == status]
         lines += ["", f"## {title}", ""] if rows else []
         for key in dict.fromkeys((r["model"], r["backend"], r.get("error")) for r in rows):
             lines.append(f"- {key[0]} / {key[1]}: {key[2]}")
     path.write_text("\n".join(lines) + "\n")
+
+
+def fastest_engines(rows: list[dict]) -> list[str]:
+    """A table of the fastest engine (not a PyTorch row) of each model at each point of the bench."""
+    fastest: dict[tuple, dict] = {}
+    for r in (r for r in rows if r["status"] == "ok" and not r["backend"].startswith("torch")):
+        key = (r["model"], r["mode"], r["batch"], cell(r, None, None))
+        if key not in fastest or r["mean_ms"] < fastest[key]["mean_ms"]:
+            fastest[key] = r
+    if not fastest:
+        return []
+    lines = ["", "## Fastest engine", "", "| model | mode | batch | size | backend | mean ms | speed-up | ΔmIoU |"]
+    lines.append("|---|---|---:|---|---|---:|---:|---:|")
+    for (model, mode, batch, size), r in fastest.items():
+        numbers = (cell(r, k, f) for k, f in (("mean_ms", "{:.2f}"), ("speedup", "{:.2f}x"), ("delta_miou", "{:+.4f}")))
+        lines.append(f"| {model} | {mode} | {batch} | {size} | {r['backend']} | " + " | ".join(numbers) + " |")
+    return lines
 
 
 def write_plots(result: dict, out: Path) -> list[Path]:

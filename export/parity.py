@@ -59,20 +59,24 @@ def torch_reference(student: nn.Module) -> Runner:
 
 
 def batches(dataset: SegmentationDataset, count: int, size: int):
-    """Consecutive images of the split in batches of `size`: uint8 NHWC pixels, labels (ignore-padded)
-    and the mask of real (unpadded) pixels."""
-    indices = list(range(min(count, len(dataset))))
-    for start in range(0, len(indices), size):
-        pairs = [dataset.read(i) for i in indices[start : start + size]]
+    """The split's first `count` images (at least) in full batches of `size`: uint8 NHWC pixels, labels
+    (ignore-padded) and the mask of real (unpadded) pixels. The last batch is filled up with the next images,
+    so every batch has the one shape an engine compiles for (OpenVINO compiles per shape); a split with fewer
+    images repeats them, masked out."""
+    total = -(-min(count, len(dataset)) // size) * size
+    for start in range(0, total, size):
+        indices = range(start, start + size)
+        pairs = [dataset.read(i % len(dataset)) for i in indices]
         h = max(m.shape[0] for _, m in pairs)
         w = max(m.shape[1] for _, m in pairs)
         pixels = np.zeros((len(pairs), h, w, 3), np.uint8)
         labels = np.full((len(pairs), h, w), IGNORE_INDEX, np.uint8)
         real = np.zeros((len(pairs), h, w), bool)
-        for i, (image, mask) in enumerate(pairs):
-            pixels[i, : mask.shape[0], : mask.shape[1]] = image
-            labels[i, : mask.shape[0], : mask.shape[1]] = mask
-            real[i, : mask.shape[0], : mask.shape[1]] = True
+        for slot, (i, (image, mask)) in enumerate(zip(indices, pairs, strict=True)):
+            pixels[slot, : mask.shape[0], : mask.shape[1]] = image
+            if i < len(dataset):  # a repeat counts once
+                labels[slot, : mask.shape[0], : mask.shape[1]] = mask
+                real[slot, : mask.shape[0], : mask.shape[1]] = True
         yield pixels, labels, real
 
 
@@ -82,12 +86,15 @@ class _Tally:
         self.max_err, self.err_sum, self.err_count = 0.0, 0.0, 0
         self.engine, self.torch = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
 
-    def add(self, pred: np.ndarray, ref: np.ndarray, labels: np.ndarray, real: np.ndarray) -> None:
-        self.same += int((pred == ref)[real].sum())
+    def add(self, pred: np.ndarray, ref: np.ndarray, labels: np.ndarray, real: np.ndarray) -> int:
+        """Adds a batch; returns how many of its real pixels agree."""
+        same = int((pred == ref)[real].sum())
+        self.same += same
         self.total += int(real.sum())
         target = torch.from_numpy(labels.astype(np.int64))
         self.engine.update(torch.from_numpy(pred.astype(np.int64)), target)
         self.torch.update(torch.from_numpy(ref.astype(np.int64)), target)
+        return same
 
     def add_logits(self, logits: np.ndarray, ref: np.ndarray, real: np.ndarray) -> None:
         # reduced over the classes first, then masked per pixel: masking the NCHW error itself gathers every
@@ -133,27 +140,33 @@ def resized_images(dataset: SegmentationDataset, count: int, size: tuple[int, in
     return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in images])
 
 
-def size_sweep(reference: Runner, candidates, dataset, sizes, max_batch: int) -> dict[str, dict[str, float]]:
+Points = dict[str, list]  # "HxW@b" -> [pixels checked there, {engine: pixels that agree}]
+
+
+def size_sweep(reference: Runner, candidates, dataset, sizes, max_batch: int,
+               points: Points | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
     """Each engine's pixel agreement with the reference on eval images resized to every size, at batch 1 and at
     the profile's largest batch: {engine: {"HxW@b": agreement}}. Both batch sizes run the same images (the first
     `max_batch` of the split), at batch 1 one at a time: one image alone measured the demo's int8 engines 0.8-3.1
-    points off their value over 16 (benchmarks/results/precision-cpu.md)."""
-    sweep: dict[str, dict[str, float]] = {c.name: {} for c in candidates}
+    points off their value over 16 (benchmarks/results/precision-cpu.md). A point that `points` already holds
+    for at least `max_batch` images (the gate's own batches at the serving size) is not run again."""
+    points = {} if points is None else points
+    names, keys = [c.name for c in candidates], []
     for h, w in sizes:
-        resized = resized_images(dataset, max_batch, (h, w))
-        for b in dict.fromkeys([1, max_batch]):
+        keys += [f"{h}x{w}@{b}" for b in dict.fromkeys([1, max_batch])]
+        todo = [b for b in dict.fromkeys([1, max_batch]) if points.get(f"{h}x{w}@{b}", [0])[0] < max_batch * h * w]
+        resized = resized_images(dataset, max_batch, (h, w)) if todo else None
+        for b in todo:
             images = np.resize(resized, (max(b, len(resized)), h, w, 3))  # repeats the pool where the batch is larger
-            same = dict.fromkeys(sweep, 0)
+            count = points[f"{h}x{w}@{b}"] = [images[..., 0].size, dict.fromkeys(names, 0)]
             for start in range(0, len(images), b):
                 pixels = images[start : start + b]
                 x = normalise(pixels)
                 ref = reference(x).argmax(1)
                 for c in candidates:
                     out = c.run(pixels if c.io == "labels" else x)
-                    same[c.name] += int(((out.argmax(1) if c.io == "logits" else out) == ref).sum())
-            for name, count in same.items():
-                sweep[name][f"{h}x{w}@{b}"] = count / images[..., 0].size
-    return sweep
+                    count[1][c.name] += int(((out.argmax(1) if c.io == "logits" else out) == ref).sum())
+    return {n: {key: points[key][1][n] / points[key][0] for key in keys} for n in names}
 
 
 def check(
@@ -170,20 +183,23 @@ def check(
     `shapes`, every engine must also agree at each of `gate_sizes`, at batch 1 and the largest batch."""
     k = dataset.classes.num_classes
     tallies = {c.name: {b: _Tally(k) for b in batch_sizes} for c in candidates}
+    points: Points = {}  # what the batches below checked, by shape: the sweep does not run them again
     for b in batch_sizes:
         for pixels, labels, real in batches(dataset, images, b):
             x = normalise(pixels)
             ref_logits = reference(x)
             ref = ref_logits.argmax(1)
+            point = points.setdefault(f"{pixels.shape[1]}x{pixels.shape[2]}@{b}", [0, {}])
+            point[0] += int(real.sum())
             for c in candidates:
                 out = c.run(pixels if c.io == "labels" else x)
                 tally = tallies[c.name][b]
                 if c.io == "logits":
                     tally.add_logits(out, ref_logits, real)
                     out = out.argmax(1)
-                tally.add(out, ref, labels, real)
+                point[1][c.name] = point[1].get(c.name, 0) + tally.add(out, ref, labels, real)
 
-    sweep = size_sweep(reference, candidates, dataset, gate_sizes(shapes), shapes["max"][0]) if shapes else {}
+    sweep = size_sweep(reference, candidates, dataset, gate_sizes(shapes), shapes["max"][0], points) if shapes else {}
     reports = {}
     for c in candidates:
         limit = threshold_for(c.precision, thresholds)

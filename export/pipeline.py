@@ -305,23 +305,38 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     o = job.opts
     sweep = manifest.shapes if o.size_sweep else None
 
-    def gate(group: list[EngineEntry]) -> None:  # each engine's sessions go when it is checked (memory)
-        candidates = [parity.Candidate(e.name, e.io, e.precision, runner(e, job.tmp, gate=True)) for e in group]
-        reports = parity.check(job.student.reference, candidates, job.eval_set, o.parity_images, o.batch_sizes,
-                               o.thresholds, sweep)  # fmt: skip
+    def candidates(group: list[EngineEntry]) -> list[parity.Candidate]:  # sessions go when checked (memory)
+        return [parity.Candidate(e.name, e.io, e.precision, runner(e, job.tmp, gate=True)) for e in group]
+
+    def gate(group: list[EngineEntry]) -> None:
+        reports = parity.check(job.student.reference, candidates(group), job.eval_set, o.parity_images,
+                               o.batch_sizes, o.thresholds, sweep)  # fmt: skip
         for e in group:
             e.parity = reports[e.name]
 
+    def probe(group: list[EngineEntry], size: tuple[int, int]) -> float:  # the lowest agreement at one size
+        points = parity.size_sweep(job.student.reference, candidates(group), job.eval_set, [size],
+                                   manifest.shapes["max"][0])  # fmt: skip
+        return min(v for engine in points.values() for v in engine.values())
+
+    cpu_int8 = [e for e in entries if e.variant == "int8.cpu"]
+    entries = [e for e in entries if e.variant != "int8.cpu"]
     gate(entries)
-    try:
-        entries = _int8_islands(job, manifest, entries, gate)
-    except Exception as e:  # a graph the Q/DQ analysis cannot take (an imported one, say): int8.cpu stays refused
-        manifest.exporter["int8_fp32_islands"] = f"not tried: {type(e).__name__}: {e}"
-        log.warning("%s: no fp32 islands for int8.cpu: %s: %s", job.name, type(e).__name__, e)
     skipped = manifest.skipped + _drop_failed(job.name, entries)
-    runners = {e.name: runner(e, job.tmp) for e in entries if cpu_backend(e) is not None}
-    times = time_cpu_engines(entries, runners, size)
-    verdicts = int8_verdicts(entries, times, o.int8_min_speedup, o.int8_max_miou_delta)
+    times = time_cpu_engines(job, entries + cpu_int8, size)
+    verdicts = int8_verdicts(entries + cpu_int8, times, o.int8_min_speedup, o.int8_max_miou_delta)
+    if any(v["ship"] for v in verdicts):  # CPU int8 is gated where its speed pays for it, and only there
+        gate(cpu_int8)
+        try:
+            cpu_int8 = _int8_islands(job, manifest, cpu_int8, gate, probe)
+        except Exception as e:  # a graph the Q/DQ analysis cannot take (an imported one, say): it stays refused
+            manifest.exporter["int8_fp32_islands"] = f"not tried: {type(e).__name__}: {e}"
+            log.warning("%s: no fp32 islands for int8.cpu: %s: %s", job.name, type(e).__name__, e)
+        skipped += _drop_failed(job.name, cpu_int8)
+        entries += cpu_int8
+        if isinstance(manifest.exporter.get("int8_fp32_islands"), list):  # another graph: timed again
+            times = time_cpu_engines(job, entries, size)
+        verdicts = int8_verdicts(entries, times, o.int8_min_speedup, o.int8_max_miou_delta)
     for verdict in (v for v in verdicts if not v["ship"]):
         runtime, precision_, variant = verdict["engine"]
         entries[:] = [e for e in entries if (e.runtime, e.precision, e.variant) != verdict["engine"]]
@@ -339,7 +354,11 @@ def write_engines(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
     """Every engine an export of the student gates, written into `job.tmp`: each variant's graph in both I/O modes,
     and the OpenVINO engines this host runs."""
     entries = _write_graphs(job, manifest)
-    return entries + (_openvino_entries(entries) if job.opts.openvino else [])
+    if not job.opts.openvino:
+        return entries
+    openvino, left_out = _openvino_entries(entries)
+    manifest.skipped += left_out
+    return entries + openvino
 
 
 def _write_graphs(job: StudentExport, manifest: Manifest) -> list[EngineEntry]:
@@ -398,10 +417,12 @@ def _save_variant(job: StudentExport, manifest: Manifest, variant: str, graph: o
 ISLANDS = (2, 4, 8)  # how many of a refused CPU int8 graph's worst-quantized tensors it keeps fp32, in turn
 
 
-def _int8_islands(job: StudentExport, manifest: Manifest, entries: list[EngineEntry], gate) -> list[EngineEntry]:
+def _int8_islands(job: StudentExport, manifest: Manifest, entries: list[EngineEntry], gate,
+                  probe) -> list[EngineEntry]:  # fmt: skip
     """A CPU int8 graph the gate refused, quantized again with fp32 islands: the ops reading its 2, then 4, then 8
     most quantization-damaged tensors (each tensor's own Q/DQ signal-to-noise, ONNX Runtime's qdq_loss_debug, on
-    a few eval images at its worst point) kept fp32, each try gated (`gate`) until every engine on it passes.
+    a few eval images at its worst point) kept fp32, each try gated (`gate`) until every engine on it passes; a
+    try but the last still below the bar at that point (`probe`) goes without the whole gate.
     The first that passes replaces the refused engines, else the last try's, refused; the manifest lists the
     graph without islands and every try (exporter.int8_fp32_islands). The demo CNN: 98.92 % -> 99.03 % with 4."""
     group = [e for e in entries if e.variant == "int8.cpu"]
@@ -415,6 +436,7 @@ def _int8_islands(job: StudentExport, manifest: Manifest, entries: list[EngineEn
     tensors = precision.worst_tensors(int8, fp32, x, ISLANDS[-1])
     source = onnx.load(str(fp32))
     calibration = calibration_batches(job.train_set, job.opts.calib_images, job.cfg.seed)
+    bar = parity.threshold_for("int8", job.opts.thresholds).agreement
     first = {"fp32": [], "agreement": min(e.parity["agreement"] for e in group), "passed": False}
     tries = manifest.exporter["int8_fp32_islands"] = [first]
     for count in ISLANDS:
@@ -422,7 +444,12 @@ def _int8_islands(job: StudentExport, manifest: Manifest, entries: list[EngineEn
         nodes = [node for row in tensors[:count] for node in row["read_by"]]
         graph = precision.to_int8(source, calibration, "int8.cpu", keep_fp32=nodes)
         retry = _save_variant(job, manifest, "int8.cpu", graph, time.perf_counter() - started)
-        retry += _openvino_entries(retry) if any(e.runtime == "openvino" for e in group) else []
+        retry += _openvino_entries(retry)[0] if any(e.runtime == "openvino" for e in group) else []
+        if count != ISLANDS[-1] and (at_worst := probe(retry, size)) < bar:  # the last try is gated: its record
+            tries.append({"fp32": nodes, "agreement": at_worst, "passed": False, "at": "x".join(map(str, size))})
+            log.info("%s: int8.cpu with %d ops fp32: agreement %.2f%% at %s", job.name, len(nodes), 100 * at_worst,
+                     tries[-1]["at"])  # fmt: skip
+            continue
         gate(retry)
         passed = all(e.parity["passed"] for e in retry)
         tries.append({"fp32": nodes, "agreement": min(e.parity["agreement"] for e in retry), "passed": passed})
@@ -466,31 +493,37 @@ def _remove_unused_files(entries: list[EngineEntry], folder: Path) -> None:
             path.unlink()
 
 
-def _openvino_entries(onnx_entries: list[EngineEntry]) -> list[EngineEntry]:
+def _openvino_entries(onnx_entries: list[EngineEntry]) -> tuple[list[EngineEntry], list[dict[str, str]]]:
     """OpenVINO engines on this CPU for the ONNX files just written, one per OpenVINO row of the backend table
     this host runs (fp32; bf16 where the CPU has it natively; int8 on the CPU int8 graph), each gated like the
-    others. None where openvino is not installed."""
+    others; and a record of each row not made here, with why (openvino absent, no native bf16)."""
+    rows = [b for b in BACKENDS.values() if b.runtime == "openvino"]
+    variants = {e.variant for e in onnx_entries}
+    made = [r for r in rows if variants & set(r.variants)]
+
+    def left_out(row: Backend, reason: str) -> dict[str, str]:
+        log.info("no OpenVINO %s engine: %s", row.precision, reason)
+        return {"runtime": "openvino", "precision": row.precision, "variant": row.variants[0], "reason": reason}
+
     if problem := runtime_problem("openvino"):
-        log.info("no OpenVINO engines: %s", problem)
-        return []
+        return [], [left_out(row, problem) for row in made]
     from serve.openvino import capabilities
 
     try:
         host = capabilities()
     except RuntimeError as e:  # OpenVinoUnavailable
-        log.info("no OpenVINO engines: %s", e)
-        return []
-    out = []
-    for row in (b for b in BACKENDS.values() if b.runtime == "openvino"):
+        return [], [left_out(row, str(e)) for row in made]
+    out, skipped = [], []
+    for row in made:
         if row.precision == "bf16" and "BF16" not in host["precisions"]:
-            log.info("no OpenVINO bf16 engine: %s computes no bf16 natively", host["cpu"])
+            skipped.append(left_out(row, f"{host['cpu']} computes no bf16 natively"))
             continue
         out += [
             EngineEntry(e.file, "onnx", e.io, e.variant, row.precision, "openvino", "cpu", e.size_bytes, openvino=host)
             for e in onnx_entries
             if e.variant in row.variants
         ]
-    return out
+    return out, skipped
 
 
 def runner(entry: EngineEntry, folder: Path, gate: bool = False):
@@ -581,16 +614,17 @@ def cpu_backend(entry: EngineEntry) -> Backend | None:
     return next((b for b in BACKENDS.values() if b.device == "cpu" and _runs(b, entry)), None)
 
 
-def time_cpu_engines(entries: list[EngineEntry], runners: dict, size: tuple[int, int]) -> dict[str, list[float]]:
-    """Per-round latency (ms) of every CPU backend's labels engine at the serving size, batch 1, all timed in
-    interleaved rounds (serve.decide): what the int8 rule decides on and serve's engine pick reads."""
+def time_cpu_engines(job: StudentExport, entries: list[EngineEntry], size: tuple[int, int]) -> dict[str, list[float]]:
+    """Per-round latency (ms) of every CPU backend's labels engine at the serving size, batch 1, opened as serve
+    opens it and all timed in interleaved rounds (serve.decide): what the int8 rule decides on and serve's engine
+    pick reads."""
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
     runs = {}
     for row in (b for b in BACKENDS.values() if b.device == "cpu"):
         for variant in row.variants:  # the engine the row opens: its first variant shipped
             entry = next((e for e in entries if e.io == "labels" and e.variant == variant and _runs(row, e)), None)
             if entry is not None:
-                runs[row.name] = runners[entry.name]
+                runs[row.name] = runner(entry, job.tmp)
                 break
     return interleaved(runs, pixels)
 
@@ -600,7 +634,8 @@ def int8_verdicts(entries: list[EngineEntry], times: dict[str, list[float]], min
     """A CPU int8 engine (ONNX Runtime's int8.cpu, OpenVINO's int8) ships only when it pays for its accuracy:
     its speed-up over the fastest float CPU engine (ONNX Runtime fp32, OpenVINO fp32 or bf16) clears
     `min_speedup` (serve.decide.at_least: the 95 % interval over interleaved rounds, straddling stays out),
-    and |ΔmIoU| <= `max_delta` at the gate. One record per int8 engine, with the numbers that decided it."""
+    and |ΔmIoU| <= `max_delta` at the gate. One record per int8 engine, with the numbers that decided it. Before
+    its gate (no parity yet) the speed alone decides: an engine too slow to ship is not worth gating."""
     floats = {name: ms for name, ms in times.items() if BACKENDS[name].precision in ("fp32", "bf16")}
     reference = min(floats, key=lambda name: statistics.median(floats[name]))
     verdicts = []
@@ -609,14 +644,16 @@ def int8_verdicts(entries: list[EngineEntry], times: dict[str, list[float]], min
         group = [e for e in entries if _runs(row, e) and e.variant == "int8.cpu"]
         if not group:  # it runs TensorRT's int8.qdq graph, which ships for TensorRT whatever its CPU speed
             continue
-        delta = max(abs(e.parity["miou_delta"]) for e in group)
+        gated = all(e.parity for e in group)
+        delta = max(abs(e.parity["miou_delta"]) for e in group) if gated else None
         verdict = at_least(speedup_of(floats[reference], times[name]), min_speedup)
-        ship = verdict.ship and delta <= max_delta
+        ship = verdict.ship and (delta is None or delta <= max_delta)
         s = verdict.speedup
         reason = (
             f"{s['b_ms']:.2f} ms at batch 1: {s['ratio']:.2f}x [{s['low']:.2f}, {s['high']:.2f}] the fastest float "
             f"engine ({reference}, {s['a_ms']:.2f} ms) over {s['rounds']} interleaved rounds ({verdict.outcome}), "
-            f"|ΔmIoU| {delta:.4f}; ships when the interval clears {min_speedup}x and |ΔmIoU| <= {max_delta}"
+            + (f"|ΔmIoU| {delta:.4f}" if gated else "not gated")
+            + f"; ships when the interval clears {min_speedup}x and |ΔmIoU| <= {max_delta}"
         )
         engine = (row.runtime, row.precision, "int8.cpu")
         verdicts.append(verdict.record(backend=name, engine=engine, reference=reference, miou_delta=delta,

@@ -142,7 +142,8 @@ def test_plots_are_pngs(bench):
 def test_report_numbers_are_the_json_numbers(bench):
     out, result = bench
     report = (out / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    main_table = report.split("\n\n## ", 1)[0]  # the fastest-engine table and the lists come after
+    table = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     header = next(line for line in report.splitlines() if line.startswith("| model"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert len(table) == len(result["results"])
@@ -158,6 +159,18 @@ def test_report_numbers_are_the_json_numbers(bench):
         assert float(cells["mIoU"]) == pytest.approx(row["miou"], abs=6e-5)
         assert float(re.sub("x$", "", cells["speed-up"])) == pytest.approx(row["speedup"], abs=0.006)
     assert "trt.fp32" in report.split("## Failed", 1)[1]
+
+
+def test_the_report_names_the_fastest_engine_of_each_model_at_each_point(bench):
+    out, result = bench
+    section = (out / "report.md").read_text().split("## Fastest engine\n", 1)[1].split("\n\n## ", 1)[0]
+    listed = {tuple(c.strip() for c in line.strip("|").split("|")[:5]) for line in section.splitlines()[3:]}
+    ok = [r for r in result["results"] if r["status"] == "ok" and r["backend"] != "torch"]
+    expected = set()
+    for batch in {r["batch"] for r in ok}:
+        best = min((r for r in ok if r["batch"] == batch), key=lambda r: r["mean_ms"])
+        expected.add(("cnn", best["mode"], str(batch), "40x56", best["backend"]))
+    assert listed == expected and len(expected) == 2
 
 
 def test_pytorch_rows_need_no_export_and_engine_rows_name_the_missing_step(trained_run, tmp_path, capsys):

@@ -200,17 +200,45 @@ def test_cpu_int8_ships_only_where_it_pays(exported_run, trained_run, tmp_path):
     assert (out / "cnn" / "model.int8.cpu.onnx").is_file()
 
 
+def test_a_cpu_int8_engine_too_slow_to_ship_is_not_gated(trained_run, tmp_path):
+    """The int8 rule's speed half decides first: an engine that cannot ship whatever its accuracy is left out
+    with its timing, and no gate (nor fp32 islands) is spent on it."""
+    out = tmp_path / "engines"
+    args = ["--run", str(trained_run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu"]
+    assert main([*args, *TEST_EXPORT_ARGS, "--no-size-sweep", "--int8-min-speedup", "1000"]) == 0
+    manifest = read_manifest(out / "cnn")
+    assert {e.variant for e in manifest.engines} == {"fp32"} and "int8_fp32_islands" not in manifest.exporter
+    int8 = [d for d in manifest.decisions if d["engine"][2] == "int8.cpu"]
+    assert int8 and all(not d["ship"] and d["miou_delta"] is None and "not gated" in d["reason"] for d in int8)
+    assert {s["runtime"] for s in manifest.skipped if s["variant"] == "int8.cpu"} == {d["engine"][0] for d in int8}
+
+
+def test_an_openvino_engine_this_cpu_cannot_run_is_listed_with_why(exported_run):
+    pytest.importorskip("openvino")
+    from serve.openvino import capabilities
+
+    for student in ("cnn", "vit"):
+        manifest = read_manifest(exported_run / "export" / student)
+        bf16 = [e for e in manifest.engines if (e.runtime, e.precision) == ("openvino", "bf16")]
+        why = manifest.left_out("openvino", "bf16", ("fp32",))
+        if "BF16" in capabilities()["precisions"]:
+            assert bf16 or "parity gate" in why
+        else:
+            assert not bf16 and why.endswith("computes no bf16 natively")
+
+
 def refused_int8_args(run: Path, out: Path) -> list[str]:
-    """An export of the CNN's fp32 and int8.cpu graphs whose int8 no try can pass (|ΔmIoU| <= -1)."""
+    """An export of the CNN's fp32 and int8.cpu graphs whose int8 no try can pass (agreement >= 101 %), gated
+    whatever its speed (--int8-min-speedup 0)."""
     return ["--run", str(run), "--out", str(out), "--students", "cnn", "--variants", "fp32", "int8.cpu",
             "--no-openvino", *TEST_EXPORT_ARGS, "--no-size-sweep", "--batch-sizes", "1",
-            "--reduced-miou-delta", "-1"]  # fmt: skip
+            "--reduced-agreement", "1.01", "--int8-min-speedup", "0"]  # fmt: skip
 
 
 def test_a_refused_cpu_int8_graph_is_tried_again_with_growing_fp32_islands(trained_run, tmp_path):
     """int8.cpu below its gate is quantized again with the ops reading its 2, 4, then 8 worst-quantized tensors
-    kept fp32, each try gated and recorded; none meets an impossible bar (|ΔmIoU| <= -1), so none ships and its
-    files go."""
+    kept fp32, each try recorded; none meets an impossible bar (agreement >= 101 %), so none ships and its files
+    go. A try below the bar where the graph was worst is not gated further; the last try always is."""
     out = tmp_path / "engines"
     assert main(refused_int8_args(trained_run, out)) == 0
     manifest = read_manifest(out / "cnn")
@@ -218,6 +246,7 @@ def test_a_refused_cpu_int8_graph_is_tried_again_with_growing_fp32_islands(train
     kept = [set(t["fp32"]) for t in tries]
     assert len(tries) == 4 and kept[0] == set() and kept[0] < kept[1] < kept[2] < kept[3]  # none, 2, 4, 8 tensors
     assert all(not t["passed"] and 0 < t["agreement"] <= 1 for t in tries)
+    assert [t.get("at") for t in tries] == [None, "40x56", "40x56", None]  # probed at the serving size; gated
     assert {e.variant for e in manifest.engines} == {"fp32"}
     (skipped,) = (s for s in manifest.skipped if s["variant"] == "int8.cpu")
     assert "parity gate" in skipped["reason"] and not (out / "cnn" / "model.int8.cpu.onnx").exists()
@@ -328,6 +357,44 @@ def test_the_gate_checks_many_sizes_and_fails_an_engine_wrong_at_one_aspect_rati
     assert not reports["wide"]["passed"] and reports["wide"]["batch_sizes"]["1"]["agreement"] >= 0.999
     (line,) = failures(reports)
     assert line.startswith("wide: ") and "worst at size 32x112@" in line
+
+
+def test_the_gate_runs_every_shape_it_checks_once_and_fills_up_a_short_last_batch(exported_run):
+    """OpenVINO compiles per shape: every batch of a batch size has one shape (a short last batch is filled up
+    with the next images, or with repeats that count for nothing), and the sweep does not run again the points
+    the gate's own batches covered (the serving size at batch 1 and the largest)."""
+    from export.parity import Candidate, batches, check, torch_reference
+    from serve.runtime import open_engine
+    from train.data import build_dataset
+    from train.run_dir import load_run_config, load_student
+
+    cfg = load_run_config(exported_run)
+    val = build_dataset(cfg.data, "val", train=False)
+    assert len(val) >= 4
+    shapes = [(p.shape, int(real.sum()) // (p.shape[1] * p.shape[2])) for p, _, real in batches(val, 3, 2)]
+    assert shapes == [((2, 40, 56, 3), 2), ((2, 40, 56, 3), 2)]  # 4 real images, no batch of 1
+
+    class Two:  # the split's first two images: a batch of 4 repeats them, masked out
+        classes = val.classes
+
+        def __len__(self):
+            return 2
+
+        def read(self, i):
+            return val.read(i)
+
+    ((pixels, labels, real),) = batches(Two(), 5, 4)
+    assert (pixels[2:] == pixels[:2]).all() and real[:2].all() and not real[2:].any() and (labels[2:] == 255).all()
+
+    engine_dir = exported_run / "export" / "cnn"
+    manifest = read_manifest(engine_dir)
+    engine, seen = open_engine(engine_dir, "fp32", "labels", device="cpu"), []
+    reference = torch_reference(load_student(exported_run, "cnn", cfg))
+    report = check(reference, [Candidate("fp32", "labels", "fp32", lambda x: seen.append(x.shape) or engine.run(x))],
+                   val, 4, [1, 4], shapes=manifest.shapes)["fp32"]  # fmt: skip
+    at_serving = [s for s in seen if s[1:3] == (40, 56)]
+    assert at_serving == [(1, 40, 56, 3)] * 4 + [(4, 40, 56, 3)]  # the gate's own batches, not the sweep's
+    assert {"40x56@1", "40x56@4"} <= set(report["sizes"]) and len(set(seen)) == len(report["sizes"])
 
 
 def test_the_logit_error_counts_the_real_pixels_of_every_class_and_never_the_padding():
