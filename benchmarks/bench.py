@@ -38,6 +38,7 @@ from tqdm import tqdm
 from benchmarks.hardware import cpu_model, gemm_peaks
 from benchmarks.report import write_plots, write_report
 from export.graphs import LogitsModel
+from export.parity import Runner, memoised
 from serve.backends import BACKENDS, RUNTIMES, usable
 from serve.manifest import read_manifest
 from serve.segmenter import STUDENTS, engines_of, load_segmenter
@@ -418,6 +419,7 @@ def _model_rows(bench: Bench, model: str, mode: str) -> list[dict]:
     members = STUDENTS if model == "ensemble" else (model,)
     window = bench.window if mode == "slide" else None
     reference = TorchRunner([bench.students[s] for s in members], BASELINE, bench.device, window, bench.window_batch)
+    reference = memoised(reference)  # every backend is scored against it on the same images: each runs once
     rows, ready = [], {}  # ready: backend -> its runner and the row fields every point shares
     for backend in bench.settings.backends:
         base = {"model": model, "backend": backend, "precision": precision_of(backend), "mode": mode}
@@ -438,7 +440,7 @@ def _model_rows(bench: Bench, model: str, mode: str) -> list[dict]:
     return rows + _time_points(bench, model, ready, bench.settings.rounds)
 
 
-def _open(bench: Bench, model: str, backend: str, members: tuple, reference: TorchRunner, window) -> dict:
+def _open(bench: Bench, model: str, backend: str, members: tuple, reference: Runner, window) -> dict:
     """A backend's runner, its files' size and build time, and its accuracy at every size."""
     s = bench.settings
     if backend in TORCH:

@@ -305,17 +305,19 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     o = job.opts
     sweep = manifest.shapes if o.size_sweep else None
 
+    reference = parity.memoised(job.student.reference)  # the same images again for every group and island try
+
     def candidates(group: list[EngineEntry]) -> list[parity.Candidate]:  # sessions go when checked (memory)
         return [parity.Candidate(e.name, e.io, e.precision, runner(e, job.tmp, gate=True)) for e in group]
 
     def gate(group: list[EngineEntry]) -> None:
-        reports = parity.check(job.student.reference, candidates(group), job.eval_set, o.parity_images,
+        reports = parity.check(reference, candidates(group), job.eval_set, o.parity_images,
                                o.batch_sizes, o.thresholds, sweep)  # fmt: skip
         for e in group:
             e.parity = reports[e.name]
 
     def probe(group: list[EngineEntry], size: tuple[int, int]) -> float:  # the lowest agreement at one size
-        points = parity.size_sweep(job.student.reference, candidates(group), job.eval_set, [size],
+        points = parity.size_sweep(reference, candidates(group), job.eval_set, [size],
                                    manifest.shapes["max"][0])  # fmt: skip
         return min(v for engine in points.values() for v in engine.values())
 
@@ -527,15 +529,17 @@ def _openvino_entries(onnx_entries: list[EngineEntry]) -> tuple[list[EngineEntry
 
 
 def runner(entry: EngineEntry, folder: Path, gate: bool = False):
-    """`entry`'s engine on the CPU, opened by its runtime's opener. The gate (`gate`) runs shape by shape with
-    every engine open at once, so there each holds only the memory of the shape at hand: ONNX Runtime without its
-    arena, OpenVINO with one compiled shape (with the arena and eight shapes, a B0 with 150 classes filled 22 GB at
+    """`entry`'s engine on the CPU, opened as serve opens it, but OpenVINO without its check compile of the dynamic
+    graph (it compiles each shape it meets, as in serve). The gate (`gate`) runs shape by shape with every engine
+    open at once, so there each holds only the memory of the shape at hand: ONNX Runtime without its arena,
+    OpenVINO with one compiled shape (with the arena and eight shapes, a B0 with 150 classes filled 22 GB at
     4x512x512)."""
     path = folder / entry.file
     if gate and entry.runtime == "onnxruntime":
         return OnnxRuntimeEngine(path, "cpu", 0, None, entry, arena=False).run
-    if gate and entry.runtime == "openvino":  # its first shape compiles at once: no compile of the dynamic graph
-        return OpenVinoEngine(path, entry.precision, entry=entry, shapes_kept=1, check_at_load=False).run
+    if entry.runtime == "openvino":
+        return OpenVinoEngine(path, entry.precision, entry=entry, shapes_kept=1 if gate else None,
+                              check_at_load=False).run  # fmt: skip
     return OPENERS[entry.runtime](path, None, entry, "cpu", 0).run
 
 

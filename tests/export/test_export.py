@@ -397,6 +397,18 @@ def test_the_gate_runs_every_shape_it_checks_once_and_fills_up_a_short_last_batc
     assert {"40x56@1", "40x56@4"} <= set(report["sizes"]) and len(set(seen)) == len(report["sizes"])
 
 
+def test_the_reference_runs_once_per_input_while_its_outputs_fit_the_budget():
+    from export.parity import memoised
+
+    calls = []
+    reference = memoised(lambda x: calls.append(x.shape) or x * 2, budget_mib=3 * 64 / 2**20)  # 3 outputs of 64 B
+    images = [np.full((1, 2, 2, 4), i, np.float32) for i in range(4)]
+    for x in images + images:
+        assert (reference(x) == 2 * x).all()
+    assert len(calls) == 4 + 1  # the fourth did not fit: it runs again
+    assert (reference(images[0].copy()) == 0).all() and len(calls) == 5  # the same bytes, another array
+
+
 def test_the_logit_error_counts_the_real_pixels_of_every_class_and_never_the_padding():
     """A batch of images of different sizes is padded to the largest: an error there is no engine's."""
     from export.parity import _Tally
