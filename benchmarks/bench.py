@@ -142,6 +142,9 @@ class TorchRunner:
     def prepare(self, images: np.ndarray) -> None:
         self.x = self._normalised(images).contiguous(memory_format=self.memory_format)
 
+    def accepts(self, size: tuple[int, int]) -> bool:
+        return True
+
     def compute(self) -> None:
         self.logits(self.x)
 
@@ -170,6 +173,18 @@ class EngineRunner:
         if self.sliding is not None:
             return np.stack([slide(self.segmenter, image, self.sliding).labels for image in images])
         return np.stack([p.labels for p in self.segmenter.run_batch(list(images), images.shape[1:3])])
+
+    def accepts(self, size: tuple[int, int]) -> bool:
+        """Whether its engines were gated at this input size (slide rows: windows of the serving size)."""
+        return self.sliding is not None or self.segmenter.accepts(size)
+
+    def outside(self, size: tuple[int, int]) -> str:
+        """Why a size is not this backend's: its engines' narrowed profiles, and the engine that runs it."""
+        fitted = ", ".join(
+            f"{p['min'][1]}x{p['min'][2]} to {p['max'][1]}x{p['max'][2]}" for p in self.segmenter.narrowed
+        )
+        fallback = self.segmenter.fallback.backend
+        return f"gated at {fitted} only (the gate narrowed its profile): {size[0]}x{size[1]} runs on {fallback}"
 
     @property
     def file_bytes(self) -> int:
@@ -450,7 +465,8 @@ def _open(bench: Bench, model: str, backend: str, members: tuple, reference: Run
         runner = EngineRunner(bench.run_dir / "export", model, backend, s.threads, window is not None)
         file_bytes, build_s, base = runner.file_bytes, runner.build_s, {"variant": runner.variant}
     num_classes = bench.cfg.data.num_classes
-    scores = {hw: accuracy(runner, reference, bench.eval_set, s.eval_images, num_classes, hw) for hw in s.sizes}
+    sizes = [hw for hw in s.sizes if runner.accepts(hw)]  # a narrowed engine: the sizes it was gated at
+    scores = {hw: accuracy(runner, reference, bench.eval_set, s.eval_images, num_classes, hw) for hw in sizes}
     if backend in COMPILED:  # compilation happens in the first call, here at the first size
         build_s = scores[s.sizes[0]]["first_call_s"]
     for score in scores.values():
@@ -464,11 +480,14 @@ def _time_points(bench: Bench, model: str, ready: dict, rounds: int) -> list[dic
     rows = []
     for batch, (h, w) in bench.points:
         images = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
-        samples, errors = _interleaved(bench, model, ready, rounds, images)
+        here = {b: x for b, x in ready.items() if (h, w) in x["scores"]}  # else: an engine not gated at this size
+        samples, errors = _interleaved(bench, model, here, rounds, images)
         for backend, x in ready.items():
             row = {**x["base"], "batch": batch, "height": h, "width": w, "file_mib": x["file_bytes"] / 2**20,
-                   **x["scores"][(h, w)]}  # fmt: skip
-            if backend in errors:
+                   **x["scores"].get((h, w), {})}  # fmt: skip
+            if backend not in here:
+                rows.append(bench.done({**row, "status": "not shipped", "error": x["runner"].outside((h, w))}))
+            elif backend in errors:
                 rows.append(bench.done({**row, "status": "failed", "error": errors[backend]}))
             else:
                 rows.append(bench.done(_measured(bench, model, x, images, row | {"rounds": rounds}, samples[backend])))

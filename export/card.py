@@ -109,6 +109,10 @@ def _engines(m: Manifest) -> list[str]:
         delta = f"{p['miou_delta']:.4f}" if "miou_delta" in p else "-"
         cells = [f"`{e.file}`", e.variant, e.precision, IO_TEXT[e.io], e.runtime + gpu, f"{e.size_bytes / 2**20:.1f}"]
         lines.append("| " + " | ".join([*cells, agreement, delta]) + " |")
+    for e in (e for e in m.engines if e.profile):
+        (_, h, w), reason = e.profile["opt"], e.profile["reason"]
+        lines.append(f"\nOnly at {h}×{w}: `{e.file}` on **{e.runtime} {e.precision}** ({reason}); other sizes run on "
+                     "the next engine (fp32)")  # fmt: skip
     for s in m.skipped:
         lines.append(f"\nNot shipped: **{s['runtime']} {s['precision']}** ({s['variant']}), {s['reason']}")
     run = m.source.get("run", "RUN")

@@ -239,6 +239,15 @@ def check(
     return reports
 
 
+def only_elsewhere(report: dict, serving: tuple[int, int]) -> bool:
+    """Whether a refused engine failed only away from the serving size: every batch of the gate's own images and
+    each sweep point at the serving size within its thresholds. Such an engine can ship for that size alone."""
+    bar, here = report["threshold"], f"{serving[0]}x{serving[1]}@"
+    at_serving = [v for k, v in report["sizes"].items() if k.startswith(here)]
+    batches = [r["agreement"] for r in report["batch_sizes"].values()] + at_serving
+    return bool(at_serving) and min(batches) >= bar["agreement"] and report["miou_delta"] <= bar["miou_delta"]
+
+
 def failures(reports: dict[str, dict]) -> list[str]:
     lines = []
     for name, r in reports.items():

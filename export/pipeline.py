@@ -324,7 +324,7 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     cpu_int8 = [e for e in entries if e.variant == "int8.cpu"]
     entries = [e for e in entries if e.variant != "int8.cpu"]
     gate(entries)
-    skipped = manifest.skipped + _drop_failed(job.name, entries)
+    skipped = manifest.skipped + _drop_failed(job.name, entries, manifest.shapes)
     times = time_cpu_engines(job, entries + cpu_int8, size)
     verdicts = int8_verdicts(entries + cpu_int8, times, o.int8_min_speedup, o.int8_max_miou_delta)
     if any(v["ship"] for v in verdicts):  # CPU int8 is gated where its speed pays for it, and only there
@@ -334,7 +334,7 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
         except Exception as e:  # a graph the Q/DQ analysis cannot take (an imported one, say): it stays refused
             manifest.exporter["int8_fp32_islands"] = f"not tried: {type(e).__name__}: {e}"
             log.warning("%s: no fp32 islands for int8.cpu: %s: %s", job.name, type(e).__name__, e)
-        skipped += _drop_failed(job.name, cpu_int8)
+        skipped += _drop_failed(job.name, cpu_int8, manifest.shapes)
         entries += cpu_int8
         if isinstance(manifest.exporter.get("int8_fp32_islands"), list):  # another graph: timed again
             times = time_cpu_engines(job, entries, size)
@@ -462,10 +462,11 @@ def _int8_islands(job: StudentExport, manifest: Manifest, entries: list[EngineEn
     return [e for e in entries if e.variant != "int8.cpu"] + retry
 
 
-def _drop_failed(name: str, entries: list[EngineEntry]) -> list[dict[str, str]]:
+def _drop_failed(name: str, entries: list[EngineEntry], shapes: dict[str, list[int]]) -> list[dict[str, str]]:
     """Remove the engines that failed the gate from `entries` (both I/O modes; an ONNX graph that fails on
-    ONNX Runtime takes the OpenVINO engines that run it along) and return why. fp32 on ONNX Runtime is the
-    reference every engine derives from: its failure stops the export."""
+    ONNX Runtime takes the OpenVINO engines that run it along) and return why. An engine that failed only away
+    from the serving size stays, with its profile narrowed to that size (serve runs other sizes on the next
+    engine). fp32 on ONNX Runtime is the reference every engine derives from: its failure stops the export."""
     failed: dict[tuple[str, str, str], list[str]] = {}
     for e in entries:
         failed.setdefault((e.runtime, e.precision, e.variant), []).extend(parity.failures({e.name: e.parity}))
@@ -473,8 +474,17 @@ def _drop_failed(name: str, entries: list[EngineEntry]) -> list[dict[str, str]]:
     if ("onnxruntime", "fp32", "fp32") in failed:
         lines = [line for variant in failed.values() for line in variant]
         raise parity.ParityError(f"{name}: the parity gate failed (nothing written):\n  " + "\n  ".join(lines))
-    skipped = []
+    skipped, serving = [], shapes["opt"][1:]
     for (runtime, precision_, variant), lines in failed.items():
+        group = [e for e in entries if (e.runtime, e.precision, e.variant) == (runtime, precision_, variant)]
+        if all(parity.only_elsewhere(e.parity, serving) for e in group):
+            reason = "failed the parity gate at other sizes: " + "; ".join(lines)
+            for e in group:
+                e.profile = {"min": [1, *serving], "opt": [1, *serving], "max": [shapes["max"][0], *serving],
+                             "reason": reason}  # fmt: skip
+            log.warning("%s: %s %s (%s) ships for %dx%d inputs only, it %s", name, runtime, precision_, variant,
+                        *serving, reason)  # fmt: skip
+            continue
         whole_graph = runtime == "onnxruntime"  # its file goes, and every engine that runs it
         entries[:] = [
             e

@@ -249,7 +249,7 @@ class Builder:
 
 def _build_plan(engine_dir: Path, manifest: Manifest, entry: EngineEntry, onnx_sha: str, b: Builder) -> EngineEntry:
     name, target = plan_file(entry.file), b.target
-    shapes = manifest.profile(entry.io)
+    shapes = manifest.profile(entry.io, entry.profile)
     cache = cache_file(b.root, target)
     tmp = engine_dir / f".{name}.tmp"
     tf32 = uses_tf32(entry.variant)
@@ -270,6 +270,7 @@ def _build_plan(engine_dir: Path, manifest: Manifest, entry: EngineEntry, onnx_s
             device="cuda",
             size_bytes=tmp.stat().st_size,
             build_s=round(time.perf_counter() - started, 2),
+            profile=entry.profile,
             tensorrt={
                 "version": target.version,
                 "gpu": target.gpu,

@@ -58,11 +58,13 @@ def model_name(student: str, entry: EngineEntry) -> str:
     return "_".join(parts)
 
 
-def tensor_dims(manifest: Manifest, io: str, which: str) -> list[int]:
-    """Dims without the batch: labels NHWC in / NHW out; logits NCHW in / N,classes,H,W out."""
+def tensor_dims(manifest: Manifest, io: str, which: str, hw: tuple[int, int] = (-1, -1)) -> list[int]:
+    """Dims without the batch: labels NHWC in / NHW out; logits NCHW in / N,classes,H,W out; any height and width,
+    or `hw` (an engine the gate passed at one size only)."""
+    h, w = hw
     if io == "labels":
-        return [-1, -1, 3] if which == "input" else [-1, -1]
-    return [3, -1, -1] if which == "input" else [manifest.num_classes, -1, -1]
+        return [h, w, 3] if which == "input" else [h, w]
+    return [3, h, w] if which == "input" else [manifest.num_classes, h, w]
 
 
 def tensors_pbtxt(which: str, tensors: list[tuple[str, str, list[int]]]) -> list[str]:
@@ -125,9 +127,9 @@ class Repository:
         self.names.append(name)
 
 
-def engine_tensors(manifest: Manifest, io: str, which: str) -> list[tuple[str, str, list[int]]]:
+def engine_tensors(manifest: Manifest, io: str, which: str, hw: tuple[int, int] = (-1, -1)) -> list[tuple]:
     t = IO_SPECS[io][which]
-    return [(t["name"], TRITON_TYPES[t["dtype"]], tensor_dims(manifest, io, which))]
+    return [(t["name"], TRITON_TYPES[t["dtype"]], tensor_dims(manifest, io, which, hw))]
 
 
 def preprocess_graph(manifest: Manifest) -> onnx.ModelProto:
@@ -256,10 +258,11 @@ def _engine_models(repo: Repository, engines_root: Path, manifests: dict[str, Ma
                 continue
             kind = "KIND_CPU" if repo.opts.cpu_only or entry.device == "cpu" else "KIND_GPU"
             name = model_name(student, entry)
-            ios = [engine_tensors(manifest, entry.io, which) for which in ("input", "output")]
+            hw = tuple(entry.profile["opt"][1:]) if entry.profile else (-1, -1)  # Triton refuses other sizes
+            ios = [engine_tensors(manifest, entry.io, which, hw) for which in ("input", "output")]
             config = repo.config(name, entry.format, manifest.shapes["max"][0], *ios, kind)
             repo.write(name, config, Path(engines_root) / student / entry.file, entry.format)
-            if entry.io == "logits":
+            if entry.io == "logits" and not entry.profile:  # an ensemble takes any size
                 logits_models.setdefault((entry.variant, entry.format), {})[student] = name
     return logits_models
 

@@ -54,6 +54,7 @@ class EngineEntry:
     parity: dict[str, Any] | None = None
     tensorrt: dict[str, Any] | None = None  # plans: version, GPU name, compute capability
     openvino: dict[str, Any] | None = None  # OpenVINO engines: version, CPU and its precisions it was gated on
+    profile: dict[str, Any] | None = None  # narrower min / opt / max than the manifest's (where it passed), reason
 
     @property
     def key(self) -> str:
@@ -111,11 +112,12 @@ class Manifest:
                 return s["reason"]
         return None
 
-    def profile(self, io: IoMode) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """min / opt / max input shapes of the TensorRT profile in the I/O mode's layout (opt = serving)."""
+    def profile(self, io: IoMode, narrowed: dict[str, Any] | None = None) -> tuple[tuple[int, ...], ...]:
+        """min / opt / max input shapes of the TensorRT profile in the I/O mode's layout (opt = serving); an
+        engine's own `narrowed` profile (EngineEntry.profile) where the gate passed it at fewer sizes."""
         shapes = []
         for key in ("min", "opt", "max"):
-            n, h, w = self.shapes[key]
+            n, h, w = (narrowed or self.shapes)[key]
             shapes.append((n, h, w, 3) if io == "labels" else (n, 3, h, w))
         return shapes[0], shapes[1], shapes[2]
 

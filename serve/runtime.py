@@ -64,7 +64,7 @@ def tensorrt_provider_options(
     no options it builds a new engine for every new input shape (every new image aspect ratio)."""
     cache = model.parent / ".ort-trt-cache"
     name = manifest.io[entry.io]["input"]["name"]
-    low, opt, high = (f"{name}:{'x'.join(map(str, s))}" for s in manifest.profile(entry.io))
+    low, opt, high = (f"{name}:{'x'.join(map(str, s))}" for s in manifest.profile(entry.io, entry.profile))
     options = {
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(cache),

@@ -42,13 +42,13 @@ class Prediction:
 
 
 class Segmenter:
-    def __init__(self, name: str, engines: list[Engine]) -> None:
+    def __init__(self, name: str, engines: list[Engine], backend: str | None = None) -> None:
         manifests = [e.manifest for e in engines]
         first = manifests[0]
         for m in manifests[1:]:
             if m.classes != first.classes:
                 raise ValueError(f"{name}: {first.student} and {m.student} were trained on different classes")
-        self.name, self.engines = name, engines
+        self.name, self.engines, self.backend = name, engines, backend
         self.labels_io = len(engines) == 1 and engines[0].entry.io == "labels"
         self.classes, self.palette = first.classes, np.array(first.palette, dtype=np.uint8)
         self.mean = np.array(first.preprocess["mean"], dtype=np.float32) * first.preprocess.get("scale", 255)
@@ -58,6 +58,15 @@ class Segmenter:
         self.max_hw = tuple(min(m.shapes["max"][i] for m in manifests) for i in (1, 2))
         self.max_batch = min(m.shapes["max"][0] for m in manifests)
         self.opt_hw = tuple(first.shapes["opt"][1:])  # the serving size the engines were tuned for
+        # engines the gate passed at some sizes only: other sizes go to `fallback` (load_segmenter opens it)
+        self.narrowed = [e.entry.profile for e in engines if e.entry is not None and e.entry.profile]
+        self.fallback: Segmenter | None = None
+        self._fell_back: set[tuple[int, int]] = set()
+
+    def accepts(self, size: tuple[int, int]) -> bool:
+        """Whether every engine passed its gate at this input size (not: an engine narrowed to other sizes)."""
+        h, w = size
+        return all(p["min"][1] <= h <= p["max"][1] and p["min"][2] <= w <= p["max"][2] for p in self.narrowed)
 
     def fit(self, height: int, width: int) -> tuple[int, int]:
         """The size an image runs at: scaled (aspect kept) into [min, max], on the size multiple."""
@@ -89,7 +98,16 @@ class Segmenter:
 
     def run_batch(self, images: list[np.ndarray], size: tuple[int, int]) -> list[Prediction]:
         """One engine call on `images` resized to `size` (no fitting, no batch limit: the engines
-        must accept that shape; the benchmarks call this at sizes they choose)."""
+        must accept that shape; the benchmarks call this at sizes they choose). A size an engine was not gated at
+        runs on the fallback engine."""
+        if not self.accepts(size):
+            if self.fallback is None:
+                raise ValueError(f"{self.name}: no engine gated at {size[0]}x{size[1]} and no fallback engine")
+            if size not in self._fell_back:  # said once per size
+                self._fell_back.add(size)
+                log.info("%s: %dx%d is outside the sizes its engine passed the gate at: it runs on %s", self.name,
+                         *size, self.fallback.backend)  # fmt: skip
+            return self.fallback.run_batch(images, size)
         t0 = time.perf_counter()
         batch = np.stack([resize(image, size, Image.BILINEAR) for image in images])
         if not self.labels_io:
@@ -182,7 +200,18 @@ def load_segmenter(
     missing = [s for s in members if s not in dirs]
     if missing:
         raise FileNotFoundError(f"{model} needs the {', '.join(missing)} engine dir under {engines_root}")
-    return Segmenter(model, [open_backend(dirs[s], row, io, threads, variant) for s in members])
+    segmenter = Segmenter(model, [open_backend(dirs[s], row, io, threads, variant) for s in members], row.name)
+    if segmenter.narrowed:
+        segmenter.fallback = load_segmenter(engines_root, model, fallback_for(row), threads, scores=scores)
+    return segmenter
+
+
+def fallback_for(row: Backend) -> Backend:
+    """Where a request outside an engine's narrowed profile runs: the same runtime and device at fp32, else ONNX
+    Runtime fp32 on that device (the gate's reference engine: it passes at every size or nothing ships)."""
+    fp32 = [b for b in BACKENDS.values() if b.precision == "fp32" and b.device == row.device and b is not row]
+    fp32.sort(key=lambda b: (b.runtime != row.runtime, b.runtime != "onnxruntime"))
+    return fp32[0]
 
 
 def timed_segmenters(
