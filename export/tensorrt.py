@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from export.card import write_cards
 from serve.backends import runtime_problem
 from serve.images import read_image
 from serve.manifest import EngineEntry, Manifest, read_manifest, sha256, write_manifest
 from serve.runtime import Engine, OnnxRuntimeEngine
-from serve.segmenter import Segmenter
+from serve.segmenter import Segmenter, resize
 from serve.tensorrt import cuda_errors
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,9 @@ def plan_agreement(reference: Engine, candidate: Engine, images: list[np.ndarray
     and in batches up to the profile's maximum (`batched`), each on its own: TensorRT has returned wrong
     SegFormer results at batch > 1 while reporting success, and a pooled ratio would halve that signal."""
     ref, cand = Segmenter("reference", [reference]), Segmenter("candidate", [candidate])
+    if cand.narrowed:  # a plan of an engine the gate passed at the serving size only: checked at that size
+        size = tuple(cand.narrowed[0]["opt"][1:])
+        images = [resize(im, size, Image.BILINEAR) for im in images]
     pairs = {
         "batch1": [(ref.predict(im), cand.predict(im)) for im in images],
         "batched": list(zip(ref.predict_batch(images), cand.predict_batch(images), strict=True)),

@@ -114,3 +114,16 @@ def test_the_bench_and_triton_keep_a_narrowed_engine_to_its_size(narrowed, tmp_p
     config = (repo / "cnn_fp16" / "config.pbtxt").read_text()
     assert f"dims: [ {SERVING[0]}, {SERVING[1]}, 3 ]" in config and "cnn_fp32" in names
     assert "dims: [ -1, -1, 3 ]" in (repo / "cnn_fp32" / "config.pbtxt").read_text()
+
+
+def test_a_plan_of_a_narrowed_engine_is_checked_at_its_size(narrowed):
+    """export.tensorrt checks a plan against its ONNX source on the example images: for an engine the gate passed
+    at the serving size only, at that size (here the ONNX engine stands in for the plan: no TensorRT here)."""
+    from export.tensorrt import plan_agreement
+    from serve.runtime import open_engine
+
+    engine = open_engine(narrowed / "export" / "cnn", "fp16", "labels", device="cpu")
+    images = [
+        np.random.default_rng(i).integers(0, 256, (*hw, 3), dtype=np.uint8) for i, hw in enumerate([WIDE, (50, 60)])
+    ]
+    assert plan_agreement(engine, engine, images) == {"batch1": 1.0, "batched": 1.0}
