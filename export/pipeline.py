@@ -330,13 +330,14 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
     if any(v["ship"] for v in verdicts):  # CPU int8 is gated where its speed pays for it, and only there
         gate(cpu_int8)
         try:
-            cpu_int8 = _int8_islands(job, manifest, cpu_int8, gate, probe)
+            tried = _int8_islands(job, manifest, cpu_int8, gate, probe)
         except Exception as e:  # a graph the Q/DQ analysis cannot take (an imported one, say): it stays refused
+            tried = cpu_int8
             manifest.exporter["int8_fp32_islands"] = f"not tried: {type(e).__name__}: {e}"
             log.warning("%s: no fp32 islands for int8.cpu: %s: %s", job.name, type(e).__name__, e)
-        skipped += _drop_failed(job.name, cpu_int8, manifest.shapes)
-        entries += cpu_int8
-        if isinstance(manifest.exporter.get("int8_fp32_islands"), list):  # another graph: timed again
+        skipped += _drop_failed(job.name, tried, manifest.shapes)
+        entries += tried
+        if tried is not cpu_int8:  # another graph: timed again
             times = time_cpu_engines(job, entries, size)
         verdicts = int8_verdicts(entries, times, o.int8_min_speedup, o.int8_max_miou_delta)
     for verdict in (v for v in verdicts if not v["ship"]):
@@ -419,17 +420,17 @@ def _save_variant(job: StudentExport, manifest: Manifest, variant: str, graph: o
 ISLANDS = (2, 4, 8)  # how many of a refused CPU int8 graph's worst-quantized tensors it keeps fp32, in turn
 
 
-def _int8_islands(job: StudentExport, manifest: Manifest, entries: list[EngineEntry], gate,
+def _int8_islands(job: StudentExport, manifest: Manifest, group: list[EngineEntry], gate,
                   probe) -> list[EngineEntry]:  # fmt: skip
     """A CPU int8 graph the gate refused, quantized again with fp32 islands: the ops reading its 2, then 4, then 8
     most quantization-damaged tensors (each tensor's own Q/DQ signal-to-noise, ONNX Runtime's qdq_loss_debug, on
     a few eval images at its worst point) kept fp32, each try gated (`gate`) until every engine on it passes; a
     try but the last still below the bar at that point (`probe`) goes without the whole gate.
-    The first that passes replaces the refused engines, else the last try's, refused; the manifest lists the
-    graph without islands and every try (exporter.int8_fp32_islands). The demo CNN: 98.92 % -> 99.03 % with 4."""
-    group = [e for e in entries if e.variant == "int8.cpu"]
+    `group`: the int8.cpu engines, gated. The first try that passes replaces them, else the last try's, refused (the
+    same list back: no try); the manifest lists the graph without islands and every try (exporter.int8_fp32_islands).
+    The demo CNN: 98.92 % -> 99.03 % with 4."""
     if not group or all(e.parity["passed"] for e in group):
-        return entries
+        return group
     points = {k: v for e in group for k, v in e.parity["sizes"].items()}
     worst = min(points, key=points.get) if points else None
     size = tuple(map(int, worst.split("@")[0].split("x"))) if worst else tuple(manifest.shapes["opt"][1:])
@@ -459,7 +460,7 @@ def _int8_islands(job: StudentExport, manifest: Manifest, entries: list[EngineEn
                  100 * tries[-1]["agreement"], ", passes" if passed else "")  # fmt: skip
         if passed:
             break
-    return [e for e in entries if e.variant != "int8.cpu"] + retry
+    return retry
 
 
 def _drop_failed(name: str, entries: list[EngineEntry], shapes: dict[str, list[int]]) -> list[dict[str, str]]:
