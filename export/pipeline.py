@@ -631,8 +631,8 @@ def cpu_backend(entry: EngineEntry) -> Backend | None:
 
 def time_cpu_engines(job: StudentExport, entries: list[EngineEntry], size: tuple[int, int]) -> dict[str, list[float]]:
     """Per-round latency (ms) of every CPU backend's labels engine at the serving size, batch 1, opened as serve
-    opens it and all timed in interleaved rounds (serve.decide): what the int8 rule decides on and serve's engine
-    pick reads."""
+    opens it and all timed in interleaved rounds (serve.decide), more of them while an int8 engine's speed-up
+    straddles its bar: what the int8 rule decides on and serve's engine pick reads."""
     pixels = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
     runs = {}
     for row in (b for b in BACKENDS.values() if b.device == "cpu"):
@@ -641,7 +641,11 @@ def time_cpu_engines(job: StudentExport, entries: list[EngineEntry], size: tuple
             if entry is not None:
                 runs[row.name] = runner(entry, job.tmp)
                 break
-    return interleaved(runs, pixels)
+    o = job.opts
+    settled = lambda times: all(  # noqa: E731
+        v["outcome"] != "straddles" for v in int8_verdicts(entries, times, o.int8_min_speedup, o.int8_max_miou_delta)
+    )
+    return interleaved(runs, pixels, settled=settled)
 
 
 def int8_verdicts(entries: list[EngineEntry], times: dict[str, list[float]], min_speedup: float,

@@ -6,6 +6,8 @@ engines. So A and B are timed in turn, round after round (drift hits both alike)
 give a mean and a t interval, and a rule of the form "B ships when it is at least `threshold` x faster
 than A" is decided on the interval: above it ships, below it does not, and an interval that straddles the
 threshold keeps A (the tie rule: the float engine stays, the more accurate one), whatever the point estimate.
+A ratio near its threshold is timed for more rounds (up to MAX_ROUNDS) until its interval falls on one side, so
+that the same engines give the same decision from export to export.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
 T975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 ROUNDS = 7  # interleaved rounds per comparison
+MAX_ROUNDS = 28  # the most a comparison gets while its interval straddles its threshold
 CALLS = 3  # calls per engine per round (its median is that round's time)
 
 
@@ -58,20 +61,25 @@ def speedup_of(a_ms: list[float], b_ms: list[float]) -> Speedup:
 
 
 def interleaved(runs: dict[str, Callable[[np.ndarray], object]], batch: np.ndarray, rounds: int = ROUNDS,
-                calls: int = CALLS) -> dict[str, list[float]]:  # fmt: skip
-    """Per-round median latency (ms) of each run, timed in turn within every round (each warmed up first)."""
+                calls: int = CALLS, settled: Callable[[dict[str, list[float]]], bool] | None = None,
+                max_rounds: int = MAX_ROUNDS) -> dict[str, list[float]]:  # fmt: skip
+    """Per-round median latency (ms) of each run, timed in turn within every round (each warmed up first). With
+    `settled`, `rounds` more rounds follow while it is false of the times so far, up to `max_rounds` in all."""
     for run in runs.values():
         run(batch)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            samples = []
-            for _ in range(calls):
-                started = time.perf_counter()
-                run(batch)
-                samples.append(1e3 * (time.perf_counter() - started))
-            times[name].append(statistics.median(samples))
-    return times
+    while True:
+        for _ in range(rounds):
+            for name, run in runs.items():
+                samples = []
+                for _ in range(calls):
+                    started = time.perf_counter()
+                    run(batch)
+                    samples.append(1e3 * (time.perf_counter() - started))
+                times[name].append(statistics.median(samples))
+        done = len(next(iter(times.values()), []))
+        if not runs or settled is None or done + rounds > max_rounds or settled(times):
+            return times
 
 
 @dataclass(frozen=True)
