@@ -40,7 +40,7 @@ from benchmarks.report import write_plots, write_report
 from export.graphs import LogitsModel
 from export.parity import Runner, memoised
 from serve.backends import BACKENDS, RUNTIMES, usable
-from serve.manifest import read_manifest
+from serve.manifest import read_manifest, sizes_text
 from serve.segmenter import STUDENTS, engines_of, load_segmenter
 from serve.slide import Sliding, boxes, default_stride, slide, sliding
 from train.data import build_dataset
@@ -180,9 +180,7 @@ class EngineRunner:
 
     def outside(self, size: tuple[int, int]) -> str:
         """Why a size is not this backend's: its engines' narrowed profiles, and the engine that runs it."""
-        fitted = ", ".join(
-            f"{p['min'][1]}x{p['min'][2]} to {p['max'][1]}x{p['max'][2]}" for p in self.segmenter.narrowed
-        )
+        fitted = ", ".join(sizes_text(p) for p in self.segmenter.narrowed)
         fallback = self.segmenter.fallback.backend
         return f"gated at {fitted} only (the gate narrowed its profile): {size[0]}x{size[1]} runs on {fallback}"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from serve.manifest import MANIFEST_FILE, Manifest, ManifestError, hex_colour, read_manifest
+from serve.manifest import MANIFEST_FILE, Manifest, ManifestError, hex_colour, read_manifest, sizes_text
 
 log = logging.getLogger(__name__)
 CARD = "README.md"
@@ -110,9 +110,10 @@ def _engines(m: Manifest) -> list[str]:
         cells = [f"`{e.file}`", e.variant, e.precision, IO_TEXT[e.io], e.runtime + gpu, f"{e.size_bytes / 2**20:.1f}"]
         lines.append("| " + " | ".join([*cells, agreement, delta]) + " |")
     for e in (e for e in m.engines if e.profile):
-        (_, h, w), reason = e.profile["opt"], e.profile["reason"]
-        lines.append(f"\nOnly at {h}×{w}: `{e.file}` on **{e.runtime} {e.precision}** ({reason}); other sizes run on "
-                     "the next engine (fp32)")  # fmt: skip
+        sizes = sizes_text(e.profile, "×")
+        where = f"from {sizes}" if " to " in sizes else f"at {sizes}"
+        lines.append(f"\nOnly {where}: `{e.file}` on **{e.runtime} {e.precision}** ({e.profile['reason']}); other "
+                     "sizes run on the next engine (fp32)")  # fmt: skip
     for s in m.skipped:
         lines.append(f"\nNot shipped: **{s['runtime']} {s['precision']}** ({s['variant']}), {s['reason']}")
     run = m.source.get("run", "RUN")

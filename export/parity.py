@@ -153,6 +153,21 @@ def gate_sizes(shapes: dict[str, list[int]]) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))
 
 
+def boxes(shapes: dict[str, list[int]]) -> list[dict[str, list[int]]]:
+    """The profiles a narrowed engine may ship for, widest first, each inside `shapes` with its serving size at a
+    corner: the serving size and larger, then up to the serving size (a box reaching the size where it failed
+    never passes: such a failure is at a corner or off the grid between)."""
+    (_, h0, w0), (_, ho, wo), (n, h1, w1) = shapes["min"], shapes["opt"], shapes["max"]
+    spans = [((ho, wo), (h1, w1)), ((h0, w0), (ho, wo))]
+    return [{"min": [1, *low], "opt": [1, ho, wo], "max": [n, *high]} for low, high in spans if low != high]
+
+
+def inside(box: dict[str, list[int]], point: str) -> bool:
+    """Whether a gate point ("HxW@b") lies in `box`."""
+    (h, w), batch = map(int, point.split("@")[0].split("x")), int(point.split("@")[1])
+    return box["min"][1] <= h <= box["max"][1] and box["min"][2] <= w <= box["max"][2] and batch <= box["max"][0]
+
+
 def resized_images(dataset: SegmentationDataset, count: int, size: tuple[int, int]) -> np.ndarray:
     """The split's first `count` images resized to `size` (height, width): uint8 NHWC."""
     h, w = size

@@ -38,6 +38,7 @@ from serve.manifest import (
     engine_metadata,
     read_manifest,
     sha256,
+    sizes_text,
     write_manifest,
 )
 from serve.openvino import OpenVinoEngine
@@ -321,10 +322,20 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
                                    manifest.shapes["max"][0])  # fmt: skip
         return min(v for engine in points.values() for v in engine.values())
 
+    def widest(group: list[EngineEntry]) -> dict[str, list[int]] | None:  # the widest box it passes in, if any
+        bar = min(e.parity["threshold"]["agreement"] for e in group)
+        failed = [k for e in group for k, v in e.parity["sizes"].items() if v < bar]
+        for box in (b for b in parity.boxes(manifest.shapes) if not any(parity.inside(b, k) for k in failed)):
+            points = parity.size_sweep(reference, candidates(group), job.eval_set, parity.gate_sizes(box),
+                                       box["max"][0])  # fmt: skip
+            if min(v for engine in points.values() for v in engine.values()) >= bar:
+                return box
+        return None
+
     cpu_int8 = [e for e in entries if e.variant == "int8.cpu"]
     entries = [e for e in entries if e.variant != "int8.cpu"]
     gate(entries)
-    skipped = manifest.skipped + _drop_failed(job.name, entries, manifest.shapes)
+    skipped = manifest.skipped + _drop_failed(job.name, entries, manifest.shapes, widest)
     times = time_cpu_engines(job, entries + cpu_int8, size)
     verdicts = int8_verdicts(entries + cpu_int8, times, o.int8_min_speedup, o.int8_max_miou_delta)
     if any(v["ship"] for v in verdicts):  # CPU int8 is gated where its speed pays for it, and only there
@@ -335,7 +346,7 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
             tried = cpu_int8
             manifest.exporter["int8_fp32_islands"] = f"not tried: {type(e).__name__}: {e}"
             log.warning("%s: no fp32 islands for int8.cpu: %s: %s", job.name, type(e).__name__, e)
-        skipped += _drop_failed(job.name, tried, manifest.shapes)
+        skipped += _drop_failed(job.name, tried, manifest.shapes, widest)
         entries += tried
         if tried is not cpu_int8:  # another graph: timed again
             times = time_cpu_engines(job, entries, size)
@@ -463,11 +474,13 @@ def _int8_islands(job: StudentExport, manifest: Manifest, group: list[EngineEntr
     return retry
 
 
-def _drop_failed(name: str, entries: list[EngineEntry], shapes: dict[str, list[int]]) -> list[dict[str, str]]:
+def _drop_failed(name: str, entries: list[EngineEntry], shapes: dict[str, list[int]],
+                 widest: Callable[[list[EngineEntry]], dict | None]) -> list[dict[str, str]]:  # fmt: skip
     """Remove the engines that failed the gate from `entries` (both I/O modes; an ONNX graph that fails on
     ONNX Runtime takes the OpenVINO engines that run it along) and return why. An engine that failed only away
-    from the serving size stays, with its profile narrowed to that size (serve runs other sizes on the next
-    engine). fp32 on ONNX Runtime is the reference every engine derives from: its failure stops the export."""
+    from the serving size stays, its profile narrowed to the widest box `widest` gates it in, else to that size
+    (serve runs other sizes on the next engine). fp32 on ONNX Runtime is the reference every engine derives
+    from: its failure stops the export."""
     failed: dict[tuple[str, str, str], list[str]] = {}
     for e in entries:
         failed.setdefault((e.runtime, e.precision, e.variant), []).extend(parity.failures({e.name: e.parity}))
@@ -480,11 +493,11 @@ def _drop_failed(name: str, entries: list[EngineEntry], shapes: dict[str, list[i
         group = [e for e in entries if (e.runtime, e.precision, e.variant) == (runtime, precision_, variant)]
         if all(parity.only_elsewhere(e.parity, serving) for e in group):
             reason = "failed the parity gate at other sizes: " + "; ".join(lines)
+            box = widest(group) or {"min": [1, *serving], "opt": [1, *serving], "max": [shapes["max"][0], *serving]}
             for e in group:
-                e.profile = {"min": [1, *serving], "opt": [1, *serving], "max": [shapes["max"][0], *serving],
-                             "reason": reason}  # fmt: skip
-            log.warning("%s: %s %s (%s) ships for %dx%d inputs only, it %s", name, runtime, precision_, variant,
-                        *serving, reason)  # fmt: skip
+                e.profile = {**box, "reason": reason}
+            log.warning("%s: %s %s (%s) ships for %s inputs only, it %s", name, runtime, precision_, variant,
+                        sizes_text(box), reason)  # fmt: skip
             continue
         whole_graph = runtime == "onnxruntime"  # its file goes, and every engine that runs it
         entries[:] = [

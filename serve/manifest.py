@@ -125,6 +125,12 @@ class Manifest:
         return json.dumps(asdict(self), indent=2)
 
 
+def sizes_text(profile: dict[str, Any], times: str = "x") -> str:
+    """A profile's input sizes: "HxW" where it holds one size, else "HxW to HxW"."""
+    low, high = (times.join(map(str, profile[k][1:])) for k in ("min", "max"))
+    return low if low == high else f"{low} to {high}"
+
+
 def hex_colour(rgb: list[int]) -> str:
     """A palette entry as CSS / Markdown write it: [230, 25, 75] -> #e6194b."""
     return "#{:02x}{:02x}{:02x}".format(*(int(v) for v in rgb))

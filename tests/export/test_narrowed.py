@@ -1,6 +1,6 @@
-"""An engine the gate passes at the serving size but refuses elsewhere ships for that size alone: its manifest,
-model card, TensorRT profile and Triton config say so, and serve and the bench send other sizes to the next
-engine."""
+"""An engine the gate passes at the serving size but refuses elsewhere ships for the widest box of sizes around
+the serving size that passes the gate again, else for that size alone: its manifest, model card, TensorRT profile
+and Triton config say so, and serve and the bench send other sizes to the next engine."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import export.pipeline
 from benchmarks.bench import main as bench
 from export.__main__ import main as export_main
+from export.parity import boxes, inside
 from export.triton import RepositoryOptions, write_repository
 from serve.manifest import read_manifest
 from serve.segmenter import load_segmenter
@@ -67,20 +68,23 @@ def narrowed(trained_run, tmp_path_factory):
     return run
 
 
-def test_an_engine_refused_only_away_from_the_serving_size_ships_for_that_size(narrowed):
+def test_an_engine_refused_only_away_from_the_serving_size_ships_for_the_widest_box_it_passes_in(narrowed):
     manifest = read_manifest(narrowed / "export" / "cnn")
+    batch, smallest, largest = manifest.shapes["max"][0], manifest.shapes["min"][1:], manifest.shapes["max"][1:]
     fp16 = [e for e in manifest.engines if e.variant == "fp16"]
     assert {e.io for e in fp16} == {"labels", "logits"} and not manifest.skipped
+    # Sizes from the serving size up reach (40, 112), which is wide: only the box up to the serving size is right.
+    assert largest[1] > 2 * SERVING[0] and SERVING[1] <= 2 * smallest[0]
     for e in fp16:
         assert not e.parity["passed"] and min(e.parity["sizes"].values()) < 0.5  # wrong where wide...
         assert e.parity["sizes"][f"{SERVING[0]}x{SERVING[1]}@1"] >= 0.99  # ...right at the serving size
-        assert e.profile["min"] == [1, *SERVING] and e.profile["max"] == [manifest.shapes["max"][0], *SERVING]
-        assert "32x112" in e.profile["reason"]
+        assert e.profile["min"] == [1, *smallest] and e.profile["max"] == [batch, *SERVING]
+        assert e.profile["opt"] == [1, *SERVING] and "32x112" in e.profile["reason"]
     assert all(e.profile is None for e in manifest.engines if e.variant == "fp32")
     card = (narrowed / "export" / "cnn" / "README.md").read_text()
-    assert f"Only at {SERVING[0]}×{SERVING[1]}: `model.fp16.onnx`" in card
+    assert f"Only from {smallest[0]}×{smallest[1]} to {SERVING[0]}×{SERVING[1]}: `model.fp16.onnx`" in card
     shapes = manifest.profile("labels", fp16[0].profile)
-    assert shapes[0] == (1, *SERVING, 3) and shapes[2] == (manifest.shapes["max"][0], *SERVING, 3)  # TensorRT's
+    assert shapes[0] == (1, *smallest, 3) and shapes[2] == (batch, *SERVING, 3)  # TensorRT's
 
 
 def test_serve_runs_other_sizes_on_the_next_engine_with_a_log_line(narrowed, caplog):
@@ -89,8 +93,9 @@ def test_serve_runs_other_sizes_on_the_next_engine_with_a_log_line(narrowed, cap
     assert fp16.fallback.backend == "ort.cpu.fp32" and fp32.fallback is None
     rng = np.random.default_rng(0)
     at_serving, wide = (rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in (SERVING, WIDE))
-    own = fp16.engines[0].run(at_serving[None])[0]
-    assert (fp16.predict(at_serving).labels == own).all()  # its own engine at the serving size
+    smallest = tuple(fp16.engines[0].manifest.shapes["min"][1:])
+    for image in (at_serving, rng.integers(0, 256, (*smallest, 3), dtype=np.uint8)):  # inside its box: its own engine
+        assert (fp16.predict(image).labels == fp16.engines[0].run(image[None])[0]).all()
     with caplog.at_level(logging.INFO, logger="serve.segmenter"):
         labels = fp16.predict(wide).labels
         fp16.predict(wide)
@@ -127,3 +132,12 @@ def test_a_plan_of_a_narrowed_engine_is_checked_at_its_size(narrowed):
         np.random.default_rng(i).integers(0, 256, (*hw, 3), dtype=np.uint8) for i, hw in enumerate([WIDE, (50, 60)])
     ]
     assert plan_agreement(engine, engine, images) == {"batch1": 1.0, "batched": 1.0}
+
+
+def test_the_boxes_tried_are_inside_the_profile_with_the_serving_size_at_a_corner():
+    shapes = {"min": [1, 32, 32], "opt": [1, 64, 64], "max": [16, 128, 256]}
+    upper, lower = boxes(shapes)
+    assert upper == {"min": [1, 64, 64], "opt": [1, 64, 64], "max": [16, 128, 256]}
+    assert lower == {"min": [1, 32, 32], "opt": [1, 64, 64], "max": [16, 64, 64]}
+    assert boxes({**shapes, "max": [16, 64, 64]}) == [lower]  # the serving size is the largest: one box, below it
+    assert inside(upper, "128x256@16") and not inside(upper, "128x32@16") and not inside(lower, "64x64@17")
