@@ -328,7 +328,10 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
         for box in (b for b in parity.boxes(manifest.shapes) if not any(parity.inside(b, k) for k in failed)):
             points = parity.size_sweep(reference, candidates(group), job.eval_set, parity.gate_sizes(box),
                                        box["max"][0])  # fmt: skip
-            if min(v for engine in points.values() for v in engine.values()) >= bar:
+            worst = min(((v, k) for engine in points.values() for k, v in engine.items()))
+            log.info("%s: %s from %s: worst agreement %.2f%% at %s", job.name, group[0].name, sizes_text(box),
+                     100 * worst[0], worst[1])  # fmt: skip
+            if worst[0] >= bar:
                 return box
         return None
 
