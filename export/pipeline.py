@@ -317,23 +317,15 @@ def _build(job: StudentExport, manifest: Manifest) -> Manifest:
         for e in group:
             e.parity = reports[e.name]
 
+    def at_sizes(group: list[EngineEntry], sizes: list[tuple[int, int]], max_batch: int) -> dict[str, dict]:
+        return parity.size_sweep(reference, candidates(group), job.eval_set, sizes, max_batch)
+
     def probe(group: list[EngineEntry], size: tuple[int, int]) -> float:  # the lowest agreement at one size
-        points = parity.size_sweep(reference, candidates(group), job.eval_set, [size],
-                                   manifest.shapes["max"][0])  # fmt: skip
+        points = at_sizes(group, [size], manifest.shapes["max"][0])
         return min(v for engine in points.values() for v in engine.values())
 
-    def widest(group: list[EngineEntry]) -> dict[str, list[int]] | None:  # the widest box it passes in, if any
-        bar = min(e.parity["threshold"]["agreement"] for e in group)
-        failed = [k for e in group for k, v in e.parity["sizes"].items() if v < bar]
-        for box in (b for b in parity.boxes(manifest.shapes) if not any(parity.inside(b, k) for k in failed)):
-            points = parity.size_sweep(reference, candidates(group), job.eval_set, parity.gate_sizes(box),
-                                       box["max"][0])  # fmt: skip
-            worst = min(((v, k) for engine in points.values() for k, v in engine.items()))
-            log.info("%s: %s from %s: worst agreement %.2f%% at %s", job.name, group[0].name, sizes_text(box),
-                     100 * worst[0], worst[1])  # fmt: skip
-            if worst[0] >= bar:
-                return box
-        return None
+    def widest(group: list[EngineEntry]) -> dict[str, list[int]] | None:
+        return _widest_box(job.name, manifest.shapes, group, at_sizes)
 
     cpu_int8 = [e for e in entries if e.variant == "int8.cpu"]
     entries = [e for e in entries if e.variant != "int8.cpu"]
@@ -475,6 +467,30 @@ def _int8_islands(job: StudentExport, manifest: Manifest, group: list[EngineEntr
         if passed:
             break
     return retry
+
+
+def _widest_box(name: str, shapes: dict[str, list[int]], group: list[EngineEntry],
+                at_sizes: Callable[..., dict[str, dict[str, float]]]) -> dict[str, list[int]] | None:  # fmt: skip
+    """The widest of parity.boxes in which every engine of `group` passes a gate of its own: the box's gate sizes
+    at batch 1 and its largest batch, those the gate measured already read from its reports. A box holding a
+    point that failed is not tried."""
+    bar = min(e.parity["threshold"]["agreement"] for e in group)
+    reports = [e.parity["sizes"] for e in group]
+    known = {k: min(r[k] for r in reports) for k in reports[0] if all(k in r for r in reports)}
+    for box in parity.boxes(shapes):
+        here = {k: v for k, v in known.items() if parity.inside(box, k)}
+        if min(here.values(), default=bar) < bar:
+            continue
+        batches = dict.fromkeys([1, box["max"][0]])
+        new = [s for s in parity.gate_sizes(box) if any(f"{s[0]}x{s[1]}@{b}" not in known for b in batches)]
+        points = at_sizes(group, new, box["max"][0]) if new else {}
+        here |= {k: min(engine[k] for engine in points.values()) for k in next(iter(points.values()), {})}
+        worst = min(here, key=here.get)
+        log.info("%s: %s from %s: worst agreement %.2f%% at %s (%d sizes not gated before)", name, group[0].name,
+                 sizes_text(box), 100 * here[worst], worst, len(new))  # fmt: skip
+        if here[worst] >= bar:
+            return box
+    return None
 
 
 def _drop_failed(name: str, entries: list[EngineEntry], shapes: dict[str, list[int]],
