@@ -41,6 +41,8 @@ from export import parity, precision
 from export.pipeline import ExportOptions, calibration_batches, engine_file, prepare, runner, student_job, write_engines
 from serve.host import cpu_model
 from serve.manifest import VARIANTS, EngineEntry
+from train.config import ConfigError
+from train.data import DatasetError
 from train.metrics import ConfusionMatrix
 from train.run_dir import STUDENTS
 
@@ -240,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.students:
             folder = Path(tmp) / name
             folder.mkdir()
-            reports.append(analyse(args.run, name, opts, args.images, args.layers, folder))
+            try:
+                reports.append(analyse(args.run, name, opts, args.images, args.layers, folder))
+            except (ConfigError, DatasetError, FileNotFoundError) as e:  # the run, its config or its data
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             lines += markdown(reports[-1])
     text = "\n".join(lines)
     print(text)

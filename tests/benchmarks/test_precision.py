@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+
+import yaml
 
 from benchmarks.precision import main
 
@@ -30,3 +33,14 @@ def test_the_report_measures_each_engine_at_every_size_and_finds_int8_islands(tr
     text = out.read_text()
     assert all(0.5 < v <= 1 for v in report["self_agreement"].values())
     assert "| onnxruntime int8 (int8.cpu) |" in text and "32x32@1" in text and "| the student, ±1 grey level |" in text
+
+
+def test_a_run_whose_dataset_is_not_there_gets_one_line_naming_it(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoint", "export"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["root"] = str(tmp_path / "moved")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--run", str(run), "--students", "cnn", "--variants", "fp32", "--no-openvino"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: dataset root not found: {tmp_path / 'moved'}"
